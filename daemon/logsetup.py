@@ -1,0 +1,95 @@
+"""Global state department: the only place logging is configured.
+
+structlog renders for people on a TTY (console) and for machines otherwise
+(JSON lines, which is what pm2 and journald capture). The standard library's
+loggers (uvicorn, torch) and ``warnings`` go through the same pipeline via
+``ProcessorFormatter``, so every line in ``pm2 logs`` has one shape.
+
+Lines operators grep for (``Outer Step: ...``, ``SLOW STEP: ...``) are the
+event text itself; their structured fields travel in JSON and are left off
+the console rendering, where they would only repeat the text.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+# Fields carried by "line" events for machines; the console shows the text.
+_LINE_FLAG = "line"
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def _hide_line_fields_for_console(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    if event.pop(_LINE_FLAG, False):
+        keep = {"event", "level", "timestamp", "logger", "exc_info", "stack", "_record", "_from_structlog"}
+        for key in [k for k in event if k not in keep]:
+            del event[key]
+    return event
+
+
+def _drop_line_flag(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    event.pop(_LINE_FLAG, None)
+    return event
+
+
+def resolve_format(log_format: str, stream: Any = None) -> str:
+    if log_format in ("console", "json"):
+        return log_format
+    stream = stream if stream is not None else sys.stderr
+    return "console" if getattr(stream, "isatty", lambda: False)() else "json"
+
+
+def configure_logging(log_format: str = "auto", level: str = "info", stream: Any = None) -> str:
+    """Configure structlog and stdlib logging once; returns the format chosen."""
+    stream = stream if stream is not None else sys.stderr
+    fmt = resolve_format(log_format, stream)
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: Any
+    if fmt == "console":
+        final: list[Any] = [_hide_line_fields_for_console, structlog.dev.ConsoleRenderer(colors=False)]
+    else:
+        final = [_drop_line_flag, structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()]
+    renderer = final
+
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *renderer],
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(_LEVELS.get(level, logging.INFO))
+    # uvicorn's access log at info would drown the step lines under scraping.
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    for name in ("uvicorn", "uvicorn.error", "torch"):
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
+    logging.captureWarnings(True)
+    return fmt
+
+
+def reset_logging() -> None:
+    """For tests: back to structlog's defaults and no root handlers."""
+    structlog.reset_defaults()
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    logging.captureWarnings(False)
