@@ -98,7 +98,9 @@ class StateCollector(Collector):
             ),
             "total": GaugeMetricFamily("minerd_gpu_memory_total_bytes", "Device memory", labels=["device"]),
         }
-        util = GaugeMetricFamily("minerd_gpu_utilization_ratio", "GPU utilisation from NVML", labels=["device"])
+        util = GaugeMetricFamily(
+            "minerd_gpu_utilization_ratio", "GPU utilisation from NVML", labels=["device"]
+        )
         for d in devices:
             fams["allocated"].add_metric([d.device], d.allocated_bytes)
             fams["reserved"].add_metric([d.device], d.reserved_bytes)
