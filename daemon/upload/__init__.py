@@ -1,0 +1,43 @@
+"""Upload gate and publisher (issue 6).
+
+The trainer::
+
+    uploader = Uploader.from_config(cfg.upload, cfg.state_dir, registry, config_hash=cfg.digest())
+    uploader.start()
+    ...  # after each optimizer step:
+    uploader.on_inner_step(outer_step, inner_step, loss, model, optimizer)
+    ...
+    uploader.stop(timeout=cfg.shutdown.deadline_seconds)
+
+The CLI: ``verify_target(target, endpoint_url)`` returns one line per problem.
+"""
+
+from __future__ import annotations
+
+from daemon.upload.gate import GateDecision, GateState, decide
+from daemon.upload.revision import verify
+from daemon.upload.storage import LocalStorage, S3Storage, Storage, StorageError, open_storage
+from daemon.upload.uploader import Uploader
+
+
+def verify_target(target: str, endpoint_url: str | None = None) -> list[str]:
+    """Check a published target (a directory or s3://bucket/prefix) the way a
+    validator would: pointer, manifest, every file's size and sha256. Empty = OK."""
+    try:
+        storage = open_storage(target, endpoint_url or "")
+    except StorageError as exc:
+        return [f"{target}: {exc}"]
+    return verify(storage)
+
+
+__all__ = [
+    "GateDecision",
+    "GateState",
+    "LocalStorage",
+    "S3Storage",
+    "Storage",
+    "StorageError",
+    "Uploader",
+    "decide",
+    "verify_target",
+]

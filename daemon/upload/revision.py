@@ -1,0 +1,229 @@
+"""A revision: what is snapshotted on the training thread, what is written, and
+how a validator checks it.
+
+Layout of a target::
+
+    LATEST                      "rev-<outer>-<inner>\\n", written last
+    rev-<outer>-<inner>/
+        model.safetensors
+        optimizer.pt            torch.save of the optimizer state dict
+        metadata.json           the manifest, written after the files it names
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from daemon import atomic
+from daemon.upload.storage import MANIFEST, POINTER, Storage, StorageError, revision_key
+
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+FORMAT = 1
+
+
+@dataclass
+class Snapshot:
+    """CPU copies of one step's state, owned by the publisher until it is done."""
+
+    outer_step: int
+    inner_step: int
+    loss: float
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any] | None
+    # Set when copies from an accelerator were queued without waiting: the
+    # publisher synchronises on it, the training thread never does.
+    ready: Any = None
+    taken_at: float = field(default_factory=time.time)
+
+    @property
+    def name(self) -> str:
+        return f"rev-{self.outer_step}-{self.inner_step}"
+
+
+class SnapshotBuffers:
+    """Reused CPU buffers for snapshots.
+
+    The gate allows one upload in flight, so one set of buffers suffices and is
+    reused: after the first upload a snapshot is a plain memcpy into memory that
+    is already paged in, with no allocation. From CUDA the buffers are pinned
+    and the copies queued on the current stream (they see the state as of this
+    step; later kernels on the stream run after them), then an event is
+    recorded; the publisher waits on it.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+        self._cuda = False
+
+    def _copy(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        src = t.detach()
+        buf = self._bufs.get(key)
+        if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
+            pin = src.is_cuda
+            buf = torch.empty(src.shape, dtype=src.dtype, device="cpu", pin_memory=pin)
+            self._bufs[key] = buf
+        if src.is_cuda:
+            self._cuda = True
+            buf.copy_(src, non_blocking=True)
+        else:
+            buf.copy_(src)
+        return buf
+
+    def _copy_tree(self, prefix: str, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            return self._copy(prefix, obj)
+        if isinstance(obj, dict):
+            return {k: self._copy_tree(f"{prefix}.{k}", v) for k, v in obj.items()}
+        if isinstance(obj, list | tuple):
+            return type(obj)(self._copy_tree(f"{prefix}.{i}", v) for i, v in enumerate(obj))
+        return obj
+
+    def capture(
+        self,
+        outer_step: int,
+        inner_step: int,
+        loss: float,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+    ) -> Snapshot:
+        self._cuda = False
+        weights = {k: self._copy(f"m.{k}", v) for k, v in model.state_dict().items()}
+        optim = self._copy_tree("o", optimizer.state_dict()) if optimizer is not None else None
+        ready = None
+        if self._cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        return Snapshot(outer_step, inner_step, loss, weights, optim, ready)
+
+
+def params_finite(params: Iterable[torch.Tensor]) -> bool:
+    """One reduction per tensor and a single host sync at the end."""
+    bad: torch.Tensor | None = None
+    for p in params:
+        if not (p.is_floating_point() or p.is_complex()):
+            continue
+        nonfinite = ~torch.isfinite(p.detach()).all()
+        bad = nonfinite if bad is None else bad | nonfinite.to(bad.device)
+    return bad is None or not bool(bad.item())
+
+
+def _file_entry(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as fh:
+        h = hashlib.file_digest(fh, "sha256")
+        return {"size": fh.tell(), "sha256": h.hexdigest()}
+
+
+def write_revision(
+    snap: Snapshot, folder: Path, version: str, config_hash: str
+) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Serialise a snapshot into ``folder``; return its files and its manifest."""
+    if snap.ready is not None:
+        snap.ready.synchronize()
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {MODEL_FILE: folder / MODEL_FILE}
+    # safetensors refuses tensors sharing storage; the buffers never do.
+    atomic.write_with(files[MODEL_FILE], lambda tmp: save_file(snap.model, tmp, metadata={"format": "pt"}))
+    if snap.optimizer is not None:
+        files[OPTIMIZER_FILE] = folder / OPTIMIZER_FILE
+        optim = snap.optimizer
+        atomic.write_with(files[OPTIMIZER_FILE], lambda tmp: torch.save(optim, tmp))
+    manifest = {
+        "format": FORMAT,
+        "revision": snap.name,
+        "outer_step": snap.outer_step,
+        "inner_step": snap.inner_step,
+        "loss": snap.loss,
+        "created_at": datetime.fromtimestamp(snap.taken_at, UTC).isoformat(),
+        "created_at_unix": snap.taken_at,
+        "minerd_version": version,
+        "config_hash": config_hash,
+        "files": {name: _file_entry(path) for name, path in files.items()},
+    }
+    return files, manifest
+
+
+def manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+
+
+def read_pointer(storage: Storage) -> str | None:
+    raw = storage.get_bytes(POINTER)
+    return None if raw is None else raw.decode("utf-8", "replace").strip()
+
+
+def read_manifest(storage: Storage, name: str) -> dict[str, Any] | None:
+    raw = storage.get_bytes(f"{name}/{MANIFEST}")
+    if raw is None:
+        return None
+    data = json.loads(raw)
+    if not isinstance(data, dict):
+        raise ValueError("manifest is not a JSON object")
+    return data
+
+
+def verify(storage: Storage) -> list[str]:
+    """Check a target the way a validator would; one line per problem."""
+    where = storage.describe()
+    try:
+        name = read_pointer(storage)
+        if name is None:
+            return [f"{where}: {POINTER}: missing"]
+        key = revision_key(name)
+        if key is None:
+            return [f"{where}: {POINTER}: does not name a revision (got {name[:80]!r})"]
+        try:
+            manifest = read_manifest(storage, name)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return [f"{where}: {name}/{MANIFEST}: not valid JSON: {exc}"]
+        if manifest is None:
+            return [f"{where}: {name}/{MANIFEST}: missing"]
+        return _check_manifest(storage, where, name, key, manifest)
+    except StorageError as exc:
+        return [f"{where}: unreadable: {exc}"]
+
+
+def _check_manifest(
+    storage: Storage, where: str, name: str, key: tuple[int, int], manifest: dict[str, Any]
+) -> list[str]:
+    problems = []
+    mpath = f"{where}: {name}/{MANIFEST}"
+    steps = (manifest.get("outer_step"), manifest.get("inner_step"))
+    if steps != key:
+        problems.append(f"{mpath}: outer/inner steps {steps} do not match the revision name")
+    loss = manifest.get("loss")
+    if not isinstance(loss, int | float) or not math.isfinite(loss):
+        problems.append(f"{mpath}: loss is not a finite number (got {loss!r})")
+    for required in ("created_at", "minerd_version", "config_hash"):
+        if required not in manifest:
+            problems.append(f"{mpath}: {required} missing")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or MODEL_FILE not in files:
+        problems.append(f"{mpath}: files does not list {MODEL_FILE}")
+        return problems
+    for fname, entry in sorted(files.items()):
+        fpath = f"{where}: {name}/{fname}"
+        if not isinstance(entry, dict) or "size" not in entry or "sha256" not in entry:
+            problems.append(f"{fpath}: manifest entry lacks size or sha256")
+            continue
+        got = storage.digest(f"{name}/{fname}")
+        if got is None:
+            problems.append(f"{fpath}: missing")
+            continue
+        size, sha = got
+        if size != entry["size"]:
+            problems.append(f"{fpath}: size {size} != manifest {entry['size']}")
+        if sha != entry["sha256"]:
+            problems.append(f"{fpath}: sha256 {sha[:16]}... != manifest {str(entry['sha256'])[:16]}...")
+    return problems

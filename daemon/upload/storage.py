@@ -1,0 +1,264 @@
+"""Where revisions go: one small Protocol, a local directory and S3.
+
+A target holds ``rev-<outer>-<inner>/`` folders and the pointer ``LATEST``.
+Every object is written whole (atomic rename locally, a single PUT or a
+completed multipart upload on S3), so the only ordering the publisher needs is
+"files, then the manifest, then LATEST".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Protocol
+
+from daemon import atomic
+
+POINTER = "LATEST"
+MANIFEST = "metadata.json"
+REVISION_RE = re.compile(r"^rev-(\d+)-(\d+)$")
+_CHUNK = 1 << 20
+
+
+class StorageError(Exception):
+    """A backend operation failed (network, permissions, server down)."""
+
+
+def revision_key(name: str) -> tuple[int, int] | None:
+    """(outer, inner) of a revision name, or None if it is not one."""
+    m = REVISION_RE.match(name)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+class Storage(Protocol):
+    """A published target. Keys are '/'-separated paths relative to the target."""
+
+    def describe(self) -> str:
+        """Where this is, for log lines; never carries credentials."""
+        ...
+
+    def put_file(self, key: str, src: Path) -> None:
+        """Store ``src`` whole under ``key``; ``src`` stays in place (retries reuse it)."""
+        ...
+
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+
+    def get_bytes(self, key: str) -> bytes | None:
+        """The object's bytes, or None when it does not exist."""
+        ...
+
+    def digest(self, key: str) -> tuple[int, str] | None:
+        """(size, sha256 hex) streamed from storage, or None when missing."""
+        ...
+
+    def list_revisions(self) -> list[str]:
+        """Revision folder names present, in any order."""
+        ...
+
+    def delete_revision(self, name: str) -> None: ...
+
+
+class LocalStorage:
+    """A directory. Files are hard-linked (or copied) in under a temp name, fsynced
+    and renamed, so a reader or a SIGKILL never leaves a half-written object."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def describe(self) -> str:
+        return str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root.joinpath(*key.split("/"))
+
+    def put_file(self, key: str, src: Path) -> None:
+        dst = self._path(key)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+        os.close(fd)
+        try:
+            os.unlink(tmp)
+            try:
+                # Same filesystem (the staging area lives under the target): no copy,
+                # and the staged file stays for a retry. The staged file was fsynced.
+                os.link(src, tmp)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                    raise
+                shutil.copyfile(src, tmp)
+                with open(tmp, "rb") as fh:
+                    os.fsync(fh.fileno())
+            os.replace(tmp, dst)
+            atomic.fsync_dir(dst.parent)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        atomic.write_bytes(self._path(key), data)
+
+    def get_bytes(self, key: str) -> bytes | None:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def digest(self, key: str) -> tuple[int, str] | None:
+        try:
+            with open(self._path(key), "rb") as fh:
+                h = hashlib.file_digest(fh, "sha256")
+                return fh.tell(), h.hexdigest()
+        except FileNotFoundError:
+            return None
+
+    def list_revisions(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return [p.name for p in self.root.iterdir() if p.is_dir() and REVISION_RE.match(p.name)]
+
+    def delete_revision(self, name: str) -> None:
+        shutil.rmtree(self._path(name), ignore_errors=True)
+
+
+class S3Storage:
+    """s3://bucket/prefix through boto3; ``endpoint_url`` for R2 and MinIO.
+
+    Credentials come from the environment only (AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY, optional AWS_SESSION_TOKEN; region from AWS_REGION or
+    AWS_DEFAULT_REGION). They are handed to boto3 and never logged or stored.
+    """
+
+    def __init__(self, target: str, endpoint_url: str = "", environ: dict[str, str] | None = None) -> None:
+        if not target.startswith("s3://"):
+            raise StorageError(f"not an s3:// target: {target!r}")
+        bucket, _, prefix = target[len("s3://") :].partition("/")
+        if not bucket:
+            raise StorageError(f"no bucket in {target!r}")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.endpoint_url = endpoint_url or None
+        env = dict(os.environ if environ is None else environ)
+        key_id, secret = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
+        if not key_id or not secret:
+            raise StorageError(
+                "S3 credentials missing: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment"
+            )
+        try:
+            import boto3  # lazily: only the s3 backend needs it
+            from boto3.s3.transfer import TransferConfig
+            from botocore.config import Config as BotoConfig
+            from botocore.exceptions import BotoCoreError, ClientError
+        except ImportError as exc:
+            raise StorageError(f"the s3 backend needs boto3: {exc}") from None
+        self._errors: tuple[type[Exception], ...] = (BotoCoreError, ClientError)
+        self._client_error: type[Exception] = ClientError
+        # upload_file also raises OSError (reading the staged file, sockets).
+        self._put_errors: tuple[type[Exception], ...] = (BotoCoreError, ClientError, OSError)
+        # Our publisher retries whole revisions with backoff; boto's own retries
+        # are kept short so a dead endpoint fails an attempt in seconds, not minutes.
+        self._client: Any = boto3.session.Session(
+            aws_access_key_id=key_id,
+            aws_secret_access_key=secret,
+            aws_session_token=env.get("AWS_SESSION_TOKEN") or None,
+            region_name=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+        ).client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            config=BotoConfig(
+                retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=5, read_timeout=60
+            ),
+        )
+        self._transfer = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20)
+
+    def describe(self) -> str:
+        where = f"s3://{self.bucket}/{self.prefix}"
+        return f"{where} at {self.endpoint_url}" if self.endpoint_url else where
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _wrap(self, what: str, exc: BaseException) -> StorageError:
+        return StorageError(f"{what}: {type(exc).__name__}: {exc}")
+
+    def _missing(self, exc: BaseException) -> bool:
+        if not isinstance(exc, self._client_error):
+            return False
+        response: dict[str, Any] = getattr(exc, "response", {})
+        code = str(response.get("Error", {}).get("Code", ""))
+        return code in ("NoSuchKey", "404", "NotFound")
+
+    def put_file(self, key: str, src: Path) -> None:
+        try:
+            self._client.upload_file(str(src), self.bucket, self._key(key), Config=self._transfer)
+        except self._put_errors as exc:
+            raise self._wrap(f"put {key}", exc) from None
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        except self._errors as exc:
+            raise self._wrap(f"put {key}", exc) from None
+
+    def get_bytes(self, key: str) -> bytes | None:
+        try:
+            body = self._client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+            return bytes(body.read())
+        except self._errors as exc:
+            if self._missing(exc):
+                return None
+            raise self._wrap(f"get {key}", exc) from None
+
+    def digest(self, key: str) -> tuple[int, str] | None:
+        try:
+            body = self._client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+            h, size = hashlib.sha256(), 0
+            for chunk in body.iter_chunks(_CHUNK):
+                h.update(chunk)
+                size += len(chunk)
+            return size, h.hexdigest()
+        except self._errors as exc:
+            if self._missing(exc):
+                return None
+            raise self._wrap(f"read {key}", exc) from None
+
+    def list_revisions(self) -> list[str]:
+        base = self._key("")
+        names = []
+        try:
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=base, Delimiter="/"
+            )
+            for page in pages:
+                for cp in page.get("CommonPrefixes", []):
+                    name = cp["Prefix"][len(base) :].strip("/")
+                    if REVISION_RE.match(name):
+                        names.append(name)
+        except self._errors as exc:
+            raise self._wrap("list revisions", exc) from None
+        return names
+
+    def delete_revision(self, name: str) -> None:
+        try:
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self._key(name) + "/"
+            )
+            for page in pages:
+                keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
+                if keys:
+                    self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True})
+        except self._errors as exc:
+            raise self._wrap(f"delete {name}", exc) from None
+
+
+def open_storage(target: str, endpoint_url: str = "") -> Storage:
+    """s3://bucket/prefix gives S3Storage; anything else is a local directory."""
+    if target.startswith("s3://"):
+        return S3Storage(target, endpoint_url)
+    return LocalStorage(Path(target))
