@@ -125,7 +125,7 @@ class DataConfig(_Section):
     num_docs: int = Field(200_000, ge=16)
     eval_queries: int = Field(2000, ge=1)
     dim: int = Field(128, gt=0)
-    cluster_size: int = Field(8, ge=1, description="near-duplicate documents per cluster")
+    cluster_size: int = Field(16, ge=1, description="near-duplicate documents per cluster")
     seed: int = 7
 
 

@@ -57,7 +57,7 @@ def configure_logging(log_format: str = "auto", level: str = "info", stream: Any
     if fmt == "console":
         final: list[Any] = [_hide_line_fields_for_console, structlog.dev.ConsoleRenderer(colors=False)]
     else:
-        final = [_drop_line_flag, structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()]
+        final = [_drop_line_flag, structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer(ensure_ascii=False)]
     renderer = final
 
     structlog.configure(

@@ -1,0 +1,155 @@
+"""Local checkpoints that survive kill -9.
+
+A checkpoint is a directory ``step-<global step>``: ``model.safetensors``,
+``train_state.pt`` (optimizers, counters, data position, RNG states) and
+``manifest.json`` with the size and sha256 of each file. It is written
+whole under a temporary name, every file fsynced, then renamed into place:
+a reader (the next start) sees a complete checkpoint or none. Loading
+verifies the manifest; a truncated or corrupt checkpoint is reported in one
+line and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from daemon import atomic
+
+log = structlog.get_logger(__name__)
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "train_state.pt"
+MANIFEST = "manifest.json"
+PREFIX = "step-"
+TMP_PREFIX = ".tmp-"
+
+
+class CheckpointCorrupt(Exception):
+    pass
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    model: dict[str, torch.Tensor]
+    state: dict[str, Any]
+    meta: dict[str, Any]
+
+
+def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CheckpointStore:
+    def __init__(self, root: Path, keep: int) -> None:
+        self.root = root
+        self.keep = keep
+
+    def prepare(self) -> None:
+        """Create the directory and clear what a killed save left behind."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for leftover in self.root.glob(f"{TMP_PREFIX}*"):
+            log.info("removing an unfinished checkpoint left by a killed process", path=str(leftover))
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoint directories, newest first."""
+        found = []
+        for p in self.root.glob(f"{PREFIX}*"):
+            try:
+                found.append((int(p.name[len(PREFIX) :]), p))
+            except ValueError:
+                continue
+        return [p for _, p in sorted(found, reverse=True)]
+
+    def save(
+        self, global_step: int, model: dict[str, torch.Tensor], state: dict[str, Any], meta: dict[str, Any]
+    ) -> Path:
+        final = self.root / f"{PREFIX}{global_step:010d}"
+        if final.exists():
+            return final  # this step is already saved (a stop right after a periodic save)
+        tmp = self.root / f"{TMP_PREFIX}{PREFIX}{global_step:010d}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            tensors = {k: v.detach().cpu().contiguous() for k, v in model.items()}
+            save_file(tensors, str(tmp / MODEL_FILE))
+            torch.save(state, tmp / STATE_FILE)
+            files = {}
+            for name in (MODEL_FILE, STATE_FILE):
+                _fsync_file(tmp / name)
+                files[name] = {"size": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
+            manifest = {"global_step": global_step, "created_at": time.time(), "files": files, **meta}
+            atomic.write_json(tmp / MANIFEST, manifest)
+            os.replace(tmp, final)
+            atomic.fsync_dir(self.root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._prune()
+        return final
+
+    def _prune(self) -> None:
+        for old in self.checkpoints()[self.keep :]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def verify(self, path: Path) -> dict[str, Any]:
+        """The manifest of a complete, uncorrupted checkpoint, or CheckpointCorrupt."""
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+            files = manifest["files"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointCorrupt(f"{path / MANIFEST}: unreadable manifest ({exc})") from None
+        for name, want in files.items():
+            f = path / name
+            try:
+                size = f.stat().st_size
+            except OSError:
+                raise CheckpointCorrupt(f"{f}: missing") from None
+            if size != want["size"]:
+                raise CheckpointCorrupt(f"{f}: truncated ({size} bytes, expected {want['size']})")
+            if sha256_file(f) != want["sha256"]:
+                raise CheckpointCorrupt(f"{f}: checksum mismatch")
+        return dict(manifest)
+
+    def load(self, path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+        meta = self.verify(path)
+        try:
+            model = load_file(str(path / MODEL_FILE), device=str(map_location))
+            state = torch.load(path / STATE_FILE, map_location=map_location, weights_only=True)
+        except (SafetensorError, OSError, RuntimeError, EOFError) as exc:
+            raise CheckpointCorrupt(f"{path}: cannot load ({exc})") from None
+        return Checkpoint(path, model, state, meta)
+
+    def load_latest(self, map_location: str | torch.device = "cpu") -> Checkpoint | None:
+        """The newest checkpoint that verifies; corrupt ones are reported and skipped."""
+        for path in self.checkpoints():
+            try:
+                return self.load(path, map_location)
+            except CheckpointCorrupt as exc:
+                log.error(f"checkpoint corrupt, using the previous one: {exc}", path=str(path))
+        return None

@@ -1,0 +1,118 @@
+"""The ``minerd`` command line.
+
+Bad input never prints a traceback: usage and config problems are one line
+each on stderr and exit 2, before anything is written to the state directory.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import typer
+
+try:  # typer >= 0.20 vendors click; older ones use the click package
+    from typer._click import exceptions as click_exc
+except ImportError:  # pragma: no cover
+    import click.exceptions as click_exc  # type: ignore[no-redef]
+
+from daemon.config import Config, ConfigError, load_config, to_yaml
+
+EXIT_USAGE = 2
+
+app = typer.Typer(
+    name="minerd",
+    help="A long-running training miner with a monitoring service.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+config_app = typer.Typer(help="Show or check the resolved configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file")
+SetOpt = typer.Option([], "--set", help="override: section.key=value (repeatable)")
+
+
+def _err(line: str) -> None:
+    typer.echo(line, err=True)
+
+
+def _load(config: str | None, sets: list[str]) -> Config:
+    try:
+        return load_config(config, sets)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            _err(problem)
+        raise typer.Exit(EXIT_USAGE) from None
+
+
+@app.command()
+def run(config: str | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
+    """Run the miner until stopped (or until train.max_steps inner steps)."""
+    cfg = _load(config, set_)
+    from daemon.runner import run as run_miner  # torch is imported only by commands that need it
+
+    raise typer.Exit(run_miner(cfg))
+
+
+@config_app.command("show")
+def config_show(config: str | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
+    """Print the resolved config as YAML, secrets masked."""
+    typer.echo(to_yaml(_load(config, set_)), nl=False)
+
+
+@config_app.command("validate")
+def config_validate(config: str | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
+    """Check the config: exit 0 when valid, 2 with one line per problem otherwise."""
+    _load(config, set_)
+    typer.echo("config ok")
+
+
+@app.command()
+def diagnose(
+    json_out: bool = typer.Option(False, "--json", help="print JSON"),
+    strict: bool = typer.Option(False, "--strict", help="exit 1 when a red flag is raised"),
+    config: str | None = ConfigOpt,
+    set_: list[str] = SetOpt,
+) -> None:
+    """Print the GPU diagnostics block and its red flags, without training."""
+    cfg = _load(config, set_)
+    from daemon import diagnostics
+    from daemon.training.build import Launch, resolve_device
+    from daemon.training.twotower import TwoTowerModel
+
+    launch = Launch.from_env()
+    try:
+        device = resolve_device(cfg, launch)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            _err(problem)
+        raise typer.Exit(EXIT_USAGE) from None
+    t = cfg.train
+    model = TwoTowerModel(cfg.data.dim, t.hidden_dim, t.embed_dim).to(device)
+    diag = diagnostics.collect(cfg, next(model.parameters()).device, launch.world_size)
+    if json_out:
+        typer.echo(json.dumps(diag.model_dump(), indent=2))
+    else:
+        typer.echo("\n".join(diagnostics.render(diag)))
+    if strict and diag.red_flags:
+        raise typer.Exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        rv = app(args=argv, prog_name="minerd", standalone_mode=False)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click_exc.UsageError as exc:
+        _err(f"minerd: error: {exc.format_message()}")
+        sys.exit(EXIT_USAGE)
+    except click_exc.ClickException as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # plain `minerd`: help, as the user asked for it
+            typer.echo(exc.format_message())
+            sys.exit(0)
+        _err(f"minerd: error: {exc.format_message()}")
+        sys.exit(EXIT_USAGE)
+    sys.exit(rv if isinstance(rv, int) else 0)

@@ -1,0 +1,83 @@
+"""``minerd run``: build, start, train, stop.
+
+Exit codes: 0 clean stop, 1 runtime failure (the supervisor restarts us),
+2 bad config, 3 stalled (raised by the watchdog thread itself).
+"""
+
+from __future__ import annotations
+
+import structlog
+from prometheus_client import CollectorRegistry
+
+from daemon import diagnostics
+from daemon.config import Config, ConfigError
+from daemon.gpu import GpuProbe
+from daemon.lifecycle import Lifecycle
+from daemon.logsetup import configure_logging
+from daemon.metrics import build_core_metrics
+from daemon.signals import Shutdown
+from daemon.state import MinerState
+from daemon.training.build import Launch, build_trainer, configure_threads, resolve_device
+
+log = structlog.get_logger("minerd")
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+
+
+def run(cfg: Config) -> int:
+    configure_logging(cfg.telemetry.log_format, cfg.telemetry.log_level)
+    launch = Launch.from_env()
+    shutdown = Shutdown(cfg.shutdown.deadline_seconds)
+    shutdown.install()
+    state = MinerState(task=cfg.train.task, rank=launch.rank, world_size=launch.world_size,
+                       local_rank=launch.local_rank)
+    registry = CollectorRegistry()
+    metrics = build_core_metrics(registry, state, GpuProbe())
+    life = Lifecycle()
+    trainer = None
+    code = EXIT_OK
+    try:
+        threads = configure_threads(cfg, launch)
+        device = resolve_device(cfg, launch)
+        state.device = str(device)
+        log.info("minerd starting", version=state.version, task=cfg.train.task, device=str(device),
+                 torch_threads=threads, rank=launch.rank, world_size=launch.world_size,
+                 state_dir=str(cfg.state_dir))
+        for component in _early_components(cfg, state, registry):
+            life.start(component)
+        trainer, _task = build_trainer(cfg, state, metrics, shutdown, launch, device)
+        diag = diagnostics.collect(cfg, device, launch.world_size)
+        state.diagnostics = diag.model_dump()
+        for line in diagnostics.render(diag):
+            log.info(line, line=True)
+        if device.type == "cpu":
+            log.warning("no GPU in use: training on the CPU", configured=cfg.train.device)
+        trainer.resume()
+        reason = trainer.run()
+        log.info("training stopped", reason=reason, global_step=trainer.c.global_step)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error(problem)
+        code = EXIT_CONFIG
+    except Exception:
+        log.exception("unrecoverable error; exiting so the supervisor restarts minerd",
+                      global_step=state.global_step)
+        code = EXIT_FAILURE
+    finally:
+        state.phase = "stopping"
+        if trainer is not None and code == EXIT_OK:
+            try:
+                trainer.checkpoint("stop")
+            except Exception:
+                log.exception("final checkpoint failed")
+                code = EXIT_FAILURE
+        life.stop_all(cfg.shutdown.deadline_seconds)
+        state.phase = "stopped"
+        shutdown.finished()
+    log.info("minerd stopped", exit_code=code)
+    return code
+
+
+def _early_components(cfg: Config, state: MinerState, registry: CollectorRegistry) -> list:
+    """Components that must run before the model exists (the API answers during start-up)."""
+    return []

@@ -1,0 +1,75 @@
+"""Step telemetry in the logs: the lines operators already grep for.
+
+    Outer Step: 56 | Inner Step: 84 | LR: 0.00002100 | Loss: 3.40 | Step Time: 15.2s | GPU Mem: 18.45GB
+    SLOW STEP: 245.7s (expected < 60s) - Check GPU usage!
+    LOW GPU MEMORY: Model may be on CPU!
+"""
+
+from __future__ import annotations
+
+import structlog
+import torch
+
+from daemon.config import TelemetryConfig
+from daemon.gpu import GpuProbe
+from daemon.metrics import CoreMetrics
+
+log = structlog.get_logger("minerd.train")
+
+LOW_MEMORY_EVERY = 100  # steps between repeats of the low-memory warning
+
+
+def format_step_time(seconds: float) -> str:
+    # Seed lines read "15.2s"; short steps (small models, CPU tests) keep more digits.
+    if seconds >= 10:
+        return f"{seconds:.1f}s"
+    return f"{seconds:.2f}s" if seconds >= 1 else f"{seconds:.3f}s"
+
+
+def step_line(outer: int, inner: int, lr: float, loss: float, seconds: float, gpu_gb: float) -> str:
+    return (
+        f"Outer Step: {outer} | Inner Step: {inner} | LR: {lr:.8f} | Loss: {loss:.2f} | "
+        f"Step Time: {format_step_time(seconds)} | GPU Mem: {gpu_gb:.2f}GB"
+    )
+
+
+class StepReporter:
+    def __init__(self, cfg: TelemetryConfig, metrics: CoreMetrics, device: torch.device) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self.device = device
+        self._low_memory_last: int | None = None
+
+    def report(
+        self, global_step: int, outer: int, inner: int, lr: float, loss: float, seconds: float, samples: int
+    ) -> None:
+        m = self.metrics
+        m.inner_steps.inc()
+        m.samples.inc(samples)
+        m.step_duration.observe(seconds)
+        gpu_gb = GpuProbe.allocated_gb(self.device)
+        if global_step % self.cfg.log_every == 0:
+            log.info(
+                step_line(outer, inner, lr, loss, seconds, gpu_gb),
+                line=True,
+                outer_step=outer,
+                inner_step=inner,
+                global_step=global_step,
+                lr=lr,
+                loss=loss,
+                step_seconds=round(seconds, 4),
+                gpu_mem_gb=round(gpu_gb, 3),
+            )
+        if seconds > self.cfg.slow_step_seconds:
+            m.slow_steps.inc()
+            log.warning(
+                f"SLOW STEP: {seconds:.1f}s (expected < {self.cfg.slow_step_seconds:g}s) - Check GPU usage!",
+                line=True,
+                step_seconds=round(seconds, 3),
+                global_step=global_step,
+            )
+        if self.device.type == "cuda" and gpu_gb < self.cfg.low_gpu_memory_gb and (
+            self._low_memory_last is None or global_step - self._low_memory_last >= LOW_MEMORY_EVERY
+        ):
+            self._low_memory_last = global_step
+            log.warning("LOW GPU MEMORY: Model may be on CPU!", line=True, gpu_mem_gb=round(gpu_gb, 3))

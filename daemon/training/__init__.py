@@ -1,0 +1,1 @@
+"""Training: the task, the sampler, the inner/outer step engine."""

@@ -1,0 +1,350 @@
+"""The training engine: micro-steps, inner steps, outer steps, checkpoints.
+
+One inner step = ``accumulation`` micro-batches of ``train.batch_size`` whose
+gradients accumulate to ``train.effective_batch_size`` (over all ranks), then
+one optimizer step. Every ``train.inner_steps_per_outer`` inner steps an outer
+step applies the pseudo-gradient (``outer.py``); ``inner_step`` then restarts
+at 0 and ``outer_step`` counts up, as subnet-38 miners number them.
+
+Checkpoints hold everything resuming needs (model, optimizers, counters, the
+data position, RNG states), so N steps, a stop, and N more give the same
+parameters as 2N steps straight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import structlog
+import torch
+from torch import nn
+
+from daemon.checkpoint import Checkpoint, CheckpointStore
+from daemon.config import Config
+from daemon.metrics import CoreMetrics
+from daemon.state import MinerState
+from daemon.telemetry import StepReporter
+from daemon.training.outer import OuterOptimizer
+from daemon.training.sampler import EpochSampler
+from daemon.training.task import Task
+
+log = structlog.get_logger("minerd.train")
+
+PAUSE_POLL_SECONDS = 0.2
+
+
+class StopSignal(Protocol):
+    @property
+    def requested(self) -> bool: ...
+
+    def abandon_partial_step(self) -> bool:
+        """True once finishing the current inner step would break the shutdown deadline."""
+
+
+class StepHook(Protocol):
+    """A component that acts after each inner step (uploads, mining bookkeeping)."""
+
+    def after_inner_step(self, trainer: Trainer) -> None: ...
+
+
+class Stateful(Protocol):
+    """A component whose state is part of the checkpoint (the embedding store)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class Counters:
+    outer_step: int = 0
+    inner_step: int = 0
+    global_step: int = 0
+    epoch: int = 1  # 1-based, as operators count epochs
+    batch_pos: int = 0  # next micro-batch of the epoch
+    samples: int = 0
+    nonfinite_in_row: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Parts:
+    """What the engine runs on, built by the factory in ``build.py``."""
+
+    cfg: Config
+    task: Task
+    model: nn.Module  # possibly wrapped (DDP); the underlying module is ``model.module``
+    optimizer: torch.optim.Optimizer
+    outer: OuterOptimizer
+    sampler: EpochSampler
+    device: torch.device
+    store: CheckpointStore | None  # None on ranks that do not write checkpoints
+    accumulation: int
+    world_size: int = 1
+    hooks: list[StepHook] = field(default_factory=list)
+    stateful: dict[str, Stateful] = field(default_factory=dict)
+    outer_sync: bool = True  # False under DDP, where gradients are already averaged per step
+
+
+class Trainer:
+    def __init__(self, parts: Parts, state: MinerState, metrics: CoreMetrics, stop: StopSignal) -> None:
+        self.p = parts
+        self.cfg = parts.cfg
+        self.state = state
+        self.metrics = metrics
+        self.stop = stop
+        self.c = Counters()
+        self.reporter = StepReporter(self.cfg.telemetry, metrics, parts.device)
+        self.amp_dtype = self._amp_dtype()
+        fp16 = self.amp_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(parts.device.type, enabled=fp16)
+        self.last_loss: float | None = None
+        self.last_eval: dict[str, float] = {}
+        self._ckpt_global_step: int | None = None
+
+    # ---- set-up -----------------------------------------------------------
+    def _amp_dtype(self) -> torch.dtype | None:
+        amp, dev = self.cfg.train.amp, self.p.device.type
+        if amp == "off" or (amp == "auto" and dev != "cuda"):
+            return None
+        if amp == "fp16":
+            return torch.float16
+        return torch.bfloat16
+
+    @property
+    def module(self) -> nn.Module:
+        return getattr(self.p.model, "module", self.p.model)
+
+    def resume(self) -> bool:
+        if self.p.store is None:
+            return False
+        ckpt = self.p.store.load_latest(map_location=self.p.device)
+        if ckpt is None:
+            return False
+        self._restore(ckpt)
+        c = self.c
+        log.info(
+            f"Resumed from checkpoint at outer step {c.outer_step}, inner step {c.inner_step} "
+            f"(global step {c.global_step})",
+            line=True,
+            path=str(ckpt.path),
+            epoch=c.epoch,
+        )
+        return True
+
+    def restore_from(self, ckpt: Checkpoint) -> None:
+        self._restore(ckpt)
+
+    def _restore(self, ckpt: Checkpoint) -> None:
+        self.module.load_state_dict(ckpt.model)
+        st = ckpt.state
+        self.p.optimizer.load_state_dict(st["optimizer"])
+        self.p.outer.load_state_dict(st["outer"])
+        if st.get("scaler"):
+            self.scaler.load_state_dict(st["scaler"])
+        self.c = Counters(**st["counters"])
+        torch.set_rng_state(st["rng"]["torch"])
+        if torch.cuda.is_available() and st["rng"].get("cuda"):
+            torch.cuda.set_rng_state_all(st["rng"]["cuda"])
+        for name, comp in self.p.stateful.items():
+            if name in st.get("extra", {}):
+                comp.load_state_dict(st["extra"][name])
+        self.last_loss = st.get("last_loss")
+        self._ckpt_global_step = self.c.global_step
+        self._publish_counters()
+
+    # ---- checkpoints ------------------------------------------------------
+    def checkpoint(self, reason: str) -> None:
+        if self.p.store is None or self._ckpt_global_step == self.c.global_step:
+            return
+        t0 = time.perf_counter()
+        state = {
+            "optimizer": self.p.optimizer.state_dict(),
+            "outer": self.p.outer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "counters": self.c.as_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+            "extra": {name: comp.state_dict() for name, comp in self.p.stateful.items()},
+            "last_loss": self.last_loss,
+        }
+        meta = {"outer_step": self.c.outer_step, "inner_step": self.c.inner_step, "reason": reason,
+                "config_hash": self.cfg.digest()}
+        path = self.p.store.save(self.c.global_step, self.module.state_dict(), state, meta)
+        self._ckpt_global_step = self.c.global_step
+        self.metrics.checkpoints.inc()
+        self.state.last_checkpoint_time = time.time()
+        self.state.beat()
+        log.info("checkpoint saved", path=str(path), reason=reason, global_step=self.c.global_step,
+                 seconds=round(time.perf_counter() - t0, 3))
+
+    # ---- the loop ---------------------------------------------------------
+    def lr_at(self, global_step: int) -> float:
+        t = self.cfg.train
+        if t.warmup_steps <= 0:
+            return t.lr
+        return t.lr * min(1.0, (global_step + 1) / t.warmup_steps)
+
+    def _done(self) -> str | None:
+        t = self.cfg.train
+        if self.stop.requested:
+            return "signal"
+        if t.max_steps and self.c.global_step >= t.max_steps:
+            return "max_steps"
+        if t.epochs and self.c.epoch > t.epochs:
+            return "epochs"
+        return None
+
+    def run(self) -> str:
+        """Train until stopped; returns why it stopped."""
+        self.p.model.train()
+        self.state.phase = "training"
+        self._publish_counters()
+        while (reason := self._done()) is None:
+            if self._handle_controls():
+                continue
+            outcome = self.inner_step()
+            if outcome == "abandoned":
+                return "signal"
+            if self.c.global_step % self.cfg.checkpoint.every_inner_steps == 0:
+                self.checkpoint("periodic")
+        return reason
+
+    def _handle_controls(self) -> bool:
+        ctl = self.state.controls
+        if ctl.checkpoint.is_set():
+            ctl.checkpoint.clear()
+            self.checkpoint("requested")
+        if ctl.paused.is_set():
+            # A deliberate pause is not a stall: keep the heartbeat while waiting.
+            self.state.beat()
+            time.sleep(PAUSE_POLL_SECONDS)
+            return True
+        return False
+
+    def _micro_batches(self) -> Iterator[torch.Tensor]:
+        for _ in range(self.p.accumulation):
+            if self.c.batch_pos >= self.p.sampler.batches_per_epoch:
+                self._end_epoch()
+            idx = self.p.sampler.batch(self.c.epoch, self.c.batch_pos)
+            self.c.batch_pos += 1
+            yield idx
+
+    def _sync_context(self, last: bool) -> contextlib.AbstractContextManager[Any]:
+        no_sync = getattr(self.p.model, "no_sync", None)
+        return contextlib.nullcontext() if last or no_sync is None else no_sync()
+
+    def inner_step(self) -> str:
+        p, c = self.p, self.c
+        t0 = time.perf_counter()
+        start = Counters(**c.as_dict())
+        lr = self.lr_at(c.global_step)
+        for group in p.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=p.device)
+        samples = 0
+        data_wait = 0.0
+        for i, idx in enumerate(self._micro_batches()):
+            if self.stop.abandon_partial_step():
+                p.optimizer.zero_grad(set_to_none=True)
+                self.c = start
+                log.warning("shutdown deadline near: abandoning the partial inner step", micro_batch=i)
+                return "abandoned"
+            td = time.perf_counter()
+            batch = p.task.get_batch(idx, p.device)
+            data_wait += time.perf_counter() - td
+            with self._sync_context(i == p.accumulation - 1), self._autocast():
+                loss = p.task.loss(p.model, batch, c.global_step) / p.accumulation
+            self.scaler.scale(loss).backward()
+            total += loss.detach()
+            samples += len(idx)
+            self.state.beat()
+        self.metrics.data_wait.inc(data_wait)
+        loss_value = float(total)  # a device sync: one per inner step, for the log and the finiteness check
+        c.samples += samples * p.world_size
+        if not math.isfinite(loss_value):
+            return self._nonfinite(loss_value)
+        c.nonfinite_in_row = 0
+        if self.cfg.train.grad_clip > 0:
+            self.scaler.unscale_(p.optimizer)
+            nn.utils.clip_grad_norm_(p.model.parameters(), self.cfg.train.grad_clip)
+        self.scaler.step(p.optimizer)
+        self.scaler.update()
+        p.optimizer.zero_grad(set_to_none=True)
+        c.inner_step += 1
+        c.global_step += 1
+        if c.inner_step >= self.cfg.train.inner_steps_per_outer and p.outer_sync:
+            norm = p.outer.step()
+            c.outer_step += 1
+            c.inner_step = 0
+            log.info("outer step applied", outer_step=c.outer_step, pseudo_grad_norm=round(norm, 6))
+        elif c.inner_step >= self.cfg.train.inner_steps_per_outer:
+            c.outer_step += 1
+            c.inner_step = 0
+        seconds = time.perf_counter() - t0
+        self.last_loss = loss_value
+        self._after_step(lr, loss_value, seconds, samples * p.world_size)
+        if c.batch_pos >= p.sampler.batches_per_epoch:
+            self._end_epoch()
+        return "ok"
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.p.device.type, dtype=self.amp_dtype)
+
+    def _nonfinite(self, loss_value: float) -> str:
+        p, c = self.p, self.c
+        p.optimizer.zero_grad(set_to_none=True)
+        c.nonfinite_in_row += 1
+        self.metrics.nonfinite_steps.inc()
+        log.warning("non-finite loss: inner step skipped", loss=str(loss_value),
+                    in_a_row=c.nonfinite_in_row, global_step=c.global_step)
+        if c.nonfinite_in_row >= self.cfg.train.max_nonfinite_in_row:
+            ckpt = p.store.load_latest(map_location=p.device) if p.store else None
+            if ckpt is None:
+                log.error("non-finite losses in a row and no checkpoint to restore; continuing")
+                c.nonfinite_in_row = 0
+            else:
+                self._restore(ckpt)
+                log.error("non-finite losses in a row: restored the last good checkpoint",
+                          path=str(ckpt.path), global_step=self.c.global_step)
+        self.state.beat()
+        return "nonfinite"
+
+    def _after_step(self, lr: float, loss: float, seconds: float, samples: int) -> None:
+        c, s = self.c, self.state
+        s.loss, s.learning_rate, s.last_step_seconds = loss, lr, seconds
+        s.samples_per_second = samples / seconds if seconds > 0 else None
+        s.last_step_time = time.time()
+        self._publish_counters()
+        self.reporter.report(c.global_step, c.outer_step, c.inner_step, lr, loss, seconds, samples)
+        s.first_step_done = True
+        for hook in self.p.hooks:
+            hook.after_inner_step(self)
+
+    def _publish_counters(self) -> None:
+        s, c = self.state, self.c
+        s.outer_step, s.inner_step, s.global_step, s.epoch = c.outer_step, c.inner_step, c.global_step, c.epoch
+
+    def _end_epoch(self) -> None:
+        finished = self.c.epoch
+        result = self.p.task.evaluate(self.p.model, self.p.device, finished, self.state.beat)
+        self.last_eval = dict(result.metrics)
+        self.state.separation_margin = result.separation_margin
+        self.state.recall_at_1 = result.metrics.get("recall_at_1")
+        self.state.recall_at_10 = result.metrics.get("recall_at_10")
+        log.info(result.line, line=True, epoch=finished, separation_margin=result.separation_margin,
+                 **result.metrics)
+        self.c.epoch += 1
+        self.c.batch_pos = 0
+        self.state.epoch = self.c.epoch
