@@ -55,6 +55,8 @@ def status_line(state: MinerState) -> str:
 class SdNotifier:
     """sd_notify over one datagram socket; a no-op when ``NOTIFY_SOCKET`` is unset."""
 
+    name = "sdnotify"
+
     def __init__(
         self,
         environ: Mapping[str, str] | None = None,
@@ -81,6 +83,7 @@ class SdNotifier:
         self._last_ping: float | None = None
         self._last_status: float | None = None
         self._ready_sent = False
+        self._stopping_sent = False
 
     @property
     def enabled(self) -> bool:
@@ -127,7 +130,17 @@ class SdNotifier:
         return False
 
     def stopping(self, line: str = "stopping") -> None:
-        self.notify(f"STOPPING=1\nSTATUS={' '.join(line.split())}")
+        """Call when shutdown begins (phase "stopping"), before the final checkpoint."""
+        if not self._stopping_sent and self.notify(f"STOPPING=1\nSTATUS={' '.join(line.split())}"):
+            self._stopping_sent = True
+
+    def start(self) -> None:
+        """Nothing to start (``attach`` does the work); here for ``Lifecycle``."""
+
+    def stop(self, timeout: float = 0.0) -> None:
+        """``STOPPING=1`` if the runner has not sent it yet, then close the socket."""
+        self.stopping()
+        self.close()
 
     def attach(self, state: MinerState) -> None:
         """Listen to the heartbeat: READY once ready, WATCHDOG throttled, STATUS every 10 s."""

@@ -57,6 +57,8 @@ def log_thread_stacks() -> int:
 class Watchdog:
     """A daemon thread comparing ``state.progress_age()`` with ``stall_seconds``."""
 
+    name = "watchdog"
+
     def __init__(
         self,
         state: MinerState,

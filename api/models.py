@@ -1,0 +1,83 @@
+"""Response bodies of the monitoring service, as pydantic models.
+
+They are the ``/openapi.json`` contract that schemathesis checks and that
+``minerd status`` reads. Floats that are unknown (no step yet) or not finite
+(a NaN loss) are ``null``: JSON has no NaN, and a made-up 0 would look real.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class Problem(BaseModel):
+    """Body of every error answer (FastAPI's ``{"detail": ...}`` shape)."""
+
+    detail: str
+
+
+class Liveness(BaseModel):
+    status: Literal["ok", "stalled"]
+    progress_age_seconds: float = Field(description="seconds since the last training progress (heartbeat)")
+    stall_seconds: float = Field(description="watchdog.stall_seconds: older progress means stalled")
+    phase: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    phase: str
+    first_step_done: bool
+
+
+class Status(BaseModel):
+    """What an operator greps for, in one JSON object."""
+
+    version: str
+    task: str
+    device: str
+    rank: int
+    world_size: int
+    local_rank: int
+    phase: str = Field(description="starting | training | stopping | stopped")
+    ready: bool
+    paused: bool
+    checkpoint_requested: bool
+    upload_requested: bool
+    outer_step: int
+    inner_step: int
+    global_step: int
+    epoch: int
+    last_step_time: float | None = Field(description="wall clock of the last inner step, Unix seconds")
+    last_step_seconds: float | None = Field(description="wall time of the last inner step")
+    loss: float | None
+    learning_rate: float | None
+    samples_per_second: float | None
+    separation_margin: float | None
+    recall_at_1: float | None
+    recall_at_10: float | None
+    model_on_accelerator: bool
+    last_checkpoint_time: float | None = Field(description="wall clock of the last checkpoint, Unix seconds")
+    upload: dict[str, Any] | None = Field(description="upload state; null until the uploader exists")
+    mining: dict[str, Any] | None = Field(description="mining queue health; null until mining exists")
+    embeddings: dict[str, Any] | None = Field(
+        description="embedding cache stats; null until the cache exists"
+    )
+    uptime_seconds: float
+    progress_age_seconds: float
+    stall_seconds: float
+    stalled: bool
+
+
+ControlAction = Literal["checkpoint", "upload", "pause", "resume"]
+
+
+class ControlAccepted(BaseModel):
+    """The request was recorded; the training loop takes it between inner steps."""
+
+    action: ControlAction
+    accepted: bool = True
+    paused: bool
+    checkpoint_requested: bool
+    upload_requested: bool
