@@ -1,0 +1,120 @@
+"""Shared fixtures: logging reset, small configs, and a real `minerd run` subprocess."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+torch.set_num_threads(1)
+
+# Small enough to train a few dozen steps in seconds on a busy 2-core machine.
+SMALL = [
+    "data.num_docs=2048",
+    "data.eval_queries=128",
+    "data.dim=32",
+    "train.hidden_dim=64",
+    "train.embed_dim=32",
+    "train.batch_size=64",
+    "train.effective_batch_size=128",
+    "train.inner_steps_per_outer=7",
+    "train.warmup_steps=5",
+    "train.torch_threads=1",
+    "mining.enabled=false",
+    "upload.enabled=false",
+    "telemetry.log_format=json",
+    "checkpoint.every_inner_steps=5",
+]
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging() -> Iterator[None]:
+    from daemon.logsetup import reset_logging
+
+    yield
+    reset_logging()
+
+
+def small_sets(state_dir: Path, *extra: str) -> list[str]:
+    return [*SMALL, f"paths.state_dir={state_dir}", *extra]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def require_tool(name: str, path: str | None) -> str:
+    """A missing tool skips outside CI and fails in CI (MINERD_REQUIRE_TOOLS)."""
+    if path:
+        return path
+    if os.environ.get("MINERD_REQUIRE_TOOLS") or os.environ.get("CI"):
+        pytest.fail(f"{name} is required in CI but is not installed (run .ci/install-tools.sh)")
+    pytest.skip(f"{name} not installed (run .ci/install-tools.sh)")
+
+
+class MinerProcess:
+    """A real `python -m daemon run` subprocess, stopped by its own pid."""
+
+    def __init__(self, state_dir: Path, sets: list[str], env: dict[str, str] | None = None) -> None:
+        self.state_dir = state_dir
+        self.log_path = state_dir.parent / f"{state_dir.name}-{time.monotonic_ns()}.log"
+        args = [sys.executable, "-m", "daemon", "run"]
+        for s in sets:
+            args += ["--set", s]
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        full_env.pop("WORLD_SIZE", None)
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(args, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
+
+    def text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for(self, needle: str, timeout: float = 90) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if needle in self.text():
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"miner exited ({self.proc.returncode}) before {needle!r}:\n{self.text()[-3000:]}")
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {needle!r}:\n{self.text()[-3000:]}")
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 60) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        self._log.close()
+
+
+@pytest.fixture
+def miner_factory(tmp_path: Path) -> Iterator[object]:
+    started: list[MinerProcess] = []
+
+    def start(state_dir: Path, sets: list[str], env: dict[str, str] | None = None) -> MinerProcess:
+        m = MinerProcess(state_dir, sets, env)
+        started.append(m)
+        return m
+
+    yield start
+    for m in started:
+        m.kill()

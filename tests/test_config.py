@@ -1,0 +1,135 @@
+"""The config tree: sources, precedence, and one clear line per problem."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from daemon.config import ConfigError, load_config, to_yaml
+from tests.conftest import ROOT
+
+
+def problems(*sets: str, path: str | None = None, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, sets, environ=env or {}, world_size=1)
+    return info.value.problems
+
+
+class TestPrecedence:
+    """File < environment < --set, later wins."""
+
+    def test_defaults_match_the_contract(self) -> None:
+        cfg = load_config(environ={})
+        assert (cfg.train.batch_size, cfg.train.effective_batch_size, cfg.train.inner_steps_per_outer) == (256, 256, 500)
+        assert cfg.mining.qbatch == 2048 and cfg.mining.ttl == 5 and cfg.mining.prefetch == 3
+        assert (cfg.mining.cos_min, cfg.mining.cos_max, cfg.mining.start_epoch) == (0.84, 0.96, 6)
+        assert cfg.upload.min_inner_step == 50 and cfg.upload.every_inner_steps == 3
+        assert cfg.api.port == 9108 and cfg.api.host == "127.0.0.1" and cfg.api.token is None
+        assert cfg.watchdog.stall_seconds == 600 and cfg.shutdown.deadline_seconds == 30
+        assert cfg.paths.state_dir == "./var"
+
+    def test_file_then_env_then_set(self, tmp_path: Path) -> None:
+        f = tmp_path / "c.yaml"
+        f.write_text("train:\n  lr: 0.1\n  seed: 1\n  epochs: 4\n")
+        env = {"MINERD_TRAIN__SEED": "2", "MINERD_TRAIN__EPOCHS": "5"}
+        cfg = load_config(str(f), ["train.epochs=6"], environ=env)
+        assert (cfg.train.lr, cfg.train.seed, cfg.train.epochs) == (0.1, 2, 6)
+
+    def test_env_values_are_typed(self) -> None:
+        cfg = load_config(environ={"MINERD_MINING__ENABLED": "false", "MINERD_API__PORT": "9200"})
+        assert cfg.mining.enabled is False and cfg.api.port == 9200
+
+
+class TestProblems:
+    """Each bad input gives `config error: <key.path>: <what> (got <value>)`."""
+
+    def test_unknown_key_suggests(self) -> None:
+        assert problems("train.batch_sise=3") == [
+            "config error: train.batch_sise: unknown key; did you mean 'train.batch_size'? (got 3)"
+        ]
+
+    def test_unknown_section(self) -> None:
+        (line,) = problems("trian.lr=3")
+        assert line.startswith("config error: trian: unknown key; did you mean 'train'?")
+
+    def test_wrong_type(self) -> None:
+        (line,) = problems("train.batch_size=abc")
+        assert line.startswith("config error: train.batch_size: ") and line.endswith("(got 'abc')")
+
+    def test_out_of_range(self) -> None:
+        (line,) = problems("train.max_steps=-3")
+        assert line == "config error: train.max_steps: input should be greater than or equal to 0 (got -3)"
+
+    def test_effective_batch_not_divisible(self) -> None:
+        (line,) = problems("train.batch_size=100")
+        assert "train.effective_batch_size: must be a multiple of train.batch_size x world size" in line
+        assert line.endswith("(got 256)")
+
+    def test_world_size_counts(self) -> None:
+        with pytest.raises(ConfigError) as info:
+            load_config(sets=["train.batch_size=128"], environ={}, world_size=4)
+        assert "(128 x 4 = 512)" in info.value.problems[0]
+
+    def test_cosine_window(self) -> None:
+        (line,) = problems("mining.cos_min=0.97")
+        assert line == "config error: mining.cos_min: must be below mining.cos_max (0.96) (got 0.97)"
+
+    def test_hardneg_frac(self) -> None:
+        (line,) = problems("mining.hardneg_frac=1.5")
+        assert line.startswith("config error: mining.hardneg_frac:") and line.endswith("(got 1.5)")
+
+    def test_several_problems_one_line_each(self) -> None:
+        lines = problems("train.batch_size=abc", "train.max_steps=-1", "api.port=70000")
+        assert len(lines) == 3 and all(x.startswith("config error: ") for x in lines)
+
+    def test_missing_file(self, tmp_path: Path) -> None:
+        (line,) = problems(path=str(tmp_path / "nope.yaml"))
+        assert line.startswith("config error: --config: file not found")
+
+    def test_unreadable_file(self, tmp_path: Path) -> None:
+        d = tmp_path / "adir.yaml"
+        d.mkdir()
+        (line,) = problems(path=str(d))
+        assert line.startswith("config error: --config: cannot read file")
+
+    def test_malformed_yaml_has_line_number(self, tmp_path: Path) -> None:
+        f = tmp_path / "bad.yaml"
+        f.write_text("train:\n  lr: 0.1\n  seed: [1, 2\n")
+        (line,) = problems(path=str(f))
+        assert line.startswith(f"config error: {f}:4: malformed YAML")
+
+    def test_secret_is_masked(self) -> None:
+        cfg = load_config(sets=["api.token=hunter2"], environ={})
+        out = to_yaml(cfg)
+        assert "hunter2" not in out and "********" in out
+        assert cfg.api.token is not None and cfg.api.token.get_secret_value() == "hunter2"
+
+
+class TestCli:
+    """The CLI exits 2 with one line per problem, no traceback, nothing written."""
+
+    def run(self, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "daemon", *args], cwd=cwd, capture_output=True, text=True,
+                              env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}, timeout=60)
+
+    def test_validate_bad(self, tmp_path: Path) -> None:
+        state = tmp_path / "state"
+        r = self.run("run", "--set", f"paths.state_dir={state}", "--set", "train.batch_sise=1", cwd=tmp_path)
+        assert r.returncode == 2
+        assert r.stderr.strip().splitlines() == [
+            "config error: train.batch_sise: unknown key; did you mean 'train.batch_size'? (got 1)"
+        ]
+        assert "Traceback" not in r.stderr + r.stdout
+        assert not state.exists()
+
+    def test_validate_good_and_show(self, tmp_path: Path) -> None:
+        assert self.run("config", "validate", cwd=tmp_path).returncode == 0
+        r = self.run("config", "show", "--set", "api.token=s3cret", cwd=tmp_path)
+        assert r.returncode == 0 and "s3cret" not in r.stdout and "batch_size: 256" in r.stdout
+
+    def test_usage_error_is_one_line(self, tmp_path: Path) -> None:
+        r = self.run("run", "--no-such-flag", cwd=tmp_path)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr

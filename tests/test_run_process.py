@@ -1,0 +1,89 @@
+"""A real `minerd run` subprocess: signals, exit codes, checkpoints, kill -9."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import small_sets
+
+pytestmark = [pytest.mark.integration]
+
+
+def step_lines(text: str) -> list[dict]:
+    out = []
+    for line in text.splitlines():
+        if line.startswith("{") and "Outer Step:" in line:
+            out.append(json.loads(line))
+    return out
+
+
+class TestGracefulStop:
+    """SIGINT (pm2) and SIGTERM (systemd) finish the step, checkpoint, and exit 0."""
+
+    @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+    def test_signal(self, tmp_path: Path, miner_factory, sig: int) -> None:
+        state = tmp_path / "state"
+        m = miner_factory(state, small_sets(state, "checkpoint.every_inner_steps=100000", "api.enabled=false"))
+        m.wait_for("Outer Step:")
+        m.signal(sig)
+        assert m.wait(60) == 0, m.text()[-2000:]
+        text = m.text()
+        assert '"reason": "stop"' in text and "minerd stopped" in text
+        last = step_lines(text)[-1]["global_step"]
+        ckpts = sorted((state / "checkpoints").glob("step-*"))
+        assert ckpts and ckpts[-1].name == f"step-{last:010d}"
+
+    def test_resume_continues_where_it_stopped(self, tmp_path: Path, miner_factory) -> None:
+        state = tmp_path / "state"
+        m = miner_factory(state, small_sets(state, "train.max_steps=12", "api.enabled=false"))
+        assert m.wait(90) == 0, m.text()[-2000:]
+        m2 = miner_factory(state, small_sets(state, "train.max_steps=20", "api.enabled=false"))
+        assert m2.wait(90) == 0, m2.text()[-2000:]
+        text = m2.text()
+        assert "Resumed from checkpoint at outer step 1, inner step 5 (global step 12)" in text
+        assert [s["global_step"] for s in step_lines(text)] == list(range(13, 21))
+
+    def test_bad_config_exits_2_and_writes_nothing(self, tmp_path: Path, miner_factory) -> None:
+        state = tmp_path / "state"
+        m = miner_factory(state, small_sets(state, "train.effective_batch_size=100"))
+        assert m.wait(30) == 2
+        assert "config error: train.effective_batch_size" in m.text() and "Traceback" not in m.text()
+        assert not state.exists()
+
+
+@pytest.mark.slow
+class TestKillDuringCheckpoint:
+    """SIGKILL in the middle of a checkpoint write: the next run starts from the previous good one."""
+
+    def test_kill_while_saving(self, tmp_path: Path, miner_factory) -> None:
+        state = tmp_path / "state"
+        # A wide model makes each checkpoint a few hundred MB, so a save takes long enough to hit.
+        sets = small_sets(state, "train.hidden_dim=3072", "checkpoint.every_inner_steps=3", "api.enabled=false",
+                          "checkpoint.keep=2", "train.batch_size=16", "train.effective_batch_size=16")
+        m = miner_factory(state, sets)
+        ckpt_dir = state / "checkpoints"
+        deadline = time.monotonic() + 120
+        killed_during = None
+        while time.monotonic() < deadline and killed_during is None:
+            done = list(ckpt_dir.glob("step-*")) if ckpt_dir.exists() else []
+            tmps = list(ckpt_dir.glob(".tmp-*")) if ckpt_dir.exists() else []
+            if done and tmps:
+                m.signal(signal.SIGKILL)
+                killed_during = tmps[0].name
+            time.sleep(0.002)
+        assert killed_during, "never caught a checkpoint in progress"
+        m.wait(10)
+        good = sorted(p.name for p in ckpt_dir.glob("step-*"))
+        assert good, "no complete checkpoint before the kill"
+        newest_good = int(good[-1].split("-")[1])
+        m2 = miner_factory(state, [*sets, f"train.max_steps={newest_good + 1}"])
+        assert m2.wait(120) == 0, m2.text()[-3000:]
+        text = m2.text()
+        assert f"(global step {newest_good})" in text
+        assert "removing an unfinished checkpoint" in text
+        assert not list(ckpt_dir.glob(".tmp-*"))

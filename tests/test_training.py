@@ -1,0 +1,128 @@
+"""The training engine: exact resume, inner/outer steps, non-finite steps, learning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from daemon.config import load_config
+from daemon.gpu import GpuProbe
+from daemon.metrics import build_core_metrics
+from daemon.state import MinerState
+from daemon.training.build import Launch, build_trainer
+from daemon.training.engine import Trainer
+from tests.conftest import small_sets
+
+
+class NeverStop:
+    requested = False
+
+    def abandon_partial_step(self) -> bool:
+        return False
+
+
+def make(state_dir: Path, *extra: str) -> tuple[Trainer, CollectorRegistry]:
+    cfg = load_config(sets=small_sets(state_dir, *extra), environ={})
+    state = MinerState()
+    registry = CollectorRegistry()
+    metrics = build_core_metrics(registry, state, GpuProbe())
+    trainer, _ = build_trainer(cfg, state, metrics, NeverStop(), Launch(), torch.device("cpu"))
+    return trainer, registry
+
+
+def params(t: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in t.module.state_dict().items()}
+
+
+class TestResume:
+    """N steps, stop, N more steps equals 2N steps straight (same seed, CPU)."""
+
+    def test_exact(self, tmp_path: Path) -> None:
+        # 2048 docs / 64 per micro-batch = 32 micro-batches = 16 inner steps an epoch:
+        # 20 steps cross an epoch boundary (with its evaluation) and two outer steps (every 7).
+        first, _ = make(tmp_path / "a", "train.max_steps=10")
+        assert first.run() == "max_steps"
+        first.checkpoint("stop")
+        second, _ = make(tmp_path / "a", "train.max_steps=20")
+        assert second.resume()
+        assert (second.c.global_step, second.c.outer_step, second.c.inner_step) == (10, 1, 3)
+        second.run()
+        straight, _ = make(tmp_path / "b", "train.max_steps=20")
+        straight.run()
+        assert straight.c.as_dict() == second.c.as_dict()
+        assert straight.c.epoch == 2
+        a, b = params(second), params(straight)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+    def test_different_seed_differs(self, tmp_path: Path) -> None:
+        one, _ = make(tmp_path / "a", "train.max_steps=3")
+        one.run()
+        two, _ = make(tmp_path / "b", "train.max_steps=3", "train.seed=99")
+        two.run()
+        assert not all(torch.equal(x, y) for x, y in zip(params(one).values(), params(two).values(), strict=True))
+
+
+class TestSteps:
+    """Inner steps restart after each outer step; outer steps move the anchor."""
+
+    def test_counters(self, tmp_path: Path) -> None:
+        t, reg = make(tmp_path, "train.max_steps=15")
+        t.run()
+        assert (t.c.outer_step, t.c.inner_step, t.c.global_step) == (2, 1, 15)
+        assert reg.get_sample_value("minerd_inner_steps_total") == 15
+        assert reg.get_sample_value("minerd_samples_total") == 15 * 128
+        assert reg.get_sample_value("minerd_outer_step") == 2
+        assert reg.get_sample_value("minerd_step_duration_seconds_count") == 15
+        # the anchor equals the parameters right after an outer step
+        t2, _ = make(tmp_path / "x", "train.max_steps=7")
+        t2.run()
+        for a, p in zip(t2.p.outer.anchor, t2.p.model.parameters(), strict=True):
+            assert torch.equal(a, p.detach())
+
+    def test_nonfinite_step_is_skipped_and_counted(self, tmp_path: Path) -> None:
+        t, reg = make(tmp_path, "train.max_steps=4", "train.max_nonfinite_in_row=100")
+        task = t.p.task
+        real_loss = task.loss
+        calls = {"n": 0}
+
+        def sometimes_nan(model, batch, step):  # our own seam: the task's loss
+            calls["n"] += 1
+            out = real_loss(model, batch, step)
+            return out * float("nan") if calls["n"] in (3, 4) else out
+
+        task.loss = sometimes_nan  # type: ignore[method-assign]
+        before = None
+        t.inner_step()
+        before = params(t)
+        assert t.inner_step() == "nonfinite"
+        after = params(t)
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert reg.get_sample_value("minerd_nonfinite_steps_total") == 1
+        assert t.c.global_step == 1
+
+    def test_restores_last_good_checkpoint_after_too_many(self, tmp_path: Path) -> None:
+        t, _ = make(tmp_path, "train.max_steps=5", "train.max_nonfinite_in_row=2")
+        t.run()
+        t.checkpoint("stop")
+        good = params(t)
+        task = t.p.task
+        task.loss = lambda model, batch, step: torch.tensor(float("nan"), requires_grad=True)  # type: ignore
+        t.inner_step()
+        t.inner_step()
+        assert t.c.global_step == 5 and t.c.nonfinite_in_row == 0
+        assert all(torch.equal(good[k], v) for k, v in params(t).items())
+
+
+@pytest.mark.slow
+class TestLearning:
+    """A short run beats an untrained model on held-out queries."""
+
+    def test_recall_improves(self, tmp_path: Path) -> None:
+        t, _ = make(tmp_path, "train.epochs=2", "data.num_docs=4096", "train.lr=0.003")
+        untrained = t.p.task.evaluate(t.p.model, t.p.device, 0, lambda: None).metrics["recall_at_10"]
+        t.run()
+        trained = t.last_eval["recall_at_10"]
+        assert trained > untrained + 0.3, (untrained, trained)
