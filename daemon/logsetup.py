@@ -57,7 +57,9 @@ def configure_logging(log_format: str = "auto", level: str = "info", stream: Any
     if fmt == "console":
         final: list[Any] = [_hide_line_fields_for_console, structlog.dev.ConsoleRenderer(colors=False)]
     else:
-        final = [_drop_line_flag, structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer(ensure_ascii=False)]
+        # ensure_ascii off: `grep "Separation Δ"` must match the JSON line too.
+        json_renderer = structlog.processors.JSONRenderer(ensure_ascii=False)
+        final = [_drop_line_flag, structlog.processors.dict_tracebacks, json_renderer]
     renderer = final
 
     structlog.configure(

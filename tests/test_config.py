@@ -23,7 +23,8 @@ class TestPrecedence:
 
     def test_defaults_match_the_contract(self) -> None:
         cfg = load_config(environ={})
-        assert (cfg.train.batch_size, cfg.train.effective_batch_size, cfg.train.inner_steps_per_outer) == (256, 256, 500)
+        t = cfg.train
+        assert (t.batch_size, t.effective_batch_size, t.inner_steps_per_outer) == (256, 256, 500)
         assert cfg.mining.qbatch == 2048 and cfg.mining.ttl == 5 and cfg.mining.prefetch == 3
         assert (cfg.mining.cos_min, cfg.mining.cos_max, cfg.mining.start_epoch) == (0.84, 0.96, 6)
         assert cfg.upload.min_inner_step == 50 and cfg.upload.every_inner_steps == 3

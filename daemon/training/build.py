@@ -5,6 +5,7 @@ Thread counts and the device are decided here, once, before any tensor work.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -68,10 +69,9 @@ def configure_threads(cfg: Config, launch: Launch) -> int:
         miner = cfg.mining.faiss_threads if cfg.mining.enabled else 0
         n = max(1, per_process - miner)
     torch.set_num_threads(n)
-    try:
+    # Raises once parallel work has run in this process (tests): then it is already fixed.
+    with contextlib.suppress(RuntimeError):
         torch.set_num_interop_threads(1)
-    except RuntimeError:
-        pass  # already fixed by earlier parallel work in this process (tests)
     return n
 
 

@@ -138,6 +138,13 @@ class TwoTowerModel(nn.Module):
         return F.normalize(out, dim=-1)
 
 
+def unwrap(model: nn.Module) -> TwoTowerModel:
+    """The TwoTowerModel inside a DDP wrapper, or the model itself."""
+    inner = getattr(model, "module", model)
+    assert isinstance(inner, TwoTowerModel)
+    return inner
+
+
 @dataclass
 class TwoTowerBatch:
     ids: torch.Tensor  # document ids == item ids, on the model's device
@@ -183,8 +190,7 @@ class TwoTowerTask:
         )
 
     def loss(self, model: nn.Module, batch: TwoTowerBatch, step: int) -> torch.Tensor:
-        assert isinstance(model, TwoTowerModel) or hasattr(model, "module")
-        m: TwoTowerModel = getattr(model, "module", model)
+        m = unwrap(model)
         q = m.encode_queries(batch.queries)
         extra = self.doc_extra(batch.ids) if self.doc_extra is not None else None
         d = m.encode_docs(batch.docs, extra)
@@ -193,7 +199,7 @@ class TwoTowerTask:
 
     @torch.no_grad()
     def encode_corpus(self, model: nn.Module, device: torch.device, beat: Callable[[], None]) -> torch.Tensor:
-        m: TwoTowerModel = getattr(model, "module", model)
+        m = unwrap(model)
         parts = []
         for start in range(0, self.num_items, ENCODE_CHUNK):
             ids = torch.arange(start, min(start + ENCODE_CHUNK, self.num_items))
@@ -209,7 +215,7 @@ class TwoTowerTask:
     ) -> EvalResult:
         was_training = model.training
         model.eval()
-        m: TwoTowerModel = getattr(model, "module", model)
+        m = unwrap(model)
         docs = self.encode_corpus(model, device, beat)
         hits1 = hits10 = 0
         pos_sum = hard_sum = 0.0
