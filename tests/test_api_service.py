@@ -16,13 +16,15 @@ from typing import Any
 import httpx
 import pytest
 import structlog
+import torch
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from api.app import create_app
 from api.server import ApiServer, ApiStartError
-from daemon.config import ApiConfig, WatchdogConfig
+from daemon.config import ApiConfig, Config, WatchdogConfig
+from daemon.diagnostics import collect
 from daemon.gpu import GpuProbe
 from daemon.logsetup import reset_logging
 from daemon.metrics import CoreMetrics, build_core_metrics
@@ -205,11 +207,6 @@ class TestDuringTraining:
         assert r.json()["embeddings"] == {"hit_rate": None}
 
     def test_diagnostics_serves_the_stored_block(self, miner: Miner) -> None:
-        from daemon.config import Config
-        from daemon.diagnostics import collect
-
-        import torch
-
         diag = collect(Config(), torch.device("cpu"), 1)
         miner.state.diagnostics = diag.model_dump()
         r = miner.client.get("/diagnostics")
@@ -325,9 +322,7 @@ class TestControlAuth:
         r = control(miner.client, "resume", TOKEN)
         assert r.status_code == 200 and r.json()["paused"] is False and not c.paused.is_set()
 
-    def test_hmac_compare_digest_is_what_compares(
-        self, miner: Miner, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
+    def test_hmac_compare_digest_is_what_compares(self, miner: Miner, monkeypatch: pytest.MonkeyPatch) -> None:
         calls: list[tuple[bytes, bytes]] = []
         real: Callable[[bytes, bytes], bool] = hmac.compare_digest
 
@@ -347,9 +342,7 @@ class TestControlAuth:
         with structlog.testing.capture_logs() as logs:
             control(miner.client, "checkpoint", TOKEN)
             control(miner.client, "checkpoint", "wrong")
-            texts = [
-                miner.client.get(p).text for p in ("/status", "/metrics", "/livez", "/readyz", "/openapi.json")
-            ]
+            texts = [miner.client.get(p).text for p in ("/status", "/metrics", "/livez", "/readyz", "/openapi.json")]
         assert any(e["event"] == "control request accepted" for e in logs)
         assert any(e.get("reason") == "wrong bearer token" for e in logs)
         assert TOKEN not in repr(logs)
