@@ -187,10 +187,12 @@ class PrometheusServer:
         while time.monotonic() < end:
             if self.proc.poll() is not None:
                 raise AssertionError(f"prometheus exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-            with contextlib.suppress(OSError, urllib.error.URLError):
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
+            with (
+                contextlib.suppress(OSError, urllib.error.URLError),
+                urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as resp,
+            ):
+                if resp.status == 200:
+                    return
             time.sleep(0.2)
         raise AssertionError(f"prometheus not ready after {timeout}s:\n{self.log()[-3000:]}")
 
