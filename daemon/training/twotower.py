@@ -185,8 +185,9 @@ class TwoTowerTask:
         non_blocking = device.type == "cuda"
         return TwoTowerBatch(
             ids=idx.to(device, non_blocking=non_blocking),
-            queries=self.corpus.query_feats[idx].to(device, non_blocking=non_blocking),
-            docs=self.corpus.doc_feats[idx].to(device, non_blocking=non_blocking),
+            # index_select, not fancy indexing: 3-4x faster for row gathers on CPU.
+            queries=self.corpus.query_feats.index_select(0, idx).to(device, non_blocking=non_blocking),
+            docs=self.corpus.doc_feats.index_select(0, idx).to(device, non_blocking=non_blocking),
         )
 
     def loss(self, model: nn.Module, batch: TwoTowerBatch, step: int) -> torch.Tensor:
