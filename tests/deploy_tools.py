@@ -335,7 +335,12 @@ class Pm2:
             return  # no daemon was ever started under this home
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.run("kill", check=False, timeout=timeout)
-        if pid is not None and _alive(pid):
+        if pid is None:
+            return
+        end = time.monotonic() + 10  # `pm2 kill` returns while its daemon is still exiting
+        while _alive(pid) and time.monotonic() < end:
+            time.sleep(0.1)
+        if _alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
