@@ -14,8 +14,7 @@ from daemon.config import UploadConfig
 from daemon.upload import GateState, Uploader, decide
 
 SEED_LINE = (
-    "UPLOAD BLOCKED: inner_step (15) < minimum (50). Validators will reject this! "
-    "Waiting for more training steps..."
+    "UPLOAD BLOCKED: inner_step (15) < minimum (50). Validators will reject this! Waiting for more training steps..."
 )
 CFG = UploadConfig(min_inner_step=50, every_inner_steps=3)
 
@@ -180,3 +179,23 @@ class TestMetricNames:
         assert reg.get_sample_value("minerd_upload_duration_seconds_bucket", {"le": "600.0"}) == 0
         assert reg.get_sample_value("minerd_upload_bytes_total") == 0
         assert reg.get_sample_value("minerd_upload_in_progress") == 0
+
+
+class TestDisabled:
+    """A disabled uploader says so once, touches nothing and never goes stale."""
+
+    def test_disabled_is_quiet(self, tmp_path: Path) -> None:
+        reg, clock = CollectorRegistry(), _Clock()
+        up = _uploader(tmp_path, reg, clock, enabled=False)
+        m, opt = _model()
+        with capture_logs() as logs:
+            up.start()
+            for step in range(49, 60):
+                assert up.on_inner_step(0, step, 1.0, m, opt).reason == "disabled"
+            clock.now += 10_000
+        assert [e["event"] for e in logs] == ["UPLOAD DISABLED: upload.enabled is false; nothing will be published."]
+        assert reg.get_sample_value("minerd_upload_blocked_total", {"reason": "disabled"}) == 11
+        assert reg.get_sample_value("minerd_upload_attempts_total", {"result": "blocked"}) == 0
+        assert up.status()["blocked_reason"] == "disabled" and up.status()["stale"] is False
+        assert not (tmp_path / "uploads").exists()
+        assert up.stop(1)

@@ -24,9 +24,10 @@ NOT_NEWER = "not_newer"
 NONFINITE = "nonfinite"
 
 REASONS = (DISABLED, NOT_ON_SCHEDULE, MIN_INNER_STEP, IN_PROGRESS, NOT_NEWER, NONFINITE)
-# Not an attempt, only "not yet": counted per reason but neither logged nor
-# counted in minerd_upload_attempts_total, or two steps in three would say so.
-QUIET_REASONS = frozenset({NOT_ON_SCHEDULE})
+# Not attempts: "not yet" (two steps in three) and "switched off" (every step;
+# said once at start). Counted per reason, neither logged nor counted in
+# minerd_upload_attempts_total.
+QUIET_REASONS = frozenset({NOT_ON_SCHEDULE, DISABLED})
 
 
 def revision_name(outer_step: int, inner_step: int) -> str:

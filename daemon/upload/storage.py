@@ -171,9 +171,7 @@ class S3Storage:
         ).client(
             "s3",
             endpoint_url=self.endpoint_url,
-            config=BotoConfig(
-                retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=5, read_timeout=60
-            ),
+            config=BotoConfig(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=5, read_timeout=60),
         )
         self._transfer = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20)
 

@@ -9,6 +9,8 @@ on the publisher thread; the training step never waits for storage.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
 import random
 import shutil
@@ -47,6 +49,8 @@ from daemon.upload.storage import (
 )
 
 log = structlog.get_logger(__name__)
+
+PUBLISHER_NICE = 10
 
 
 class Uploader:
@@ -131,9 +135,7 @@ class Uploader:
             key = revision_key(name) if name else None
             manifest = read_manifest(self.storage, name) if name and key else None
         except (StorageError, ValueError, UnicodeDecodeError) as exc:
-            log.warning(
-                f"UPLOAD: cannot read the published target yet: {exc}", target=self.storage.describe()
-            )
+            log.warning(f"UPLOAD: cannot read the published target yet: {exc}", target=self.storage.describe())
             name, key, manifest = None, None, None
         with self._cond:
             if key is not None:
@@ -272,7 +274,7 @@ class Uploader:
                 "age_seconds": None if age is None else round(age, 3),
                 "stale": stale,
                 "max_age_seconds": self.cfg.max_age_seconds,
-                "blocked_reason": self._blocked_reason,
+                "blocked_reason": self._blocked_reason if self.cfg.enabled else "disabled",
                 "in_progress": self._in_progress is not None,
                 "in_progress_revision": self._in_progress,
                 "upload_requested": self._requested,
@@ -284,6 +286,10 @@ class Uploader:
     # ---- publisher thread ------------------------------------------------
 
     def _run(self) -> None:
+        # Serialising and hashing compete with the training step for CPU; on a
+        # crowded host the step should win (repo-age limits are tens of minutes).
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PUBLISHER_NICE)
         while True:
             snap = self._queue.get()
             if snap is None:
@@ -320,8 +326,7 @@ class Uploader:
                         return
                     delay = self._delay(attempt)
                     log.warning(
-                        f"UPLOAD RETRY: {name} attempt {attempt}/{tries} failed: {exc}; "
-                        f"retrying in {delay:.1f}s",
+                        f"UPLOAD RETRY: {name} attempt {attempt}/{tries} failed: {exc}; retrying in {delay:.1f}s",
                         revision=name,
                     )
                     if self._stop.wait(delay):
