@@ -73,9 +73,7 @@ class TestPublish:
         optim = torch.load(target / "rev-0-5" / "optimizer.pt", weights_only=True)
         assert set(optim) == {"state", "param_groups"}
         assert reg.get_sample_value("minerd_upload_attempts_total", {"result": "ok"}) == 5
-        assert reg.get_sample_value("minerd_upload_bytes_total") == 5 * sum(
-            e["size"] for e in meta["files"].values()
-        )
+        assert reg.get_sample_value("minerd_upload_bytes_total") == 5 * sum(e["size"] for e in meta["files"].values())
         assert up.status()["last_revision"] == "rev-0-5"
 
     def test_restart_reads_latest(self, tmp_path: Path) -> None:
@@ -202,9 +200,7 @@ class TestSigkill:
         target = state / "uploads"
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         # 1. A publisher that writes 48 MB revisions back to back.
-        child = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(state)], stdout=subprocess.PIPE, env=env, cwd=ROOT
-        )
+        child = subprocess.Popen([sys.executable, "-c", CHILD, str(state)], stdout=subprocess.PIPE, env=env, cwd=ROOT)
         try:
             assert child.stdout is not None
             # structlog's default renderer shares stdout; skip its lines.
@@ -243,4 +239,79 @@ class TestSigkill:
         finally:
             assert up.stop(10)
         assert (target / "LATEST").read_text().strip() == f"rev-0-{step}"
+        assert verify_target(str(target)) == []
+
+
+CHILD_BETWEEN_FILES = textwrap.dedent(
+    """
+    import sys
+    import time
+    from pathlib import Path
+    import torch
+    from prometheus_client import CollectorRegistry
+    from daemon.config import UploadConfig
+    from daemon.upload import Uploader
+    from daemon.upload.storage import LocalStorage
+
+    class Paused(LocalStorage):
+        # Real files; after the weights of the second revision are in place,
+        # it says so and waits to be killed.
+        def put_file(self, key, src):
+            super().put_file(key, src)
+            if key == "rev-0-2/model.safetensors":
+                print("STORED", flush=True)
+                time.sleep(60)
+
+    torch.set_num_threads(1)
+    target = Path(sys.argv[1])
+    cfg = UploadConfig(min_inner_step=0, every_inner_steps=1, keep=2)
+    up = Uploader(cfg, Paused(target), target / ".staging", CollectorRegistry())
+    up.start()
+    model = torch.nn.Linear(64, 64)
+    opt = torch.optim.Adam(model.parameters())
+    for step in (1, 2):
+        up.on_inner_step(0, step, 0.5, model, opt)
+        up.wait_idle(60)
+    """
+)
+
+
+@pytest.mark.integration
+class TestSigkillBetweenFiles:
+    """SIGKILL after a revision's weights are stored but before its manifest and
+    LATEST: the half revision is on disk, and no reader is pointed at it."""
+
+    def test_half_revision_invisible(self, tmp_path: Path) -> None:
+        target = tmp_path / "uploads"
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD_BETWEEN_FILES, str(target)],
+            stdout=subprocess.PIPE,
+            env=env,
+            cwd=ROOT,
+        )
+        try:
+            assert child.stdout is not None
+            while (line := child.stdout.readline()) and line.strip() != b"STORED":
+                pass
+            assert line, "the publisher exited before storing the second revision"
+            os.kill(child.pid, signal.SIGKILL)
+        finally:
+            if child.poll() is None:
+                os.kill(child.pid, signal.SIGKILL)
+            child.wait(10)
+        assert (target / "rev-0-2" / "model.safetensors").is_file()
+        assert not (target / "rev-0-2" / "metadata.json").exists()
+        assert (target / "LATEST").read_text().strip() == "rev-0-1"
+        assert verify_target(str(target)) == []
+        # Restarted, the same step publishes whole over the leftovers.
+        m, opt = _model()
+        up = Uploader.from_config(_cfg(target=str(target)), tmp_path, CollectorRegistry())
+        up.start()
+        try:
+            assert up.on_inner_step(0, 2, 0.5, m, opt).allowed
+            assert up.wait_idle(30)
+        finally:
+            assert up.stop(10)
+        assert (target / "LATEST").read_text().strip() == "rev-0-2"
         assert verify_target(str(target)) == []
