@@ -101,6 +101,17 @@ def diagnose(
         raise typer.Exit(1)
 
 
+@app.command()
+def status(
+    url: str = typer.Option("http://127.0.0.1:9108", "--url", help="the miner's API base URL"),
+    json_out: bool = typer.Option(False, "--json", help="print the raw /status JSON"),
+) -> None:
+    """Summarise /status of a running miner; exit 1 when it is unreachable."""
+    from daemon.status_cmd import run_status
+
+    raise typer.Exit(run_status(url, json_out))
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         rv = app(args=argv, prog_name="minerd", standalone_mode=False)

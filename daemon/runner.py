@@ -9,15 +9,19 @@ from __future__ import annotations
 import structlog
 from prometheus_client import CollectorRegistry
 
+from api.app import create_app
+from api.server import ApiServer
 from daemon import diagnostics
 from daemon.config import Config, ConfigError
 from daemon.gpu import GpuProbe
-from daemon.lifecycle import Lifecycle
+from daemon.lifecycle import Component, Lifecycle
 from daemon.logsetup import configure_logging
 from daemon.metrics import build_core_metrics
+from daemon.sdnotify import SdNotifier
 from daemon.signals import Shutdown
 from daemon.state import MinerState
 from daemon.training.build import Launch, build_trainer, configure_threads, resolve_device
+from daemon.watchdog import Watchdog
 
 log = structlog.get_logger("minerd")
 
@@ -34,6 +38,7 @@ def run(cfg: Config) -> int:
     registry = CollectorRegistry()
     metrics = build_core_metrics(registry, state, GpuProbe())
     life = Lifecycle()
+    notifier = SdNotifier()
     trainer = None
     code = EXIT_OK
     try:
@@ -43,7 +48,8 @@ def run(cfg: Config) -> int:
         log.info("minerd starting", version=state.version, task=cfg.train.task, device=str(device),
                  torch_threads=threads, rank=launch.rank, world_size=launch.world_size,
                  state_dir=str(cfg.state_dir))
-        for component in _early_components(cfg, state, registry):
+        notifier.attach(state)
+        for component in _early_components(cfg, state, registry, launch, notifier):
             life.start(component)
         trainer, _task = build_trainer(cfg, state, metrics, shutdown, launch, device)
         diag = diagnostics.collect(cfg, device, launch.world_size)
@@ -65,6 +71,7 @@ def run(cfg: Config) -> int:
         code = EXIT_FAILURE
     finally:
         state.phase = "stopping"
+        notifier.stopping(f"stopping at global step {state.global_step}")
         if trainer is not None and code == EXIT_OK:
             try:
                 trainer.checkpoint("stop")
@@ -78,6 +85,14 @@ def run(cfg: Config) -> int:
     return code
 
 
-def _early_components(cfg: Config, state: MinerState, registry: CollectorRegistry) -> list:
-    """Components that must run before the model exists (the API answers during start-up)."""
-    return []
+def _early_components(
+    cfg: Config, state: MinerState, registry: CollectorRegistry, launch: Launch, notifier: SdNotifier
+) -> list[Component]:
+    """Components that run before the model exists: the API answers during start-up
+    (readiness 503) and is stopped last; the watchdog watches start-up too."""
+    comps: list[Component] = [notifier]
+    if cfg.api.enabled:
+        app = create_app(state, registry, cfg.api, cfg.watchdog)
+        comps.append(ApiServer(app, cfg.api, port_offset=launch.local_rank))
+    comps.append(Watchdog(state, cfg.watchdog))
+    return comps

@@ -328,7 +328,9 @@ class Trainer:
         s.last_step_time = time.time()
         self._publish_counters()
         self.reporter.report(c.global_step, c.outer_step, c.inner_step, lr, loss, seconds, samples)
-        s.first_step_done = True
+        if not s.first_step_done:
+            s.first_step_done = True
+            s.beat()  # tells listeners (systemd READY=1) right away
         for hook in self.p.hooks:
             hook.after_inner_step(self)
 
