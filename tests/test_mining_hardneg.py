@@ -107,24 +107,22 @@ def expected_hard(items: IdArray, cfg: MiningConfig, n_hard: int, search_k: int)
 
 
 def train(
-    miner: HardNegativeMiner, steps: int, step_seconds: float = 0.0, lookahead: int | None = None
+    miner: HardNegativeMiner, steps: int, step_seconds: float = 0.0, by_ids: bool = False
 ) -> list[tuple[int, Negatives, float]]:
-    """The trainer's loop: bank update, negatives for this batch, submit the batch lookahead ahead."""
-    ahead = miner.lookahead if lookahead is None else lookahead
-
-    def q(t: int) -> torch.Tensor:
-        return torch.from_numpy(CORPUS.queries[CORPUS.batch(t)])
-
-    for t in range(ahead):
-        miner.submit(0, t, q(t), torch.from_numpy(CORPUS.batch(t)))
+    """The trainer's loop: bank update, submit the batches ahead, negatives for this batch."""
     out = []
     for t in range(steps):
         items = CORPUS.batch(t)
         miner.observe_docs(torch.from_numpy(items), torch.from_numpy(CORPUS.docs[items]))
+        for key in miner.upcoming(t):
+            ahead = CORPUS.batch(key)
+            if by_ids:
+                miner.submit_ids(t, key, torch.from_numpy(ahead))
+            else:
+                miner.submit(t, key, torch.from_numpy(CORPUS.queries[ahead]), torch.from_numpy(ahead))
         t0 = time.perf_counter()
-        neg = miner.mine(t, t, q(t), torch.from_numpy(items))
+        neg = miner.mine(t, t, torch.from_numpy(CORPUS.queries[items]), torch.from_numpy(items))
         out.append((t, neg, time.perf_counter() - t0))
-        miner.submit(t, t + ahead, q(t + ahead), torch.from_numpy(CORPUS.batch(t + ahead)))
         time.sleep(step_seconds)
     return out
 
@@ -248,6 +246,42 @@ class TestTtlAndSources:
         sources = [neg.source for _, neg, _ in steps[5:]]
         assert sources.count("reused") > sources.count("fresh") > 0
         assert all(neg.age is None or neg.age <= 5 for _, neg, _ in steps)
+
+    def test_upcoming_keeps_lookahead_batches_submitted(self) -> None:
+        miner, _ = started(config(ttl=3, fifo_max=8))
+        try:
+            assert miner.lookahead == 3
+            assert list(miner.upcoming(10)) == [11, 12, 13]
+            items = CORPUS.batch(0)
+            for key in miner.upcoming(10):
+                assert miner.submit(10, key, CORPUS.queries[items], items)
+            assert list(miner.upcoming(10)) == []
+            assert list(miner.upcoming(11)) == [14]
+            assert miner.queue_depths().fifo == 3
+        finally:
+            assert miner.stop(5)
+
+
+class TestSubmitIds:
+    """With observed query embeddings the trainer submits item ids only, and alignment still holds."""
+
+    def test_query_bank_path(self) -> None:
+        cfg = config()
+        miner, _ = started(cfg)
+        try:
+            items = CORPUS.batch(0)
+            assert not miner.submit_ids(0, 1, items)  # no query embedding observed yet
+            miner.observe_queries(np.arange(len(CORPUS.docs)), CORPUS.queries)
+            steps = train(miner, 15, step_seconds=0.005, by_ids=True)
+        finally:
+            assert miner.stop(5)
+        used = [(t, neg) for t, neg, _ in steps if neg.source != "fallback"]
+        assert len(used) >= 5
+        for t, neg in used:
+            want = expected_hard(CORPUS.batch(t), cfg, miner.n_hard, miner.miner._k)
+            for row in range(B):
+                got = neg.ids[row, : miner.n_hard][neg.mined[row, : miner.n_hard]]
+                assert set(got.tolist()) == want[row]
 
 
 class TestFallback:

@@ -7,15 +7,25 @@ Parts: :class:`MemoryBank` (the newest embedding of every document), :class:`Asy
 Per step, on the training thread (none of these calls waits for the miner)::
 
     miner = HardNegativeMiner.from_config(cfg.mining, num_docs, embed_dim, registry, seed)
-    # every step from the first epoch: keeps the memory bank current
-    miner.observe_docs(pos_doc_ids, d_pos.detach())
-    # on entering mining.start_epoch (miner.active(epoch)): start, then keep the next
-    # `miner.lookahead` batches submitted, and take this batch's negatives
-    miner.start()
-    miner.submit(step, key_of_batch_ahead, q_ahead.detach(), pos_ids_ahead)
-    neg_vecs, source = miner.negatives(step, key_of_this_batch, q.detach(), pos_ids)
+    ...
+    # every step, from the first epoch on: the banks hold the newest embeddings
+    miner.observe_docs(item_ids, d_pos.detach())
+    miner.observe_queries(item_ids, q.detach())        # only for submit_ids
+    if miner.active(epoch):                            # epoch >= mining.start_epoch
+        miner.start()                                  # once; builds the index from the bank
+        for key in miner.upcoming(step):               # batch keys = global steps
+            miner.submit_ids(step, key, item_ids_of_batch(key))
+        neg_vecs, source = miner.negatives(step, step, q.detach(), item_ids)
+        # neg_vecs: [B, num_negatives, E] float32 on q's device, detached: extra InfoNCE logits
+    if step % cfg.telemetry.queue_health_every == 0:
+        log.info(miner.queue_health_line(step))
     ...
     miner.stop(cfg.shutdown.deadline_seconds)
+
+``submit_ids`` mines with the query embeddings observed when the items were last
+trained (no extra forward pass). ``submit(step, key, q_ahead, positive_ids)`` takes
+query vectors instead, e.g. from a no-grad forward of the upcoming batch (fresher
+candidates, one more query-tower forward per step).
 
 Semantics
 ---------

@@ -72,6 +72,10 @@ class MemoryBank:
                     self._n_filled = int(self._filled.sum())
                     self._filled_ids = None
 
+    def has(self, ids: Any) -> bool:
+        """Whether every id in ``ids`` was written at least once."""
+        return self._n_filled == self.num_docs or bool(self._filled[as_numpy_ids(ids)].all())
+
     def gather(self, ids: Any) -> FloatArray:
         """Rows of ``ids`` (any shape) as a new float32 array of shape ``ids.shape + (dim,)``."""
         ids_np = as_numpy_ids(ids)

@@ -1,8 +1,10 @@
 """The trainer's side of hard-negative mining: the alignment FIFO, TTL, mixing and metrics.
 
 See the package docstring (``daemon.mining``) for the per-step protocol and the
-fresh / reused / fallback semantics. Everything here runs on the training thread
-and never waits for the miner thread.
+fresh / reused / fallback semantics. The per-step methods run on the training thread
+and never wait for the miner thread; ``status``, ``queue_depths`` and the metrics
+collector may be called from any thread (the API's). One HardNegativeMiner per
+metrics registry: it registers the ``minerd_mining_*`` names.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class HardNegativeMiner:
     ) -> None:
         self.cfg = cfg
         self.bank = bank
+        self.query_bank: MemoryBank | None = None  # created by the first observe_queries
         self.n_hard = int(cfg.num_negatives * cfg.hardneg_frac)  # as the seed: floor
         self._rng = np.random.default_rng(seed)
         self._fifo: deque[_Entry] = deque()
@@ -140,6 +143,32 @@ class HardNegativeMiner:
     def observe_docs(self, doc_ids: Any, doc_vecs: Any) -> None:
         """Write this step's positive-document embeddings ([B], [B, E]; detached) into the bank."""
         self.bank.update(doc_ids, doc_vecs)
+
+    def observe_queries(self, item_ids: Any, query_vecs: Any) -> None:
+        """Keep this step's query embeddings ([B], [B, E]; detached) for :meth:`submit_ids`."""
+        if self.query_bank is None:
+            self.query_bank = MemoryBank(self.bank.num_docs, self.bank.dim)
+        self.query_bank.update(item_ids, query_vecs)
+
+    def upcoming(self, step: int) -> range:
+        """Keys to submit now when batch keys are global steps: up to ``lookahead`` ahead, once each."""
+        first = step + 1 if self._last_key is None else max(step + 1, self._last_key + 1)
+        return range(first, step + self.lookahead + 1)
+
+    def submit_ids(self, step: int, batch_idx: int, item_ids: Any, positive_ids: Any = None) -> bool:
+        """:meth:`submit` with the items' last observed query embeddings (no extra forward pass).
+
+        The queries were encoded when the items were last trained (an epoch ago), so the
+        candidates come from slightly older query vectors; the window and the ranking are
+        still applied with the current vectors when the batch is trained. ``positive_ids``
+        defaults to ``item_ids`` (item i's positive is document i). False when an item has
+        no query embedding yet, or when :meth:`submit` refuses.
+        """
+        ids = as_numpy_ids(item_ids)
+        if self.query_bank is None or not self.query_bank.has(ids):
+            return False
+        positives = ids if positive_ids is None else positive_ids
+        return self.submit(step, batch_idx, self.query_bank.gather(ids), positives)
 
     def submit(self, step: int, batch_idx: int, query_vecs: Any, positive_ids: Any) -> bool:
         """Queue an upcoming batch for mining; False when it was not queued (never blocks).
@@ -242,7 +271,7 @@ class HardNegativeMiner:
         self, cand: IdArray, queries: np.ndarray, positives: IdArray
     ) -> tuple[IdArray, BoolArray]:
         """Up to n_hard candidates per query: the most similar now, inside the window, no positive."""
-        cos = np.einsum("bke,be->bk", self.bank.gather(np.maximum(cand, 0)), queries)
+        cos = np.matmul(self.bank.gather(np.maximum(cand, 0)), queries[:, :, None])[:, :, 0]
         valid = (
             (cand >= 0)
             & (cos >= self.cfg.cos_min)
