@@ -112,6 +112,22 @@ def status(
     raise typer.Exit(run_status(url, json_out))
 
 
+@app.command("verify-upload")
+def verify_upload(
+    target: str = typer.Argument(..., help="a directory or s3://bucket/prefix"),
+    endpoint_url: str = typer.Option("", "--endpoint-url", help="S3-compatible endpoint (R2, MinIO)"),
+) -> None:
+    """Check a published target as a validator would: pointer, manifest, sizes, sha256."""
+    from daemon.upload import verify_target
+
+    problems = verify_target(target, endpoint_url or None)
+    for problem in problems:
+        _err(problem)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo(f"{target}: ok")
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         rv = app(args=argv, prog_name="minerd", standalone_mode=False)

@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 import structlog
+import structlog.tracebacks
 
 # Fields carried by "line" events for machines; the console shows the text.
 _LINE_FLAG = "line"
@@ -55,11 +56,17 @@ def configure_logging(log_format: str = "auto", level: str = "info", stream: Any
     ]
     renderer: Any
     if fmt == "console":
-        final: list[Any] = [_hide_line_fields_for_console, structlog.dev.ConsoleRenderer(colors=False)]
+        console = structlog.dev.ConsoleRenderer(colors=False, exception_formatter=structlog.dev.plain_traceback)
+        final: list[Any] = [_hide_line_fields_for_console, console]
     else:
         # ensure_ascii off: `grep "Separation Δ"` must match the JSON line too.
         json_renderer = structlog.processors.JSONRenderer(ensure_ascii=False)
-        final = [_drop_line_flag, structlog.processors.dict_tracebacks, json_renderer]
+        # Tracebacks as dicts, without frame locals: they are noise in a log and
+        # could carry values that have no business there.
+        tracebacks = structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+        )
+        final = [_drop_line_flag, tracebacks, json_renderer]
     renderer = final
 
     structlog.configure(

@@ -21,6 +21,8 @@ from daemon.sdnotify import SdNotifier
 from daemon.signals import Shutdown
 from daemon.state import MinerState
 from daemon.training.build import Launch, build_trainer, configure_threads, resolve_device
+from daemon.training.hooks import UploadHook
+from daemon.upload import StorageError, Uploader
 from daemon.watchdog import Watchdog
 
 log = structlog.get_logger("minerd")
@@ -52,6 +54,11 @@ def run(cfg: Config) -> int:
         for component in _early_components(cfg, state, registry, launch, notifier):
             life.start(component)
         trainer, _task = build_trainer(cfg, state, metrics, shutdown, launch, device)
+        if cfg.upload.enabled and launch.is_main:
+            uploader = Uploader.from_config(cfg.upload, cfg.state_dir, registry, config_hash=cfg.digest())
+            life.start(uploader)
+            state.sections["upload"] = uploader.status
+            trainer.p.hooks.append(UploadHook(uploader, state))
         diag = diagnostics.collect(cfg, device, launch.world_size)
         state.diagnostics = diag.model_dump()
         for line in diagnostics.render(diag):
@@ -64,6 +71,9 @@ def run(cfg: Config) -> int:
     except ConfigError as exc:
         for problem in exc.problems:
             log.error(problem)
+        code = EXIT_CONFIG
+    except StorageError as exc:
+        log.error(f"upload error: {exc}")
         code = EXIT_CONFIG
     except Exception:
         log.exception("unrecoverable error; exiting so the supervisor restarts minerd",

@@ -56,6 +56,8 @@ PUBLISHER_NICE = 10
 class Uploader:
     """Gate + background publisher + status, for one target."""
 
+    name = "upload"
+
     def __init__(
         self,
         cfg: UploadConfig,
