@@ -47,7 +47,14 @@ class StopSignal(Protocol):
 
 
 class StepHook(Protocol):
-    """A component that acts after each inner step (uploads, mining bookkeeping)."""
+    """A component that acts around each inner step (uploads, mining, embeddings).
+
+    ``before_inner_step`` runs before the first micro-batch of every inner step;
+    ``after_inner_step`` only after an inner step whose update was applied (not
+    after a skipped non-finite one).
+    """
+
+    def before_inner_step(self, trainer: Trainer) -> None: ...
 
     def after_inner_step(self, trainer: Trainer) -> None: ...
 
@@ -250,6 +257,8 @@ class Trainer:
         lr = self.lr_at(c.global_step)
         for group in p.optimizer.param_groups:
             group["lr"] = lr
+        for hook in p.hooks:
+            hook.before_inner_step(self)
         total = torch.zeros((), device=p.device)
         samples = 0
         data_wait = 0.0

@@ -18,6 +18,9 @@ class UploadHook:
         self.uploader = uploader
         self.state = state
 
+    def before_inner_step(self, trainer: Trainer) -> None:
+        return None
+
     def after_inner_step(self, trainer: Trainer) -> None:
         if self.state.controls.upload.is_set():
             self.state.controls.upload.clear()
