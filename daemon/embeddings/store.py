@@ -21,7 +21,8 @@ caches are slower than a page-cached memmap).
 
 Memory bound, whatever the access pattern: the pool (L1 + L2 rounded down to
 whole chunks, at least one chunk) + 16 bytes per chunk of index (+ 8 per chunk
-per pinned checkpoint) + about 40 bytes per requested id while a call runs.
+per pinned checkpoint); while a call runs, temporaries of about 128 bytes + 3
+rows per requested id (the returned tensor included).
 Chunk files are read straight into their slot and written from it.
 
 Persistence: every sync writes the dirty chunks as new files named by the
