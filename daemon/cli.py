@@ -80,7 +80,8 @@ def diagnose(
     """Print the GPU diagnostics block and its red flags, without training."""
     cfg = _load(config, set_)
     from daemon import diagnostics
-    from daemon.training.build import Launch, resolve_device
+    from daemon.distributed import Launch
+    from daemon.training.build import resolve_device
     from daemon.training.twotower import TwoTowerModel
 
     launch = Launch.from_env()

@@ -50,6 +50,7 @@ class TrainConfig(_Section):
     temperature: float = Field(0.05, gt=0, le=10)
     max_nonfinite_in_row: int = Field(5, gt=0, description="then the last good checkpoint is restored")
     grad_clip: float = Field(1.0, ge=0, description="0 = off")
+    dist_timeout_seconds: float = Field(300, gt=0, description="collective timeout under torchrun")
 
 
 class MiningConfig(_Section):
@@ -107,6 +108,7 @@ class TelemetryConfig(_Section):
     queue_health_every: int = Field(200, gt=0)
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    param_digest: bool = Field(False, description="add a digest of the parameters to each step line")
 
 
 class ApiConfig(_Section):

@@ -13,6 +13,7 @@ from api.app import create_app
 from api.server import ApiServer
 from daemon import diagnostics
 from daemon.config import Config, ConfigError
+from daemon.distributed import Launch, destroy_process_group, init_process_group
 from daemon.gpu import GpuProbe
 from daemon.lifecycle import Component, Lifecycle
 from daemon.logsetup import configure_logging
@@ -20,8 +21,9 @@ from daemon.metrics import build_core_metrics
 from daemon.sdnotify import SdNotifier
 from daemon.signals import Shutdown
 from daemon.state import MinerState
-from daemon.training.build import Launch, build_trainer, configure_threads, resolve_device
+from daemon.training.build import build_trainer, configure_threads, resolve_device
 from daemon.training.hooks import UploadHook
+from daemon.training.mining_hook import attach_mining
 from daemon.upload import StorageError, Uploader
 from daemon.watchdog import Watchdog
 
@@ -47,13 +49,19 @@ def run(cfg: Config) -> int:
         threads = configure_threads(cfg, launch)
         device = resolve_device(cfg, launch)
         state.device = str(device)
+        if launch.world_size > 1:
+            structlog.contextvars.bind_contextvars(rank=launch.rank)
+            init_process_group(launch, device, cfg.train.dist_timeout_seconds)
         log.info("minerd starting", version=state.version, task=cfg.train.task, device=str(device),
                  torch_threads=threads, rank=launch.rank, world_size=launch.world_size,
                  state_dir=str(cfg.state_dir))
         notifier.attach(state)
         for component in _early_components(cfg, state, registry, launch, notifier):
             life.start(component)
-        trainer, _task = build_trainer(cfg, state, metrics, shutdown, launch, device)
+        trainer, task = build_trainer(cfg, state, metrics, shutdown, launch, device)
+        mining = attach_mining(trainer, task, registry, state)
+        if mining is not None:
+            life.start(mining)  # its thread starts at mining.start_epoch; stopped before the API
         if cfg.upload.enabled and launch.is_main:
             uploader = Uploader.from_config(cfg.upload, cfg.state_dir, registry, config_hash=cfg.digest())
             life.start(uploader)
@@ -89,6 +97,7 @@ def run(cfg: Config) -> int:
                 log.exception("final checkpoint failed")
                 code = EXIT_FAILURE
         life.stop_all(cfg.shutdown.deadline_seconds)
+        destroy_process_group()
         state.phase = "stopped"
         shutdown.finished()
     log.info("minerd stopped", exit_code=code)

@@ -41,7 +41,15 @@ class StepReporter:
         self._low_memory_last: int | None = None
 
     def report(
-        self, global_step: int, outer: int, inner: int, lr: float, loss: float, seconds: float, samples: int
+        self,
+        global_step: int,
+        outer: int,
+        inner: int,
+        lr: float,
+        loss: float,
+        seconds: float,
+        samples: int,
+        **extra: object,
     ) -> None:
         m = self.metrics
         m.inner_steps.inc()
@@ -59,6 +67,7 @@ class StepReporter:
                 loss=loss,
                 step_seconds=round(seconds, 4),
                 gpu_mem_gb=round(gpu_gb, 3),
+                **extra,
             )
         if seconds > self.cfg.slow_step_seconds:
             m.slow_steps.inc()

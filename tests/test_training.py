@@ -9,10 +9,11 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from daemon.config import load_config
+from daemon.distributed import Launch
 from daemon.gpu import GpuProbe
 from daemon.metrics import build_core_metrics
 from daemon.state import MinerState
-from daemon.training.build import Launch, build_trainer
+from daemon.training.build import build_trainer
 from daemon.training.engine import Trainer
 from tests.conftest import small_sets
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
 
 import structlog
 import torch
@@ -15,6 +14,7 @@ import torch
 from daemon.checkpoint import CheckpointStore
 from daemon.config import Config, ConfigError
 from daemon.diagnostics import accumulation_steps
+from daemon.distributed import CommCounter, Launch, averaging_reduce, broadcast_params, wrap_ddp
 from daemon.metrics import CoreMetrics
 from daemon.state import MinerState
 from daemon.training.engine import Parts, StopSignal, Trainer
@@ -23,31 +23,6 @@ from daemon.training.sampler import EpochSampler
 from daemon.training.twotower import TwoTowerTask, load_or_generate
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class Launch:
-    """Where this process sits in the job (torchrun's environment, or alone)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    local_world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls) -> Launch:
-        env = os.environ
-        world = int(env.get("WORLD_SIZE", "1"))
-        return cls(
-            rank=int(env.get("RANK", "0")),
-            world_size=world,
-            local_rank=int(env.get("LOCAL_RANK", "0")),
-            local_world_size=int(env.get("LOCAL_WORLD_SIZE", str(world))),
-        )
 
 
 def machine_cores() -> int:
@@ -103,21 +78,29 @@ def build_trainer(
     torch.manual_seed(cfg.train.seed)
     model = task.build_model().to(device)
     state.model_on_accelerator = next(model.parameters()).device.type == "cuda"
+    comm = CommCounter()
+    broadcast_params(model)  # every rank starts from rank 0's weights
     # foreach/fused off: the seed's stability rails for AdamW.
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, foreach=False, fused=False
     )
-    outer = OuterOptimizer(list(model.parameters()), cfg.train.outer_lr, cfg.train.outer_momentum)
+    # DiLoCo averages pseudo-gradients at each outer step; under DDP gradients are
+    # averaged every inner step already, so parameters agree and the reduction is the identity.
+    diloco = launch.world_size > 1 and cfg.train.sync == "diloco"
+    reduce = averaging_reduce(comm) if diloco else (lambda grads: None)
+    outer = OuterOptimizer(list(model.parameters()), cfg.train.outer_lr, cfg.train.outer_momentum, reduce)
+    wrapped = wrap_ddp(model, device, comm) if launch.world_size > 1 and cfg.train.sync == "ddp" else model
     sampler = EpochSampler(
         task.num_items, cfg.train.batch_size, cfg.train.seed, launch.rank, launch.world_size, cfg.train.drop_last
     )
-    store = CheckpointStore(cfg.state_dir / "checkpoints", cfg.checkpoint.keep) if launch.is_main else None
-    if store is not None:
+    # Every rank reads the checkpoint it resumes from; only rank 0 writes.
+    store = CheckpointStore(cfg.state_dir / "checkpoints", cfg.checkpoint.keep)
+    if launch.is_main:
         store.prepare()
     parts = Parts(
         cfg=cfg,
         task=task,
-        model=model,
+        model=wrapped,
         optimizer=optimizer,
         outer=outer,
         sampler=sampler,
@@ -125,5 +108,7 @@ def build_trainer(
         store=store,
         accumulation=accumulation_steps(cfg, launch.world_size),
         world_size=launch.world_size,
+        is_main=launch.is_main,
+        comm=comm,
     )
     return Trainer(parts, state, metrics, stop), task

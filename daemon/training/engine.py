@@ -14,6 +14,7 @@ parameters as 2N steps straight.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import time
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from torch import nn
 
 from daemon.checkpoint import Checkpoint, CheckpointStore
 from daemon.config import Config
+from daemon.distributed import CommCounter, any_rank
 from daemon.metrics import CoreMetrics
 from daemon.state import MinerState
 from daemon.telemetry import StepReporter
@@ -92,12 +94,13 @@ class Parts:
     outer: OuterOptimizer
     sampler: EpochSampler
     device: torch.device
-    store: CheckpointStore | None  # None on ranks that do not write checkpoints
+    store: CheckpointStore | None  # read by every rank, written by the main rank only
     accumulation: int
     world_size: int = 1
     hooks: list[StepHook] = field(default_factory=list)
     stateful: dict[str, Stateful] = field(default_factory=dict)
-    outer_sync: bool = True  # False under DDP, where gradients are already averaged per step
+    is_main: bool = True  # rank 0: writes checkpoints, evaluates
+    comm: CommCounter = field(default_factory=CommCounter)
 
 
 class Trainer:
@@ -169,7 +172,7 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------
     def checkpoint(self, reason: str) -> None:
-        if self.p.store is None or self._ckpt_global_step == self.c.global_step:
+        if self.p.store is None or not self.p.is_main or self._ckpt_global_step == self.c.global_step:
             return
         t0 = time.perf_counter()
         state = {
@@ -203,7 +206,8 @@ class Trainer:
 
     def _done(self) -> str | None:
         t = self.cfg.train
-        if self.stop.requested:
+        # Ranks agree on stopping, so none waits in a collective for one that left.
+        if any_rank(self.stop.requested, self.p.device):
             return "signal"
         if t.max_steps and self.c.global_step >= t.max_steps:
             return "max_steps"
@@ -231,7 +235,7 @@ class Trainer:
         if ctl.checkpoint.is_set():
             ctl.checkpoint.clear()
             self.checkpoint("requested")
-        if ctl.paused.is_set():
+        if any_rank(ctl.paused.is_set(), self.p.device):
             # A deliberate pause is not a stall: keep the heartbeat while waiting.
             self.state.beat()
             time.sleep(PAUSE_POLL_SECONDS)
@@ -263,7 +267,8 @@ class Trainer:
         samples = 0
         data_wait = 0.0
         for i, idx in enumerate(self._micro_batches()):
-            if self.stop.abandon_partial_step():
+            # Abandoning alone would leave peers waiting in a collective: one process only.
+            if p.world_size == 1 and self.stop.abandon_partial_step():
                 p.optimizer.zero_grad(set_to_none=True)
                 self.c = start
                 log.warning("shutdown deadline near: abandoning the partial inner step", micro_batch=i)
@@ -280,7 +285,7 @@ class Trainer:
         self.metrics.data_wait.inc(data_wait)
         loss_value = float(total)  # a device sync: one per inner step, for the log and the finiteness check
         c.samples += samples * p.world_size
-        if not math.isfinite(loss_value):
+        if any_rank(not math.isfinite(loss_value), p.device):
             return self._nonfinite(loss_value)
         c.nonfinite_in_row = 0
         if self.cfg.train.grad_clip > 0:
@@ -291,14 +296,11 @@ class Trainer:
         p.optimizer.zero_grad(set_to_none=True)
         c.inner_step += 1
         c.global_step += 1
-        if c.inner_step >= self.cfg.train.inner_steps_per_outer and p.outer_sync:
+        if c.inner_step >= self.cfg.train.inner_steps_per_outer:
             norm = p.outer.step()
             c.outer_step += 1
             c.inner_step = 0
             log.info("outer step applied", outer_step=c.outer_step, pseudo_grad_norm=round(norm, 6))
-        elif c.inner_step >= self.cfg.train.inner_steps_per_outer:
-            c.outer_step += 1
-            c.inner_step = 0
         seconds = time.perf_counter() - t0
         self.last_loss = loss_value
         self._after_step(lr, loss_value, seconds, samples * p.world_size)
@@ -336,12 +338,20 @@ class Trainer:
         s.samples_per_second = samples / seconds if seconds > 0 else None
         s.last_step_time = time.time()
         self._publish_counters()
-        self.reporter.report(c.global_step, c.outer_step, c.inner_step, lr, loss, seconds, samples)
+        extra = {"param_digest": self.param_digest()} if self.cfg.telemetry.param_digest else {}
+        self.reporter.report(c.global_step, c.outer_step, c.inner_step, lr, loss, seconds, samples, **extra)
         if not s.first_step_done:
             s.first_step_done = True
             s.beat()  # tells listeners (systemd READY=1) right away
         for hook in self.p.hooks:
             hook.after_inner_step(self)
+
+    def param_digest(self) -> str:
+        """A digest of every parameter's bytes: equal digests on two ranks = equal weights."""
+        h = hashlib.sha256()
+        for t in self.module.state_dict().values():
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def _publish_counters(self) -> None:
         s, c = self.state, self.c
@@ -349,6 +359,11 @@ class Trainer:
 
     def _end_epoch(self) -> None:
         finished = self.c.epoch
+        if not self.p.is_main:  # rank 0 evaluates for the job; the others go on training
+            self.c.epoch += 1
+            self.c.batch_pos = 0
+            self.state.epoch = self.c.epoch
+            return
         result = self.p.task.evaluate(self.p.model, self.p.device, finished, self.state.beat)
         self.last_eval = dict(result.metrics)
         self.state.separation_margin = result.separation_margin

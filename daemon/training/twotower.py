@@ -137,6 +137,12 @@ class TwoTowerModel(nn.Module):
             out = out + extra
         return F.normalize(out, dim=-1)
 
+    def forward(
+        self, queries: torch.Tensor, docs: torch.Tensor, doc_extra: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Training goes through forward() so that a DDP wrapper sees the call.
+        return self.encode_queries(queries), self.encode_docs(docs, doc_extra)
+
 
 def unwrap(model: nn.Module) -> TwoTowerModel:
     """The TwoTowerModel inside a DDP wrapper, or the model itself."""
@@ -191,10 +197,8 @@ class TwoTowerTask:
         )
 
     def loss(self, model: nn.Module, batch: TwoTowerBatch, step: int) -> torch.Tensor:
-        m = unwrap(model)
-        q = m.encode_queries(batch.queries)
         extra = self.doc_extra(batch.ids) if self.doc_extra is not None else None
-        d = m.encode_docs(batch.docs, extra)
+        q, d = model(batch.queries, batch.docs, extra)
         negs = self.negatives(step, batch, q, d) if self.negatives is not None else None
         return info_nce(q, d, self.cfg.train.temperature, negs)
 

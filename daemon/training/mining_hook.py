@@ -1,0 +1,167 @@
+"""Hard-negative mining in the two-tower training loop (issue 4).
+
+:class:`MiningHook` is three things at once:
+
+- the task's ``negatives`` callable: every micro-batch writes its document (and,
+  from the epoch before ``mining.start_epoch``, query) embeddings into the miner's
+  banks; from ``mining.start_epoch`` on it starts the miner once, takes this
+  micro-batch's negatives (never waiting for FAISS) and keeps the next
+  ``miner.lookahead`` micro-batches submitted;
+- a ``StepHook``: it logs the queue-health line every ``telemetry.queue_health_every``
+  inner steps while mining runs;
+- a lifecycle component: ``start()`` does nothing (the miner thread starts at
+  ``mining.start_epoch``, from the training loop) and ``stop()`` joins the miner
+  thread within the shutdown deadline.
+
+Batch keys. The miner names batches by an integer that grows in training order and
+uses the same number as its TTL clock. One inner step holds ``accumulation``
+micro-batches, each with its own negatives, so the key is the global micro-batch
+counter ``(epoch - 1) * batches_per_epoch + batch_index``; upcoming batches (across
+epoch boundaries too) come from a private copy of the trainer's sampler, so the
+trainer's cached permutation is never switched back and forth.
+
+Upcoming queries. A batch is submitted with the query embeddings its items had when
+they were last trained (``submit_ids``, no extra forward pass). Items without one (the
+first mining epoch when ``start_epoch`` <= 1, or the epoch after a resume: the banks
+are not checkpointed) are encoded with a no-grad forward of the query tower instead.
+
+Not checkpointed. The memory bank (num_docs x embed_dim float32: 100 MB at the
+defaults) is refilled by one epoch of training, so it is not in the checkpoint; after a
+resume the index is rebuilt each time the bank has doubled until it is full, so it does
+not keep the few documents seen at the first mining step until ``refresh_steps``.
+Resuming with mining on is therefore not bit-exact (neither is asynchronous mining).
+A non-finite restore or an abandoned step moves the keys back: those micro-batches use
+memory-bank negatives until the keys pass the last one submitted.
+
+Under torchrun each rank runs its own miner over the documents of its own shares
+(the sampler copy has the rank); see ``attach_mining`` for what a shared bank would need.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import structlog
+import torch
+from prometheus_client import CollectorRegistry
+
+from daemon.mining import HardNegativeMiner
+from daemon.state import MinerState
+from daemon.training.sampler import EpochSampler
+from daemon.training.twotower import TwoTowerBatch, TwoTowerTask, unwrap
+
+if TYPE_CHECKING:
+    from daemon.training.engine import Trainer
+
+log = structlog.get_logger("minerd.mining")
+
+
+class MiningHook:
+    """Feeds mined negatives to the loss; a StepHook and a lifecycle component."""
+
+    name = "mining"
+
+    def __init__(self, miner: HardNegativeMiner, task: TwoTowerTask, trainer: Trainer) -> None:
+        self.miner = miner
+        self.task = task
+        self.trainer = trainer
+        s = trainer.p.sampler
+        self._sampler = EpochSampler(s.num_items, s.batch_size, s.seed, s.rank, s.world_size, s.drop_last)
+        self._batches_per_epoch = s.batches_per_epoch
+        self._every = trainer.cfg.telemetry.queue_health_every
+        self._started = False
+        self._built_with = 0  # bank rows when the last growth refresh was requested
+
+    # -- lifecycle component -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Nothing: the miner thread starts at ``mining.start_epoch``, from the training loop."""
+
+    def stop(self, timeout: float) -> None:
+        self.miner.stop(timeout)
+
+    # -- the task's negatives callable (every micro-batch) ----------------------------------
+
+    def key(self, epoch: int, batch_index: int) -> int:
+        """The global micro-batch counter: the batch key and the miner's TTL clock."""
+        return (epoch - 1) * self._batches_per_epoch + batch_index
+
+    def __call__(
+        self, step: int, batch: TwoTowerBatch, q: torch.Tensor, d: torch.Tensor
+    ) -> torch.Tensor | None:
+        c = self.trainer.c
+        epoch = c.epoch
+        self.miner.observe_docs(batch.ids, d.detach())
+        if epoch >= self.miner.cfg.start_epoch - 1:  # submit_ids needs last epoch's queries
+            self.miner.observe_queries(batch.ids, q.detach())
+        if not self.miner.active(epoch):
+            return None
+        key = self.key(epoch, c.batch_pos - 1)  # batch_pos already points at the next one
+        self._ensure_started()
+        vecs, _source = self.miner.negatives(key, key, q.detach(), batch.ids)
+        # After negatives(): the FIFO has room again for the newest upcoming batch.
+        for ahead in self.miner.upcoming(key):
+            self._submit(key, ahead)
+        return vecs
+
+    def _ensure_started(self) -> None:
+        bank = self.miner.bank
+        if not self._started:
+            self._started = True
+            self._built_with = bank.filled_count
+            self.miner.start()
+            log.info("hard-negative mining started", epoch=self.trainer.c.epoch,
+                     bank_docs=bank.filled_count, lookahead=self.miner.lookahead)
+        elif self._built_with < bank.num_docs and bank.filled_count >= 2 * self._built_with:
+            # A partly filled bank (start_epoch 1, or a resume): index the new rows too.
+            self._built_with = bank.filled_count
+            self.miner.miner.request_refresh()
+
+    def _submit(self, step: int, key: int) -> None:
+        epoch, index = divmod(key, self._batches_per_epoch)
+        ids = self._sampler.batch(epoch + 1, index)
+        qbank = self.miner.query_bank
+        if qbank is not None and qbank.has(ids):
+            self.miner.submit_ids(step, key, ids)
+            return
+        device = self.trainer.p.device
+        with torch.no_grad():
+            feats = self.task.corpus.query_feats.index_select(0, ids).to(device)
+            q_ahead = unwrap(self.trainer.p.model).encode_queries(feats)
+        self.miner.submit(step, key, q_ahead, ids)
+
+    # -- StepHook -------------------------------------------------------------------------
+
+    def before_inner_step(self, trainer: Trainer) -> None:
+        return None
+
+    def after_inner_step(self, trainer: Trainer) -> None:
+        step = trainer.c.global_step
+        if self._started and step % self._every == 0:
+            log.info(self.miner.queue_health_line(step), line=True, global_step=step)
+
+
+def attach_mining(
+    trainer: Trainer, task: TwoTowerTask, registry: CollectorRegistry, state: MinerState
+) -> MiningHook | None:
+    """Build the miner and wire it into the trainer; None when ``mining.enabled`` is off.
+
+    The caller starts the returned hook as a lifecycle component (its stop() joins the
+    miner thread). Under torchrun (issue 8) every rank gets its own miner, fed only the
+    documents of its own batch shares; nothing here talks across ranks, so rank 0 alone
+    or each rank alone works. A shared bank would need an all-gather of every
+    micro-batch's document embeddings (or one miner per node fed by all its ranks), and
+    the per-rank miner threads must fit the cores (configure_threads already subtracts
+    ``faiss_threads`` per process).
+    """
+    cfg = trainer.cfg
+    if not cfg.mining.enabled:
+        return None
+    miner = HardNegativeMiner.from_config(
+        cfg.mining, task.num_items, cfg.train.embed_dim, registry, cfg.train.seed
+    )
+    hook = MiningHook(miner, task, trainer)
+    task.negatives = hook
+    trainer.p.hooks.append(hook)
+    state.sections["mining"] = miner.status
+    return hook
