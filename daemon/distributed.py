@@ -110,7 +110,7 @@ def wrap_ddp(model: nn.Module, device: torch.device, counter: CommCounter) -> nn
 
     # No annotations: DDP inspects the hook's signature and rejects the string
     # annotations that `from __future__ import annotations` would make of them.
-    def counting_allreduce(state, bucket):  # type: ignore[no-untyped-def]
+    def counting_allreduce(state, bucket):
         buf = bucket.buffer()
         counter.add([buf])
         world = dist.get_world_size()
