@@ -24,6 +24,7 @@ from daemon.state import MinerState
 from daemon.training.build import build_trainer, configure_threads, resolve_device
 from daemon.training.hooks import UploadHook
 from daemon.training.mining_hook import attach_mining
+from daemon.training.mining_hook import attach_mining
 from daemon.upload import StorageError, Uploader
 from daemon.watchdog import Watchdog
 

@@ -1,0 +1,178 @@
+"""Hard-negative mining inside real training runs: sources, queue health, /status, stop."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
+
+from daemon.config import load_config
+from daemon.gpu import GpuProbe
+from daemon.lifecycle import Lifecycle
+from daemon.metrics import build_core_metrics
+from daemon.mining.index import load_faiss
+from daemon.mining.miner import THREAD_NAME
+from daemon.state import MinerState
+from daemon.training.build import build_trainer
+from daemon.training.engine import Trainer
+from daemon.training.mining_hook import MiningHook, attach_mining
+from tests.conftest import free_port, small_sets
+
+try:  # issue 8 moves Launch to daemon.distributed
+    from daemon.distributed import Launch  # type: ignore[import-not-found, unused-ignore]
+except ImportError:  # pragma: no cover
+    from daemon.training.build import Launch  # type: ignore[attr-defined, no-redef, unused-ignore]
+
+pytestmark = [pytest.mark.integration]
+
+# 2048 docs / 64 = 32 micro-batches an epoch, 2 per inner step: 16 inner steps an epoch.
+MINING = [
+    "mining.enabled=true",
+    "mining.start_epoch=2",
+    "mining.qbatch=256",
+    "mining.ttl=4",
+    "mining.prefetch=2",
+    "mining.num_negatives=8",
+    "mining.cos_min=-1",
+    "mining.cos_max=0.999",
+    "telemetry.queue_health_every=4",
+    "checkpoint.every_inner_steps=100000",
+]
+
+
+class NeverStop:
+    requested = False
+
+    def abandon_partial_step(self) -> bool:
+        return False
+
+
+class LossLog:
+    """A StepHook that records each inner step's loss."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def before_inner_step(self, trainer: Trainer) -> None:
+        return None
+
+    def after_inner_step(self, trainer: Trainer) -> None:
+        assert trainer.last_loss is not None
+        self.losses.append(trainer.last_loss)
+
+
+def build(state_dir: Path, *extra: str) -> tuple[Trainer, MiningHook, CollectorRegistry, MinerState]:
+    cfg = load_config(sets=small_sets(state_dir, *MINING, *extra), environ={})
+    state = MinerState()
+    registry = CollectorRegistry()
+    metrics = build_core_metrics(registry, state, GpuProbe())
+    trainer, task = build_trainer(cfg, state, metrics, NeverStop(), Launch(), torch.device("cpu"))
+    hook = attach_mining(trainer, task, registry, state)
+    assert hook is not None
+    # The miner thread imports faiss (about a second) when it starts; these runs are
+    # only a few seconds long, so import it first to count sources of a warm miner.
+    load_faiss()
+    return trainer, hook, registry, state
+
+
+def mining_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == THREAD_NAME]
+
+
+def batches(registry: CollectorRegistry, source: str) -> float:
+    value = registry.get_sample_value("minerd_mining_batches_total", {"source": source})
+    assert value is not None
+    return value
+
+
+class TestTrainingWithMining:
+    """A short real run mines from mining.start_epoch on and stops cleanly."""
+
+    def test_sources_health_status_stop_and_learning(self, tmp_path: Path) -> None:
+        trainer, hook, registry, state = build(tmp_path, "train.max_steps=48")
+        losses = LossLog()
+        trainer.p.hooks.append(losses)
+        life = Lifecycle()
+        life.start(hook)
+        # 1. Epoch 1 trains without mining: the miner thread has not started.
+        with capture_logs() as logs:
+            for _ in range(16):
+                trainer.inner_step()
+            assert trainer.c.epoch == 2
+            assert not mining_threads()
+            assert sum(batches(registry, s) for s in ("fresh", "reused", "fallback")) == 0
+            assert hook.miner.bank.filled_count == 2048  # the bank was filled meanwhile
+            # 2. Epochs 2 and 3 mine: every micro-batch is counted by its source.
+            assert trainer.run() == "max_steps"
+        assert trainer.c.epoch == 4
+        counts = {s: batches(registry, s) for s in ("fresh", "reused", "fallback")}
+        assert sum(counts.values()) == 64  # 32 inner steps x 2 micro-batches
+        assert counts["fresh"] > 0 and counts["fresh"] + counts["reused"] >= 32, counts
+        # 3. The queue-health line in the seed's format, every 4 inner steps while mining.
+        health = [e["event"] for e in logs if e["event"].startswith("[Queue Health @ step")]
+        assert len(health) == 8, health
+        assert health[0].startswith("[Queue Health @ step 20] in_q=")
+        assert ", out_q=" in health[0] and ", fifo=" in health[0]
+        # 4. The mining section of /status is JSON, and agrees with the metric.
+        section = json.loads(json.dumps(state.sections["mining"]()))
+        assert section["started"] and section["alive"] and section["searches"] > 0
+        assert section["batches"] == {k: int(v) for k, v in counts.items()}
+        assert section["mismatches"] == 0
+        # 5. The loss still goes down through the mining epochs.
+        mining_losses = losses.losses[16:]
+        assert sum(mining_losses[-8:]) / 8 < sum(mining_losses[:8]) / 8, mining_losses
+        # 6. A clean stop joins the miner thread within the deadline.
+        life.stop_all(5.0)
+        assert not mining_threads()
+
+    def test_mining_from_the_first_epoch_encodes_upcoming_queries(self, tmp_path: Path) -> None:
+        trainer, hook, registry, _ = build(tmp_path, "mining.start_epoch=1", "train.max_steps=12")
+        try:
+            assert trainer.run() == "max_steps"
+            # No query bank yet for upcoming items: they are encoded ahead, so batches
+            # are mined in epoch 1 already (the index grows as the bank fills).
+            assert batches(registry, "fresh") > 0
+            assert hook.miner.status()["refreshes"] >= 2
+        finally:
+            hook.stop(5.0)
+        assert not mining_threads()
+
+    def test_disabled_builds_nothing(self, tmp_path: Path) -> None:
+        cfg = load_config(sets=small_sets(tmp_path), environ={})
+        state = MinerState()
+        registry = CollectorRegistry()
+        metrics = build_core_metrics(registry, state, GpuProbe())
+        trainer, task = build_trainer(cfg, state, metrics, NeverStop(), Launch(), torch.device("cpu"))
+        assert attach_mining(trainer, task, registry, state) is None
+        assert task.negatives is None and "mining" not in state.sections
+        assert registry.get_sample_value("minerd_mining_batches_total", {"source": "fresh"}) is None
+
+
+class TestRunProcessWithMining:
+    """`minerd run` with mining on: queue health in the JSON log, /status section, exit 0."""
+
+    def test_run(self, tmp_path: Path, miner_factory) -> None:
+        state = tmp_path / "state"
+        port = free_port()
+        sets = small_sets(state, *MINING, "mining.start_epoch=1", "train.max_steps=400",
+                          f"api.port={port}", "shutdown.deadline_seconds=10")
+        m = miner_factory(state, sets)
+        m.wait_for("[Queue Health @ step 8]")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=10) as resp:
+            body = json.loads(resp.read())
+        section = json.dumps(body)
+        assert '"mining"' in section and '"freshness"' in section, body
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            metrics = resp.read().decode()
+        assert 'minerd_mining_batches_total{source="fresh"}' in metrics
+        m.signal(2)  # SIGINT, as pm2 sends
+        assert m.wait(60) == 0, m.text()[-2000:]
+        text = m.text()
+        assert "mining thread exited" in text and "minerd stopped" in text
+        assert "did not stop within the deadline" not in text
