@@ -6,6 +6,8 @@ Exit codes: 0 clean stop, 1 runtime failure (the supervisor restarts us),
 
 from __future__ import annotations
 
+import os
+
 import structlog
 from prometheus_client import CollectorRegistry
 
@@ -23,7 +25,6 @@ from daemon.signals import Shutdown
 from daemon.state import MinerState
 from daemon.training.build import build_trainer, configure_threads, resolve_device
 from daemon.training.hooks import UploadHook
-from daemon.training.mining_hook import attach_mining
 from daemon.training.mining_hook import attach_mining
 from daemon.upload import StorageError, Uploader
 from daemon.watchdog import Watchdog
@@ -53,7 +54,7 @@ def run(cfg: Config) -> int:
         if launch.world_size > 1:
             structlog.contextvars.bind_contextvars(rank=launch.rank)
             init_process_group(launch, device, cfg.train.dist_timeout_seconds)
-        log.info("minerd starting", version=state.version, task=cfg.train.task, device=str(device),
+        log.info("minerd starting", version=state.version, pid=os.getpid(), task=cfg.train.task, device=str(device),
                  torch_threads=threads, rank=launch.rank, world_size=launch.world_size,
                  state_dir=str(cfg.state_dir))
         notifier.attach(state)
