@@ -21,6 +21,9 @@ import structlog.tracebacks
 
 # Fields carried by "line" events for machines; the console shows the text.
 _LINE_FLAG = "line"
+# Facts about this process on every line from every thread (the rank under
+# torchrun); contextvars would not reach the publisher or miner threads.
+_PROCESS_FIELDS: dict[str, Any] = {}
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
@@ -37,6 +40,16 @@ def _drop_line_flag(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
+def bind_process_fields(**fields: Any) -> None:
+    _PROCESS_FIELDS.update(fields)
+
+
+def _add_process_fields(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    for key, value in _PROCESS_FIELDS.items():
+        event.setdefault(key, value)
+    return event
+
+
 def resolve_format(log_format: str, stream: Any = None) -> str:
     if log_format in ("console", "json"):
         return log_format
@@ -50,6 +63,7 @@ def configure_logging(log_format: str = "auto", level: str = "info", stream: Any
     fmt = resolve_format(log_format, stream)
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        _add_process_fields,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -98,6 +112,7 @@ def configure_logging(log_format: str = "auto", level: str = "info", stream: Any
 def reset_logging() -> None:
     """For tests: back to structlog's defaults and no root handlers."""
     structlog.reset_defaults()
+    _PROCESS_FIELDS.clear()
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

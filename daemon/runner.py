@@ -18,7 +18,7 @@ from daemon.config import Config, ConfigError
 from daemon.distributed import Launch, destroy_process_group, init_process_group
 from daemon.gpu import GpuProbe
 from daemon.lifecycle import Component, Lifecycle
-from daemon.logsetup import configure_logging
+from daemon.logsetup import bind_process_fields, configure_logging
 from daemon.metrics import build_core_metrics
 from daemon.sdnotify import SdNotifier
 from daemon.signals import Shutdown
@@ -52,7 +52,7 @@ def run(cfg: Config) -> int:
         device = resolve_device(cfg, launch)
         state.device = str(device)
         if launch.world_size > 1:
-            structlog.contextvars.bind_contextvars(rank=launch.rank)
+            bind_process_fields(rank=launch.rank)
             init_process_group(launch, device, cfg.train.dist_timeout_seconds)
         log.info("minerd starting", version=state.version, pid=os.getpid(), task=cfg.train.task, device=str(device),
                  torch_threads=threads, rank=launch.rank, world_size=launch.world_size,

@@ -1,0 +1,143 @@
+"""Two processes under torchrun (CPU, gloo): DDP, DiLoCo, rank-aware checkpoints, a dying rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, small_sets
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def launch(state: Path, *extra: str, log: Path) -> subprocess.Popen[bytes]:
+    sets = small_sets(state, "api.port=0", "telemetry.param_digest=true", "train.warmup_steps=2", *extra)
+    args = [*TORCHRUN, "-m", "daemon", "run"]
+    for s in sets:
+        args += ["--set", s]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(args, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
+
+
+def events(log: Path) -> list[dict]:
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        start = line.find("{")
+        if start >= 0:
+            try:
+                out.append(json.loads(line[start:]))
+            except ValueError:
+                continue
+    return out
+
+
+def run_to_end(state: Path, *extra: str, tmp: Path, timeout: float = 240) -> list[dict]:
+    log = tmp / f"torchrun-{time.monotonic_ns()}.log"
+    proc = launch(state, *extra, log=log)
+    try:
+        assert proc.wait(timeout) == 0, log.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return events(log)
+
+
+def steps_by_rank(evs: list[dict]) -> dict[int, dict[int, dict]]:
+    out: dict[int, dict[int, dict]] = defaultdict(dict)
+    for e in evs:
+        if "param_digest" in e:
+            out[e["rank"]][e["global_step"]] = e
+    return out
+
+
+class TestDdp:
+    """DDP: gradients averaged every inner step, so the ranks' parameters never differ."""
+
+    def test_identical_every_step_and_loss_falls(self, tmp_path: Path) -> None:
+        evs = run_to_end(tmp_path / "s", "train.sync=ddp", "train.max_steps=20", "train.effective_batch_size=256",
+                         tmp=tmp_path)
+        by_rank = steps_by_rank(evs)
+        assert sorted(by_rank[0]) == sorted(by_rank[1]) == list(range(1, 21))
+        for step in range(1, 21):
+            assert by_rank[0][step]["param_digest"] == by_rank[1][step]["param_digest"], step
+        losses = [by_rank[0][s]["loss"] for s in range(1, 21)]
+        assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+
+
+class TestDiloco:
+    """DiLoCo: ranks drift apart within an outer step and agree right after it."""
+
+    def test_identical_after_outer_steps_only(self, tmp_path: Path) -> None:
+        evs = run_to_end(tmp_path / "s", "train.sync=diloco", "train.max_steps=21", "train.inner_steps_per_outer=7",
+                         tmp=tmp_path)
+        by_rank = steps_by_rank(evs)
+        for step in range(1, 22):
+            same = by_rank[0][step]["param_digest"] == by_rank[1][step]["param_digest"]
+            assert same == (step % 7 == 0), step
+        losses = [by_rank[0][s]["loss"] for s in range(1, 22)]
+        assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+
+
+class TestRankZeroOwnsState:
+    """Only rank 0 writes checkpoints and uploads; both ranks resume at the same step."""
+
+    def test_checkpoints_uploads_and_resume(self, tmp_path: Path) -> None:
+        state = tmp_path / "s"
+        up = ("upload.enabled=true", "upload.min_inner_step=2", "upload.every_inner_steps=2")
+        evs = run_to_end(state, "train.max_steps=8", *up, tmp=tmp_path)
+        saved = [e for e in evs if e.get("event") == "checkpoint saved"]
+        assert saved and {e["rank"] for e in saved} == {0}
+        uploads = [e for e in evs if str(e.get("event", "")).startswith("UPLOAD OK")]
+        assert uploads and {e["rank"] for e in uploads} == {0}
+        assert (state / "uploads" / "LATEST").exists()
+        evs = run_to_end(state, "train.max_steps=12", *up, tmp=tmp_path)
+        resumed = [e for e in evs if str(e.get("event", "")).startswith("Resumed from checkpoint")]
+        assert {e["rank"] for e in resumed} == {0, 1}
+        assert all("(global step 8)" in e["event"] for e in resumed)
+        by_rank = steps_by_rank(evs)
+        assert sorted(by_rank[0]) == sorted(by_rank[1]) == [9, 10, 11, 12]
+
+
+class TestDeadRank:
+    """A rank killed by SIGKILL ends the job promptly with a non-zero exit; a relaunch resumes."""
+
+    def test_kill_one_rank(self, tmp_path: Path) -> None:
+        state = tmp_path / "s"
+        log = tmp_path / "dead.log"
+        proc = launch(state, "train.dist_timeout_seconds=30", "checkpoint.every_inner_steps=3", log=log)
+        try:
+            deadline = time.monotonic() + 120
+            victim = None
+            while time.monotonic() < deadline and victim is None:
+                evs = events(log)
+                ckpt = any(e.get("event") == "checkpoint saved" for e in evs)
+                pids = {e["rank"]: e["pid"] for e in evs if e.get("event") == "minerd starting" and "rank" in e}
+                if ckpt and 1 in pids:
+                    victim = pids[1]
+                time.sleep(0.1)
+            assert victim, log.read_text()[-3000:]
+            os.kill(victim, signal.SIGKILL)
+            t0 = time.monotonic()
+            code = proc.wait(60)
+            assert code != 0
+            assert time.monotonic() - t0 < 45
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        good = sorted(p.name for p in (state / "checkpoints").glob("step-*"))
+        last = int(good[-1].split("-")[1])
+        evs = run_to_end(state, f"train.max_steps={last + 2}", tmp=tmp_path)
+        resumed = [e for e in evs if str(e.get("event", "")).startswith("Resumed from checkpoint")]
+        assert {e["rank"] for e in resumed} == {0, 1}
+        assert all(f"(global step {last})" in e["event"] for e in resumed)
