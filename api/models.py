@@ -61,9 +61,7 @@ class Status(BaseModel):
     last_checkpoint_time: float | None = Field(description="wall clock of the last checkpoint, Unix seconds")
     upload: dict[str, Any] | None = Field(description="upload state; null until the uploader exists")
     mining: dict[str, Any] | None = Field(description="mining queue health; null until mining exists")
-    embeddings: dict[str, Any] | None = Field(
-        description="embedding cache stats; null until the cache exists"
-    )
+    embeddings: dict[str, Any] | None = Field(description="embedding cache stats; null until the cache exists")
     uptime_seconds: float
     progress_age_seconds: float
     stall_seconds: float
