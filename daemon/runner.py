@@ -7,6 +7,7 @@ Exit codes: 0 clean stop, 1 runtime failure (the supervisor restarts us),
 from __future__ import annotations
 
 import os
+import time
 
 import structlog
 from prometheus_client import CollectorRegistry
@@ -44,7 +45,8 @@ def run(cfg: Config) -> int:
     registry = CollectorRegistry()
     metrics = build_core_metrics(registry, state, GpuProbe())
     life = Lifecycle()
-    notifier = SdNotifier()
+    # Under torchrun only local rank 0 talks to systemd (one READY, one watchdog).
+    notifier = SdNotifier() if launch.local_rank == 0 else SdNotifier(environ={})
     trainer = None
     code = EXIT_OK
     try:
@@ -76,8 +78,13 @@ def run(cfg: Config) -> int:
         if device.type == "cpu":
             log.warning("no GPU in use: training on the CPU", configured=cfg.train.device)
         trainer.resume()
+        t_train = time.monotonic()
+        start_samples = trainer.c.samples
         reason = trainer.run()
-        log.info("training stopped", reason=reason, global_step=trainer.c.global_step)
+        seconds = time.monotonic() - t_train
+        log.info("training stopped", reason=reason, global_step=trainer.c.global_step,
+                 train_seconds=round(seconds, 3), samples=trainer.c.samples - start_samples,
+                 comm_bytes=trainer.p.comm.bytes)
     except ConfigError as exc:
         for problem in exc.problems:
             log.error(problem)

@@ -19,7 +19,7 @@ from types import FrameType
 
 import structlog
 
-from daemon.stacks import all_stacks
+from daemon.watchdog import log_thread_stacks
 
 log = structlog.get_logger(__name__)
 
@@ -77,9 +77,6 @@ class Shutdown:
         self._requested.wait()
         if self._finished.wait(self.deadline_seconds):
             return
-        log.error(
-            "shutdown deadline passed; exiting without finishing",
-            deadline_seconds=self.deadline_seconds,
-            stacks=all_stacks(),
-        )
+        log.error("shutdown deadline passed; exiting without finishing", deadline_seconds=self.deadline_seconds)
+        log_thread_stacks()
         self._exit(1)
