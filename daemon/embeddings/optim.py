@@ -31,9 +31,7 @@ def _coalesce(ids: Any, leaf: torch.Tensor) -> tuple[np.ndarray, torch.Tensor, t
 
 
 @torch.no_grad()
-def apply_sparse_sgd(
-    store: EmbeddingStore, ids: Any, leaf: torch.Tensor, lr: float, weight_decay: float = 0.0
-) -> None:
+def apply_sparse_sgd(store: EmbeddingStore, ids: Any, leaf: torch.Tensor, lr: float, weight_decay: float = 0.0) -> None:
     """Plain SGD on the rows in ``ids``: ``row -= lr * (grad + weight_decay * row)``."""
     uniq, values, grad = _coalesce(ids, leaf)
     if weight_decay:

@@ -261,9 +261,7 @@ class EmbeddingStore:
             idx = self._rows(ids)
             vals = _as_numpy(values, np.float32)
             if vals.shape != (len(idx), self.embedding_dim):
-                raise ValueError(
-                    f"values must have shape ({len(idx)}, {self.embedding_dim}), got {tuple(vals.shape)}"
-                )
+                raise ValueError(f"values must have shape ({len(idx)}, {self.embedding_dim}), got {tuple(vals.shape)}")
             if len(idx) > 1:
                 order = np.argsort(idx, kind="stable")
                 s = idx[order]
@@ -485,6 +483,13 @@ class EmbeddingStore:
         self._tick += 1
         slots = self._slot_of_chunk[chunk]
         tiers = self._tier[slots]
+        if len(tiers) and tiers.max() == 1:  # the common case: all in L1; nothing moves
+            self._stamp[slots] = self._tick
+            if count:
+                self._stats["lookups"] += len(chunk)
+                self._stats["l1_hits"] += len(chunk)
+            yield None, slots
+            return
         if count:
             n = np.bincount(tiers, minlength=4)
             st = self._stats
@@ -587,14 +592,17 @@ class EmbeddingStore:
 
     def _gather(self, idx: np.ndarray) -> np.ndarray:
         chunk, off = np.divmod(idx, self.chunk_size)
-        out = np.empty((len(idx), self.embedding_dim), np.float32)
+        out: np.ndarray | None = None
         for pos, slots in self._resident(chunk, count=True):
+            flat = slots * self.chunk_size
             if pos is None:
-                flat = slots * self.chunk_size
                 flat += off
-                np.take(self._pool2d, flat, axis=0, out=out)
-            else:
-                out[pos] = self._pool2d[slots * self.chunk_size + off[pos]]
+                # not take(out=...): with mode="raise" numpy then gathers into a temp and copies
+                return np.take(self._pool2d, flat, axis=0)
+            if out is None:
+                out = np.empty((len(idx), self.embedding_dim), np.float32)
+            out[pos] = self._pool2d[flat + off[pos]]
+        assert out is not None
         return out
 
     def _scatter(self, idx: np.ndarray, vals: np.ndarray) -> None:
@@ -713,9 +721,7 @@ class EmbeddingStore:
         assert d is not None
         d.mkdir(parents=True, exist_ok=True)
         names = os.listdir(d)
-        manifests = sorted(
-            int(m.group(1)) for n in names if (m := chunkfile.MANIFEST_RE.match(n)) is not None
-        )
+        manifests = sorted(int(m.group(1)) for n in names if (m := chunkfile.MANIFEST_RE.match(n)) is not None)
         max_gen = max(
             [*manifests, *(int(m.group(2)) for n in names if (m := chunkfile.CHUNK_RE.match(n)))],
             default=-1,
@@ -740,9 +746,7 @@ class EmbeddingStore:
             if pins_path.exists():
                 for g in chunkfile.read_json(pins_path).get("pinned", []):
                     if int(g) in manifests:
-                        self._pins[int(g)] = (
-                            self._file_gen.copy() if g == target else self._read_manifest_quiet(int(g))
-                        )
+                        self._pins[int(g)] = self._file_gen.copy() if g == target else self._read_manifest_quiet(int(g))
             if target != manifests[-1]:
                 # Restoring an older generation: commit it again as the newest, so a plain
                 # reopen after a crash also comes back to it.
