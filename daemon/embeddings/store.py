@@ -552,16 +552,16 @@ class EmbeddingStore:
             lo, hi = self._chunk_range(c)
             rows = self._pool[s, : hi - lo]
             g = int(self._file_gen[c])
-            if g >= 0:
+            if g >= 0:  # may raise EmbeddingStoreCorrupt: the slot then stays free
                 chunkfile.read_chunk_into(self._chunk_path(c, g), c, g, rows)
                 self._stats["chunk_reads"] += 1
             else:
                 self._init_chunk(c, rows)
             self._slot_of_chunk[c] = s
             self._chunk_of_slot[s] = c
-        self._tier[victims] = 2
-        self._stamp[victims] = self._tick
-        self._dirty[victims] = False
+            self._tier[s] = 2
+            self._stamp[s] = self._tick
+            self._dirty[s] = False
 
     def _pick_victims(self, k: int) -> np.ndarray:
         n = self._n_slots
