@@ -129,6 +129,41 @@ def verify_upload(
     typer.echo(f"{target}: ok")
 
 
+@app.command()
+def bundle(
+    out: str = typer.Option("", "--out", "-o", help="file to write (default: ./minerd-bundle-<UTC time>.md)"),
+    log: list[str] = typer.Option([], "--log", help="a log file to read as well (repeatable)"),
+    url: str = typer.Option("", "--url", help="the running miner's API base URL (default: from the config)"),
+    config: str | None = ConfigOpt,
+    set_: list[str] = SetOpt,
+) -> None:
+    """Write a support bundle: diagnostics, last step lines, warnings/errors, uploads, config, versions."""
+    from pathlib import Path
+
+    from daemon.bundle import build_bundle, default_out_path, write_bundle
+
+    origin = f"Resolved from {config or 'the built-in defaults'} < MINERD_* environment < --set, as this " \
+             "command sees them (a miner started by pm2/systemd may have had another environment)."
+    problems: list[str] = []
+    try:
+        cfg = load_config(config, set_)
+    except ConfigError as exc:  # a broken config is exactly when people need the bundle
+        problems = exc.problems
+        cfg = Config()
+    text, logs = build_bundle(cfg, config_problems=problems, config_origin=origin, log_files=log, url=url or None)
+    path = Path(out) if out else default_out_path()
+    try:
+        write_bundle(path, text)
+    except OSError as exc:
+        _err(f"minerd: error: cannot write {path}: {exc.strerror or exc}")
+        raise typer.Exit(1) from None
+    typer.echo(f"wrote {path} ({len(text)} bytes); logs read: {len(logs.read)} source(s)")
+    for source in logs.read:
+        typer.echo(f"  {source}")
+    if not logs.read:
+        typer.echo("  no logs found: pass --log FILE (pm2 writes ~/.pm2/logs/distributed-training-miner-error.log)")
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         rv = app(args=argv, prog_name="minerd", standalone_mode=False)
