@@ -277,6 +277,20 @@ class TestCheckpoint:
         restored.close()
         assert float(disk_store(tmp_path).get_embeddings(ids).mean()) == 1.0  # restored is now newest
 
+    def test_load_checkpoint_state_in_place(self, tmp_path: Path) -> None:
+        store = disk_store(tmp_path, l1=1, l2=1, sync_batch_size=2)
+        ids = np.arange(0, 1000, 3)
+        store.update_embeddings(ids, np.full((len(ids), 8), 1.0, np.float32))
+        state = store.checkpoint_state()
+        for _ in range(3):
+            store.update_embeddings(ids, np.full((len(ids), 8), 2.0, np.float32))
+        store.load_checkpoint_state(state)
+        assert float(store.get_embeddings(ids).mean()) == 1.0
+        store.update_embeddings(ids[:5], np.full((5, 8), 3.0, np.float32))
+        store.close()
+        again = disk_store(tmp_path).get_embeddings(ids).numpy()
+        assert (again[:5] == 3.0).all() and (again[5:] == 1.0).all()
+
     def test_memory_mode_checkpoint_carries_the_table(self) -> None:
         store = EmbeddingStore(20, 3, "memory")
         state = store.checkpoint_state()
