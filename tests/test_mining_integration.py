@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from daemon.config import load_config
+from daemon.distributed import Launch
 from daemon.gpu import GpuProbe
 from daemon.lifecycle import Lifecycle
 from daemon.metrics import build_core_metrics
@@ -23,11 +24,6 @@ from daemon.training.build import build_trainer
 from daemon.training.engine import Trainer
 from daemon.training.mining_hook import MiningHook, attach_mining
 from tests.conftest import free_port, small_sets
-
-try:  # issue 8 moves Launch to daemon.distributed
-    from daemon.distributed import Launch  # type: ignore[import-not-found, unused-ignore]
-except ImportError:  # pragma: no cover
-    from daemon.training.build import Launch  # type: ignore[attr-defined, no-redef, unused-ignore]
 
 pytestmark = [pytest.mark.integration]
 

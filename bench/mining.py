@@ -1,0 +1,197 @@
+"""mining: what asynchronous hard-negative mining costs the trainer, and what it buys.
+
+Throughput (one trainer, mining epochs, blocks of inner steps in rotation so drift
+hits every variant alike; steps that end an epoch, with its evaluation, are left out):
+  async   the real MiningHook: FAISS searches upcoming batches in its own thread;
+  free    the same loop fed a precomputed negatives tensor at no cost (no bank, no FAISS);
+  sync    the loop waits for the FAISS search of each micro-batch's own queries.
+async_over_free = free time / async time (goal >= 0.95); async_over_sync = sync / async.
+
+Quality (two runs from the same seed, the same steps): in-batch negatives only against
+mining from ``START_EPOCH`` on; recall@10 on the held-out queries after the last epoch,
+gain in points (goal >= +3); the separation margin of the mining run at epoch 10 (goal
+>= 0.05; in --quick, at its last epoch); freshness = share of mining steps whose
+negatives were fresh or reused within ttl (goal >= 0.9).
+
+Torch and FAISS use one thread each (2-core machines); the index is IVF, the one that
+keeps up with this trainer on such a machine (flat falls behind: NOTES-mining.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+import torch
+from prometheus_client import CollectorRegistry
+
+from bench._common import result
+from daemon.config import load_config
+from daemon.distributed import Launch
+from daemon.gpu import GpuProbe
+from daemon.metrics import build_core_metrics
+from daemon.mining import HardNegativeMiner
+from daemon.mining.index import load_faiss
+from daemon.state import MinerState
+from daemon.training.build import build_trainer
+from daemon.training.engine import Trainer
+from daemon.training.mining_hook import MiningHook, attach_mining
+from daemon.training.twotower import TwoTowerBatch, TwoTowerTask
+
+NUM_DOCS = 20_000  # 78 micro-batches of 256 an epoch
+START_EPOCH = 2
+SETS = [
+    f"data.num_docs={NUM_DOCS}",
+    "data.eval_queries=2000",
+    "data.cluster_size=32",
+    "train.hidden_dim=256",
+    "train.embed_dim=128",
+    "train.batch_size=256",
+    "train.effective_batch_size=256",
+    "train.torch_threads=1",
+    "mining.faiss_threads=1",
+    "mining.index=ivf",
+    "mining.qbatch=1024",
+    f"mining.refresh_steps={NUM_DOCS // 256}",  # one epoch, in micro-batches
+    "upload.enabled=false",
+    "api.enabled=false",
+    "checkpoint.every_inner_steps=1000000",
+    "telemetry.queue_health_every=1000000",
+]
+
+
+class _NoStop:
+    requested = False
+
+    def abandon_partial_step(self) -> bool:
+        return False
+
+
+def _build(state_dir: Path, *extra: str) -> tuple[Trainer, TwoTowerTask, MiningHook | None, MinerState]:
+    cfg = load_config(sets=[f"paths.state_dir={state_dir}", *SETS, *extra], environ={})
+    state = MinerState()
+    registry = CollectorRegistry()
+    metrics = build_core_metrics(registry, state, GpuProbe())
+    trainer, task = build_trainer(cfg, state, metrics, _NoStop(), Launch(), torch.device("cpu"))
+    hook = attach_mining(trainer, task, registry, state)
+    return trainer, task, hook, state
+
+
+class _Sync:
+    """Negatives of each micro-batch mined for its own queries while the trainer waits."""
+
+    def __init__(self, hook: MiningHook) -> None:
+        self.hook = hook
+        # Same config and bank as the async miner, its own thread and queues.
+        self.miner = HardNegativeMiner(hook.miner.cfg, hook.miner.bank, CollectorRegistry(), seed=1)
+        self.miner.start()
+
+    def __call__(self, step: int, batch: TwoTowerBatch, q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        c = self.hook.trainer.c
+        self.miner.observe_docs(batch.ids, d.detach())
+        key = self.hook.key(c.epoch, c.batch_pos - 1)
+        qd = q.detach()
+        if self.miner.submit(key, key, qd, batch.ids):
+            while self.miner.miner.ready_count == 0 and self.miner.miner.alive:
+                time.sleep(0.0002)
+        return self.miner.negatives(key, key, qd, batch.ids)[0]
+
+
+def _throughput(tmp: Path, quick: bool) -> tuple[float, float, float, float]:
+    trainer, task, hook, _ = _build(tmp, f"mining.start_epoch={START_EPOCH}")
+    assert hook is not None
+    while trainer.c.epoch < START_EPOCH:  # epoch 1 fills the banks
+        trainer.inner_step()
+    for _ in range(20):  # the miner starts, builds its index and settles
+        trainer.inner_step()
+    n = hook.miner.cfg.num_negatives
+    fixed = torch.nn.functional.normalize(torch.randn(256, n, trainer.cfg.train.embed_dim), dim=-1)
+
+    def free(step: int, batch: TwoTowerBatch, q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        return fixed
+
+    sync = _Sync(hook)
+    variants: dict[str, Callable[..., torch.Tensor | None]] = {"async": hook, "free": free, "sync": sync}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    before = dict(hook.miner.status()["batches"])
+    steps = 15 if quick else 30
+    for _ in range(3 if quick else 6):
+        for name, fn in variants.items():
+            task.negatives = fn
+            spent, counted = 0.0, 0
+            for _ in range(steps):
+                epoch = trainer.c.epoch
+                t0 = time.perf_counter()
+                trainer.inner_step()
+                dt = time.perf_counter() - t0
+                if trainer.c.epoch == epoch:  # not a step that ended an epoch (evaluation)
+                    spent += dt
+                    counted += 1
+            times[name].append(spent / counted)
+    task.negatives = hook
+    after = hook.miner.status()["batches"]
+    used = {k: after[k] - before[k] for k in after}
+    fresh_share = (used["fresh"] + used["reused"]) / max(1, sum(used.values()))
+    sync.miner.stop(10)
+    hook.stop(10)
+    t = {k: statistics.median(v) for k, v in times.items()}
+    print(f"{'variant':<10}{'ms/step':>10}{'steps/s':>10}")
+    for k, v in t.items():
+        print(f"{k:<10}{v * 1e3:>10.2f}{1 / v:>10.1f}")
+    print(f"async blocks: sources {used} (fresh or reused {fresh_share:.3f}, blocks start cold)")
+    return t["free"] / t["async"], t["sync"] / t["async"], t["async"], fresh_share
+
+
+def _train(tmp: Path, epochs: int, mining: bool) -> tuple[list[tuple[float, float]], dict[str, object] | None]:
+    trainer, _, hook, state = _build(
+        tmp, f"train.epochs={epochs}", f"mining.enabled={'true' if mining else 'false'}",
+        f"mining.start_epoch={START_EPOCH}",
+    )
+    evals: list[tuple[float, float]] = []
+    epoch = trainer.c.epoch
+    while trainer.c.epoch <= epochs:
+        trainer.inner_step()
+        if trainer.c.epoch != epoch:
+            epoch = trainer.c.epoch
+            evals.append((trainer.last_eval["recall_at_10"], float(state.separation_margin or 0.0)))
+    status = None
+    if hook is not None:
+        status = hook.miner.status()
+        hook.stop(10)
+    return evals, status
+
+
+def main(quick: bool) -> None:
+    torch.set_num_threads(1)
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    load_faiss()  # imported once, after torch, before any timing
+    tmp = Path(tempfile.mkdtemp(prefix="bench-mining-"))
+    over_free, over_sync, _, _ = _throughput(tmp / "tp", quick)
+
+    epochs = 4 if quick else 10
+    base, _ = _train(tmp / "base", epochs, mining=False)
+    mined, status = _train(tmp / "mined", epochs, mining=True)
+    assert status is not None
+    counts = status["batches"]
+    assert isinstance(counts, dict)
+    freshness = (counts["fresh"] + counts["reused"]) / max(1, sum(counts.values()))
+    print(f"\n{'epoch':<7}{'r@10 in-batch':>15}{'r@10 mining':>13}{'Δ in-batch':>12}{'Δ mining':>10}")
+    for i, ((rb, sb), (rm, sm)) in enumerate(zip(base, mined, strict=True), start=1):
+        print(f"{i:<7}{rb:>15.3f}{rm:>13.3f}{sb:>12.3f}{sm:>10.3f}")
+    print(f"mining run: sources {counts}, searches {status['searches']}, stale {status['stale']}, "
+          f"mean age {status['mean_age_steps']} steps")
+    gain = (mined[-1][0] - base[-1][0]) * 100
+    separation = mined[min(10, epochs) - 1][1]
+    result(
+        "mining",
+        async_over_free=over_free,
+        async_over_sync=over_sync,
+        freshness=freshness,
+        recall10_gain_points=gain,
+        separation_epoch10=separation,
+    )
