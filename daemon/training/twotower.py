@@ -23,7 +23,7 @@ import structlog
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 from torch import nn
 
 from daemon import atomic
@@ -88,13 +88,19 @@ def generate_corpus(cfg: Config) -> Corpus:
     return Corpus(doc_feats.float(), query_feats.float(), eval_feats.float(), eval_targets, cluster_of)
 
 
+def corpus_path(cfg: Config, data_dir: Path) -> Path:
+    digest = hashlib.sha256(json.dumps(_params(cfg), sort_keys=True).encode()).hexdigest()[:12]
+    return data_dir / f"twotower-{digest}.safetensors"
+
+
 def load_or_generate(cfg: Config, data_dir: Path) -> Corpus:
     params = _params(cfg)
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
-    path = data_dir / f"twotower-{digest}.safetensors"
+    path = corpus_path(cfg, data_dir)
     if path.exists():
         try:
-            t = load_file(str(path))
+            # Read through Python's file API, which releases the GIL while the
+            # storage blocks: a hung read then leaves the API and watchdog alive.
+            t = load(path.read_bytes())
             return Corpus(t["doc_feats"], t["query_feats"], t["eval_feats"], t["eval_targets"], t["cluster_of"])
         except (SafetensorError, KeyError, OSError) as exc:
             log.warning("generated corpus unreadable; generating it again", path=str(path), error=str(exc))
