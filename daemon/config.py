@@ -78,6 +78,7 @@ class MiningConfig(_Section):
 
 
 class EmbeddingsConfig(_Section):
+    enabled: bool = Field(True, description="trainable per-document ID embeddings in the two-tower task")
     storage_mode: Literal["memory", "disk"] = "memory"
     dir: str = Field("", description="empty = <paths.state_dir>/embeddings")
     chunk_size: int = Field(1024, gt=0)
@@ -86,7 +87,6 @@ class EmbeddingsConfig(_Section):
     enable_l3: bool = True
     sync_batch_size: int = Field(10, gt=0)
     auto_sync: bool = True
-    dim: int = Field(0, ge=0, description="trainable ID embedding width; 0 = train.embed_dim")
 
 
 class UploadConfig(_Section):

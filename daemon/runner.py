@@ -25,6 +25,7 @@ from daemon.sdnotify import SdNotifier
 from daemon.signals import Shutdown
 from daemon.state import MinerState
 from daemon.training.build import build_trainer, configure_threads, resolve_device
+from daemon.training.embedding_hook import attach_embeddings
 from daemon.training.hooks import UploadHook
 from daemon.training.mining_hook import attach_mining
 from daemon.upload import StorageError, Uploader
@@ -63,6 +64,9 @@ def run(cfg: Config) -> int:
         for component in _early_components(cfg, state, registry, launch, notifier):
             life.start(component)
         trainer, task = build_trainer(cfg, state, metrics, shutdown, launch, device)
+        embeddings = attach_embeddings(trainer, task, registry, state, launch.world_size)
+        if embeddings is not None:
+            life.start(embeddings)  # stop() writes the dirty chunks
         mining = attach_mining(trainer, task, registry, state)
         if mining is not None:
             life.start(mining)  # its thread starts at mining.start_epoch; stopped before the API

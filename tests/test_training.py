@@ -14,6 +14,7 @@ from daemon.gpu import GpuProbe
 from daemon.metrics import build_core_metrics
 from daemon.state import MinerState
 from daemon.training.build import build_trainer
+from daemon.training.embedding_hook import attach_embeddings
 from daemon.training.engine import Trainer
 from tests.conftest import small_sets
 
@@ -30,7 +31,8 @@ def make(state_dir: Path, *extra: str) -> tuple[Trainer, CollectorRegistry]:
     state = MinerState()
     registry = CollectorRegistry()
     metrics = build_core_metrics(registry, state, GpuProbe())
-    trainer, _ = build_trainer(cfg, state, metrics, NeverStop(), Launch(), torch.device("cpu"))
+    trainer, task = build_trainer(cfg, state, metrics, NeverStop(), Launch(), torch.device("cpu"))
+    attach_embeddings(trainer, task, registry, state, world_size=1)
     return trainer, registry
 
 
@@ -41,18 +43,26 @@ def params(t: Trainer) -> dict[str, torch.Tensor]:
 class TestResume:
     """N steps, stop, N more steps equals 2N steps straight (same seed, CPU)."""
 
-    def test_exact(self, tmp_path: Path) -> None:
+    @pytest.mark.parametrize("storage", ["memory", "disk"])
+    def test_exact(self, tmp_path: Path, storage: str) -> None:
         # 2048 docs / 64 per micro-batch = 32 micro-batches = 16 inner steps an epoch:
         # 20 steps cross an epoch boundary (with its evaluation) and two outer steps (every 7).
-        first, _ = make(tmp_path / "a", "train.max_steps=10")
+        mode = f"embeddings.storage_mode={storage}"
+        tiny_cache = ("embeddings.chunk_size=256", "embeddings.cache_l1_mb=0.05", "embeddings.cache_l2_mb=0.05")
+        first, _ = make(tmp_path / "a", "train.max_steps=10", mode, *tiny_cache)
         assert first.run() == "max_steps"
         first.checkpoint("stop")
-        second, _ = make(tmp_path / "a", "train.max_steps=20")
+        second, _ = make(tmp_path / "a", "train.max_steps=20", mode, *tiny_cache)
         assert second.resume()
         assert (second.c.global_step, second.c.outer_step, second.c.inner_step) == (10, 1, 3)
         second.run()
-        straight, _ = make(tmp_path / "b", "train.max_steps=20")
+        straight, _ = make(tmp_path / "b", "train.max_steps=20", mode, *tiny_cache)
         straight.run()
+        ids = torch.arange(straight.p.task.num_items)
+        emb_a = second.p.stateful["embeddings"].store.get_embeddings(ids)  # type: ignore[attr-defined]
+        emb_b = straight.p.stateful["embeddings"].store.get_embeddings(ids)  # type: ignore[attr-defined]
+        assert torch.equal(emb_a, emb_b)
+        assert not torch.equal(emb_a, make(tmp_path / "c", mode)[0].p.stateful["embeddings"].store.get_embeddings(ids))
         assert straight.c.as_dict() == second.c.as_dict()
         assert straight.c.epoch == 2
         a, b = params(second), params(straight)
