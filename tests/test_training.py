@@ -137,3 +137,24 @@ class TestLearning:
         t.run()
         trained = t.last_eval["recall_at_10"]
         assert trained > untrained + 0.3, (untrained, trained)
+
+
+class TestStepLines:
+    """The step and slow-step lines keep the format operators grep for."""
+
+    def test_formats(self) -> None:
+        from structlog.testing import capture_logs
+
+        from daemon.config import TelemetryConfig
+        from daemon.telemetry import StepReporter, step_line
+
+        assert step_line(56, 84, 0.000021, 3.4, 15.2, 18.45) == (
+            "Outer Step: 56 | Inner Step: 84 | LR: 0.00002100 | Loss: 3.40 | Step Time: 15.2s | GPU Mem: 18.45GB"
+        )
+        reg = CollectorRegistry()
+        metrics = build_core_metrics(reg, MinerState(), GpuProbe())
+        reporter = StepReporter(TelemetryConfig(), metrics, torch.device("cpu"))
+        with capture_logs() as logs:
+            reporter.report(1, 0, 1, 0.001, 2.0, 245.7, 256)
+        assert "SLOW STEP: 245.7s (expected 10-30s) - Check GPU usage!" in [e["event"] for e in logs]
+        assert reg.get_sample_value("minerd_slow_steps_total") == 1
