@@ -360,6 +360,11 @@ def semantic_problems(cfg: Config, world_size: int) -> list[str]:
         problems.append(
             _problem("train.batch_size", f"is larger than data.num_docs ({cfg.data.num_docs})", t.batch_size)
         )
+    if world_size > 1 and cfg.embeddings.enabled and cfg.embeddings.storage_mode == "disk":
+        problems.append(
+            _problem("embeddings.storage_mode", "disk mode is single-process (chunk files have one writer); "
+                     "use memory under torchrun", "disk")
+        )
     if cfg.upload.backend == "s3" and cfg.upload.enabled and not cfg.upload.target.startswith("s3://"):
         problems.append(
             _problem("upload.target", "must be s3://bucket/prefix with upload.backend=s3", cfg.upload.target)

@@ -52,6 +52,12 @@ def run_to_end(state: Path, *extra: str, tmp: Path, timeout: float = 240) -> lis
     return events(log)
 
 
+def same_embedding_tables(evs: list[dict]) -> None:
+    """The ID-embedding tables end identical on both ranks (row gradients are all-gathered)."""
+    closed = {e["rank"]: e["table_digest"] for e in evs if e.get("event") == "embedding table final"}
+    assert set(closed) == {0, 1} and closed[0] == closed[1], closed
+
+
 def steps_by_rank(evs: list[dict]) -> dict[int, dict[int, dict]]:
     out: dict[int, dict[int, dict]] = defaultdict(dict)
     for e in evs:
@@ -72,6 +78,7 @@ class TestDdp:
             assert by_rank[0][step]["param_digest"] == by_rank[1][step]["param_digest"], step
         losses = [by_rank[0][s]["loss"] for s in range(1, 21)]
         assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+        same_embedding_tables(evs)
 
 
 class TestDiloco:
@@ -86,6 +93,22 @@ class TestDiloco:
             assert same == (step % 7 == 0), step
         losses = [by_rank[0][s]["loss"] for s in range(1, 22)]
         assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+        same_embedding_tables(evs)
+
+
+class TestEpochCoverage:
+    """The ranks' shares of an epoch are disjoint and together cover it exactly once."""
+
+    @pytest.mark.parametrize("sync", ["ddp", "diloco"])
+    def test_every_sample_once(self, tmp_path: Path, sync: str) -> None:
+        script = ROOT / "tests" / "scripts" / "epoch_cover.py"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        out = subprocess.run([*TORCHRUN, str(script), str(tmp_path / "s"), sync], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        line = next(x for x in out.stdout.splitlines() if x.startswith("EPOCH_COVER"))
+        assert line.endswith("ok=True"), line
+        assert "total=2048 unique=2048 per_rank=[1024, 1024]" in line
 
 
 class TestRankZeroOwnsState:

@@ -9,14 +9,24 @@ larger than the L1/L2 tiers. A skipped (non-finite) inner step updates no row.
 
 The store and the row optimiser's moments are part of the checkpoint: the
 memory table itself, or in disk mode the pinned generation of chunk files.
+
+Under torchrun every rank holds the whole table (memory mode) and, after each
+applied inner step, the ranks all-gather the ids and gradients of the rows
+they touched; each applies the same row-wise Adam step to the union, so the
+tables and moments stay identical everywhere, as DDP keeps dense parameters.
+That is B x embed_dim floats per rank per inner step: small beside a dense
+gradient, and the one exchange DiLoCo's inner steps make. Disk mode is one
+process only (chunk files have one writer).
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING, Any
 
 import structlog
 import torch
+import torch.distributed as dist
 from prometheus_client import CollectorRegistry
 
 from daemon.embeddings import EmbeddingStore, SparseRowAdam
@@ -56,17 +66,39 @@ class EmbeddingHook:
     def after_inner_step(self, trainer: Trainer) -> None:
         self.adam.lr = trainer.p.optimizer.param_groups[0]["lr"]
         scale = trainer.scaler.get_scale() if trainer.scaler.is_enabled() else 1.0
-        for ids, leaf in self._pending:
-            if leaf.grad is None:
-                continue
-            if scale != 1.0:
-                leaf.grad.div_(scale)
-            self.adam.step(ids, leaf)
+        pending = [(ids, leaf) for ids, leaf in self._pending if leaf.grad is not None]
         self._pending.clear()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            pending = self._gathered(pending, trainer.p.device)
+        for ids, leaf in pending:
+            if scale != 1.0:
+                leaf.grad.div_(scale)  # type: ignore[union-attr]
+            self.adam.step(ids, leaf)
         epoch = trainer.c.epoch
         if epoch != self._last_logged_epoch and (epoch - 1) % LOG_EVERY_EPOCHS == 0:
             self._last_logged_epoch = epoch
             log.info(self.store.cache_log_line(), line=True, epoch=epoch - 1)
+
+    def _gathered(
+        self, pending: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every rank's (ids, gradients) of this step, as one leaf over the union.
+
+        Each rank reads the same number of rows per inner step (equal shares,
+        drop_last), so fixed-size all-gathers suffice. Gradients are divided by
+        the world size: the job's loss is the mean of the ranks' losses.
+        """
+        world = dist.get_world_size()
+        ids = torch.cat([i for i, _ in pending]).to(device)
+        grads = torch.cat([leaf.grad for _, leaf in pending]).to(device)  # type: ignore[misc]
+        all_ids = torch.empty(world * len(ids), dtype=ids.dtype, device=device)
+        all_grads = torch.empty((world * len(ids), grads.shape[1]), dtype=grads.dtype, device=device)
+        dist.all_gather_into_tensor(all_ids, ids)
+        dist.all_gather_into_tensor(all_grads, grads.contiguous())
+        cpu_ids = all_ids.cpu()
+        leaf = self.store.get_embeddings(cpu_ids, requires_grad=True)
+        leaf.grad = all_grads.cpu().div_(world)
+        return [(cpu_ids, leaf)]
 
     # ---- Stateful ------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -81,6 +113,12 @@ class EmbeddingHook:
         return None
 
     def stop(self, timeout: float) -> None:
+        if self.store.storage_mode == "memory":
+            # The digest lets ranks (and runs) be compared: identical tables, identical
+            # digests. Memory mode only: hashing a disk table would read every chunk.
+            rows = self.store.get_embeddings(torch.arange(self.store.num_rows))
+            digest = hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:16]
+            log.info("embedding table final", table_digest=digest, rows=self.store.num_rows)
         self.store.close()  # writes the dirty chunks: a clean stop loses nothing
 
 
@@ -89,16 +127,10 @@ def attach_embeddings(
 ) -> EmbeddingHook | None:
     """Build the store and wire the ID embeddings into the task; None when off.
 
-    Under torchrun the ID embeddings are off: ranks see different documents each
-    epoch, so per-rank tables would disagree and a shared table would need a
-    sparse all-reduce of every micro-batch's rows. One process owns the table.
+    Under torchrun each rank keeps an identical memory table (see the module docstring).
     """
     cfg = trainer.cfg
     if not cfg.embeddings.enabled:
-        return None
-    if world_size > 1:
-        log.warning("trainable ID embeddings are off under torchrun (one process owns the table)",
-                    world_size=world_size)
         return None
     dim = cfg.train.embed_dim  # added to the document tower's output
     store = EmbeddingStore.from_config(
