@@ -18,10 +18,16 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
 
 
 def interleaved(a: Callable[[], object], b: Callable[[], object], rounds: int) -> tuple[float, float]:
-    """Median times of a and b measured in alternation, so drift hits both alike."""
+    """Median times of a and b measured in alternation, so drift hits both alike.
+
+    The order flips every round (a b, b a, a b, ...): with a fixed order, a
+    process still warming up (allocator, caches, CPU clocks) favours whichever
+    always runs second.
+    """
     ta, tb = [], []
-    for _ in range(rounds):
-        for fn, sink in ((a, ta), (b, tb)):
+    for r in range(rounds):
+        pair = ((a, ta), (b, tb)) if r % 2 == 0 else ((b, tb), (a, ta))
+        for fn, sink in pair:
             t0 = time.perf_counter()
             fn()
             sink.append(time.perf_counter() - t0)

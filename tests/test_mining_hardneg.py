@@ -196,6 +196,28 @@ class TestNegativesContent:
         assert any((~neg.mined[:, : miner.n_hard]).any() for _, neg, _ in steps if neg.source != "fallback")
 
 
+    def test_window_checked_on_the_rows_that_are_used(self) -> None:
+        """A candidate's bank row may move between the search and the step: the mined
+        negative keeps the row the window was checked on; the bank part reads the new rows."""
+        cfg = config()
+        miner, _ = started(cfg)
+        items = CORPUS.batch(0)
+        try:
+            miner.submit(0, 0, CORPUS.queries[items], items)
+            wait_until(lambda: miner.queue_depths().out_q == 1)
+            moved = -CORPUS.docs  # every document trained again since: all now far away
+            miner.observe_docs(torch.arange(len(moved)), torch.from_numpy(moved))
+            neg = miner.mine(0, 0, CORPUS.queries[items], items)
+        finally:
+            assert miner.stop(5)
+        assert neg.source == "fresh" and neg.mined.any()
+        vecs = neg.vecs.numpy()
+        cos = np.einsum("bne,be->bn", vecs, CORPUS.queries[items])[neg.mined]
+        assert ((cos >= cfg.cos_min) & (cos <= cfg.cos_max)).all()
+        np.testing.assert_array_equal(vecs[neg.mined], CORPUS.docs[neg.ids[neg.mined]])
+        np.testing.assert_array_equal(vecs[~neg.mined], moved[neg.ids[~neg.mined]])
+
+
 class _Gate:
     """Holds every FAISS call until opened; counts the calls that entered."""
 

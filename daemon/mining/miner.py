@@ -34,6 +34,7 @@ log = structlog.get_logger(__name__)
 
 THREAD_NAME = "minerd-mining"
 _IDLE_WAIT_S = 1.0  # the condition is always notified; this only bounds a lost wake-up
+_GATHER_CHUNK = 4096  # bank rows per lock hold: the trainer's bank writes wait at most one chunk
 _LOG_FIRST_ERRORS = 3  # then every 100th, so a persistent failure does not flood the log
 
 
@@ -46,6 +47,9 @@ class MineTask:
     cancelled: bool = False  # set by the consumer: the miner skips it if not yet taken
     ids: IdArray | None = None  # [B, k] document ids, best first, -1 where none
     scores: FloatArray | None = None  # [B, k] inner products against the index's vectors
+    # [B, k, E] the candidates' memory-bank rows, gathered in the miner thread so the
+    # trainer only re-scores them against its current queries (ids -1 read row 0).
+    vecs: FloatArray | None = None
     mined_step: int = -1  # the trainer's step when the FAISS call started
     call_id: int = -1  # the FAISS call that mined it (calls are numbered from 0)
 
@@ -294,10 +298,13 @@ class AsyncMiner:
         if self._metrics is not None:
             self._metrics.search_seconds.observe(self._last_search_s)
         self._queries += len(queries)
+        # A bank row changes only when its document is trained again (once an epoch), so
+        # rows read now are the rows the trainer would read at its step, minus its work.
+        vecs = self._bank.gather(np.maximum(ids, 0), chunk=_GATHER_CHUNK)
         lo = 0
         for task in tasks:
             hi = lo + len(task.queries)
-            task.ids, task.scores = ids[lo:hi], scores[lo:hi]
+            task.ids, task.scores, task.vecs = ids[lo:hi], scores[lo:hi], vecs[lo:hi]
             task.mined_step, task.call_id = mined_step, call_id
             lo = hi
         with self._cond:

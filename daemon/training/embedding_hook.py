@@ -69,7 +69,7 @@ class EmbeddingHook:
         pending = [(ids, leaf) for ids, leaf in self._pending if leaf.grad is not None]
         self._pending.clear()
         if dist.is_initialized() and dist.get_world_size() > 1:
-            pending = self._gathered(pending, trainer.p.device)
+            pending = self._gathered(pending, trainer)
         for ids, leaf in pending:
             if scale != 1.0:
                 leaf.grad.div_(scale)  # type: ignore[union-attr]
@@ -80,7 +80,7 @@ class EmbeddingHook:
             log.info(self.store.cache_log_line(), line=True, epoch=epoch - 1)
 
     def _gathered(
-        self, pending: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+        self, pending: list[tuple[torch.Tensor, torch.Tensor]], trainer: Trainer
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Every rank's (ids, gradients) of this step, as one leaf over the union.
 
@@ -88,9 +88,10 @@ class EmbeddingHook:
         drop_last), so fixed-size all-gathers suffice. Gradients are divided by
         the world size: the job's loss is the mean of the ranks' losses.
         """
-        world = dist.get_world_size()
+        world, device = dist.get_world_size(), trainer.p.device
         ids = torch.cat([i for i, _ in pending]).to(device)
         grads = torch.cat([leaf.grad for _, leaf in pending]).to(device)  # type: ignore[misc]
+        trainer.p.comm.add([ids, grads])  # counted with the dense traffic (comm_bytes)
         all_ids = torch.empty(world * len(ids), dtype=ids.dtype, device=device)
         all_grads = torch.empty((world * len(ids), grads.shape[1]), dtype=grads.dtype, device=device)
         dist.all_gather_into_tensor(all_ids, ids)
