@@ -19,8 +19,8 @@ for the GIL, so both numbers are pessimistic next to an outside Prometheus.
 
 The training is pluggable: a ``Workload`` builds a trainer on the given
 ``MinerState`` and registry and returns a callable that runs N inner steps,
-updating the state and metrics as the miner does. Until the real trainer is
-plugged in, ``stand_in_workload`` trains a small MLP on the CPU.
+updating the state and metrics as the miner does; ``trainer_workload``, the
+default, is the real two-tower trainer.
 """
 
 from __future__ import annotations
@@ -50,48 +50,6 @@ Workload = Callable[[MinerState, CollectorRegistry], TrainSteps]
 
 SCRAPE_HZ = 10.0  # throughput phase: /metrics and /status, each 10 times a second
 LATENCY_RPS = 50.0  # latency phase: per route
-
-
-def stand_in_workload(state: MinerState, registry: CollectorRegistry) -> TrainSteps:
-    """A small MLP regression trained on the CPU, reporting like the miner's loop."""
-    metrics = build_core_metrics(registry, state, GpuProbe())
-    gen = torch.Generator().manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(256, 512),
-        torch.nn.ReLU(),
-        torch.nn.Linear(512, 512),
-        torch.nn.ReLU(),
-        torch.nn.Linear(512, 128),
-    )
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x = torch.randn(256, 256, generator=gen)
-    y = torch.randn(256, 128, generator=gen)
-    batch = x.shape[0]
-
-    def run(n: int) -> None:
-        for _ in range(n):
-            t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            opt.step()
-            dt = time.perf_counter() - t0
-            state.inner_step += 1
-            state.global_step += 1
-            state.loss = loss.item()  # a sync point, as in the miner's loop
-            state.learning_rate = 1e-3
-            state.last_step_seconds = dt
-            state.last_step_time = time.time()
-            state.samples_per_second = batch / dt
-            metrics.inner_steps.inc()
-            metrics.samples.inc(batch)
-            metrics.step_duration.observe(dt)
-            if not state.first_step_done:
-                state.first_step_done = True
-                state.phase = "training"
-            state.beat()
-
-    return run
 
 
 class Client(threading.Thread):

@@ -5,7 +5,9 @@
   cores, so this reports the cost of the machinery, not a scaling result.
 - bytes_ratio_ddp_over_diloco: bytes each rank sends into collectives per
   inner step with DDP (gradients every inner step) over DiLoCo
-  (pseudo-gradients once per outer step): about inner_steps_per_outer.
+  (pseudo-gradients once per outer step). Dense traffic alone would give
+  inner_steps_per_outer; the ID-embedding rows all-gathered every inner step
+  (both modes) bring it below that. bytes_ratio_dense_only reports the dense part.
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ COMMON = [
 ]
 
 
-def run(world: int, sync: str, steps: int) -> dict:
+def run(world: int, sync: str, steps: int, *extra: str) -> dict:
     state = Path(tempfile.mkdtemp(prefix=f"bench-dist-{world}-{sync}-"))
     sets = [*COMMON, f"paths.state_dir={state}", f"train.sync={sync}", f"train.max_steps={steps}",
-            f"train.effective_batch_size={128 * world}"]
+            f"train.effective_batch_size={128 * world}", *extra]
     if world == 1:
         cmd = [sys.executable, "-m", "daemon", "run"]
     else:
@@ -56,6 +58,7 @@ def main(quick: bool) -> None:
     one = run(1, "diloco", steps)
     ddp = run(2, "ddp", steps)
     diloco = run(2, "diloco", steps)
+    dense = {sync: run(2, sync, 20, "embeddings.enabled=false")["comm_bytes"] for sync in ("ddp", "diloco")}
     sps = {name: r["samples"] / r["train_seconds"] for name, r in (("1", one), ("ddp", ddp), ("diloco", diloco))}
     bytes_per_step = {name: r["comm_bytes"] / steps for name, r in (("ddp", ddp), ("diloco", diloco))}
     print(f"{'run':<22}{'samples/s':>12}{'bytes/inner step':>20}")
@@ -67,4 +70,5 @@ def main(quick: bool) -> None:
         samples_ratio_2_over_1=sps["diloco"] / sps["1"],
         bytes_ratio_ddp_over_diloco=bytes_per_step["ddp"] / bytes_per_step["diloco"],
         samples_ratio_ddp_2_over_1=sps["ddp"] / sps["1"],
+        bytes_ratio_dense_only=dense["ddp"] / dense["diloco"],
     )
