@@ -30,7 +30,7 @@ bench: setup
 
 lint: setup
 	$(BIN)/ruff check daemon api tests bench
-	$(BIN)/mypy daemon api
+	$(BIN)/mypy daemon api bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,10 +1,23 @@
-"""Helpers shared by the benchmarks: interleaved timing and the RESULT line."""
+"""Helpers shared by the benchmarks: interleaved timing, the RESULT line, a CPU trainer."""
 
 from __future__ import annotations
 
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
+
+import torch
+from prometheus_client import CollectorRegistry
+
+from daemon.config import load_config
+from daemon.distributed import Launch
+from daemon.gpu import GpuProbe
+from daemon.metrics import build_core_metrics
+from daemon.state import MinerState
+from daemon.training.build import build_trainer
+from daemon.training.engine import Trainer
+from daemon.training.twotower import TwoTowerTask
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:
@@ -24,7 +37,8 @@ def interleaved(a: Callable[[], object], b: Callable[[], object], rounds: int) -
     process still warming up (allocator, caches, CPU clocks) favours whichever
     always runs second.
     """
-    ta, tb = [], []
+    ta: list[float] = []
+    tb: list[float] = []
     for r in range(rounds):
         pair = ((a, ta), (b, tb)) if r % 2 == 0 else ((b, tb), (a, ta))
         for fn, sink in pair:
@@ -37,3 +51,25 @@ def interleaved(a: Callable[[], object], b: Callable[[], object], rounds: int) -
 def result(name: str, **values: float) -> None:
     kv = " ".join(f"{k}={v:.4g}" for k, v in values.items())
     print(f"RESULT {name} {kv}", flush=True)
+
+
+class _NoStop:
+    """The trainer's shutdown seam, never set: a benchmark stops by step count."""
+
+    requested = False
+
+    def abandon_partial_step(self) -> bool:
+        return False
+
+
+def cpu_trainer(
+    sets: list[str], state: Any = None, registry: Any = None
+) -> tuple[Trainer, TwoTowerTask, MinerState, CollectorRegistry]:
+    """The real trainer on the CPU, one process, configured by ``--set`` strings only
+    (no file, no environment), with its metrics on ``registry`` (a new one by default)."""
+    cfg = load_config(sets=sets, environ={})
+    state = state if state is not None else MinerState()
+    registry = registry if registry is not None else CollectorRegistry()
+    metrics = build_core_metrics(registry, state, GpuProbe())
+    trainer, task = build_trainer(cfg, state, metrics, _NoStop(), Launch(), torch.device("cpu"))
+    return trainer, task, state, registry

@@ -39,10 +39,9 @@ from prometheus_client import CollectorRegistry
 
 from api.app import create_app
 from api.server import ApiServer
+from bench._common import cpu_trainer
 from daemon.config import ApiConfig, WatchdogConfig
-from daemon.gpu import GpuProbe
 from daemon.logsetup import configure_logging
-from daemon.metrics import build_core_metrics
 from daemon.state import MinerState
 
 TrainSteps = Callable[[int], None]
@@ -292,28 +291,22 @@ def trainer_workload(state: MinerState, registry: CollectorRegistry) -> TrainSte
     """The real two-tower trainer (a mid-sized corpus and model), its metrics on ``registry``."""
     import tempfile
 
-    from daemon.config import load_config
-    from daemon.distributed import Launch
-    from daemon.training.build import build_trainer
-
-    class _NoStop:
-        requested = False
-
-        def abandon_partial_step(self) -> bool:
-            return False
-
     tmp = tempfile.mkdtemp(prefix="bench-api-")
-    cfg = load_config(
-        sets=[f"paths.state_dir={tmp}", "data.num_docs=50000", "data.eval_queries=100", "train.hidden_dim=512",
-              "mining.enabled=false", "upload.enabled=false", "telemetry.log_every=1"],
-        environ={},
+    trainer, _, _, _ = cpu_trainer(
+        [f"paths.state_dir={tmp}", "data.num_docs=50000", "data.eval_queries=100", "train.hidden_dim=512",
+         "mining.enabled=false", "upload.enabled=false", "telemetry.log_every=1"],
+        state, registry,
     )
-    metrics = build_core_metrics(registry, state, GpuProbe())
-    trainer, _ = build_trainer(cfg, state, metrics, _NoStop(), Launch(), torch.device("cpu"))
     state.phase = "training"
+
+    last_batch = trainer.p.sampler.batches_per_epoch - trainer.p.accumulation
 
     def run_steps(n: int) -> None:
         for _ in range(n):
+            if trainer.c.batch_pos >= last_batch:
+                # Go round the epoch again without ending it: an end-of-epoch evaluation
+                # (a second or so) falling in one round would swing that round's ratio.
+                trainer.c.batch_pos = 0
             trainer.inner_step()
 
     return run_steps

@@ -33,15 +33,10 @@ import structlog
 import torch
 from prometheus_client import CollectorRegistry
 
-from bench._common import result
-from daemon.config import load_config
-from daemon.distributed import Launch
-from daemon.gpu import GpuProbe
-from daemon.metrics import build_core_metrics
+from bench._common import cpu_trainer, result
 from daemon.mining import HardNegativeMiner
 from daemon.mining.index import load_faiss
 from daemon.state import MinerState
-from daemon.training.build import build_trainer
 from daemon.training.engine import Trainer
 from daemon.training.mining_hook import MiningHook, attach_mining
 from daemon.training.twotower import TwoTowerBatch, TwoTowerTask
@@ -67,19 +62,9 @@ SETS = [
 ]
 
 
-class _NoStop:
-    requested = False
-
-    def abandon_partial_step(self) -> bool:
-        return False
-
 
 def _build(state_dir: Path, *extra: str) -> tuple[Trainer, TwoTowerTask, MiningHook | None, MinerState]:
-    cfg = load_config(sets=[f"paths.state_dir={state_dir}", *SETS, *extra], environ={})
-    state = MinerState()
-    registry = CollectorRegistry()
-    metrics = build_core_metrics(registry, state, GpuProbe())
-    trainer, task = build_trainer(cfg, state, metrics, _NoStop(), Launch(), torch.device("cpu"))
+    trainer, task, state, registry = cpu_trainer([f"paths.state_dir={state_dir}", *SETS, *extra])
     hook = attach_mining(trainer, task, registry, state)
     return trainer, task, hook, state
 

@@ -16,19 +16,14 @@
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from prometheus_client import CollectorRegistry
 from torch.utils.data import DataLoader, TensorDataset
 
-from bench._common import interleaved, result
-from daemon.config import load_config
-from daemon.gpu import GpuProbe
+from bench._common import cpu_trainer, interleaved, result
 from daemon.logsetup import configure_logging
-from daemon.metrics import build_core_metrics
-from daemon.state import MinerState
-from daemon.training.build import Launch, build_trainer
 from daemon.training.sampler import EpochSampler
 
 N_ITEMS, WIDTH, BATCH = 900_000, 16, 1024
@@ -94,12 +89,6 @@ def epoch_ratio(width: int, quick: bool) -> tuple[float, float, float]:
     return t_shuf / t_seq, t_shuf, t_seq
 
 
-class _NoStop:
-    requested = False
-
-    def abandon_partial_step(self) -> bool:
-        return False
-
 
 def training_epochs(quick: bool) -> tuple[float, float]:
     """Inner steps of the default two-tower job on 900k documents: shuffled vs identity order.
@@ -109,19 +98,15 @@ def training_epochs(quick: bool) -> tuple[float, float]:
     """
     tmp = Path(tempfile.mkdtemp(prefix="bench-sampler-"))
     configure_logging("json", "warning")  # step lines would drown the table
-    cfg = load_config(sets=[f"paths.state_dir={tmp}", f"data.num_docs={N_ITEMS}", "data.eval_queries=100",
-                            "mining.enabled=false", "upload.enabled=false", "embeddings.enabled=false"],
-                      environ={})
-    state = MinerState()
-    trainer, _ = build_trainer(cfg, state, build_core_metrics(CollectorRegistry(), state, GpuProbe()),
-                               _NoStop(), Launch(), torch.device("cpu"))
+    trainer, _, _, _ = cpu_trainer([f"paths.state_dir={tmp}", f"data.num_docs={N_ITEMS}", "data.eval_queries=100",
+                                    "mining.enabled=false", "upload.enabled=false", "embeddings.enabled=false"])
     sampler = trainer.p.sampler
     shuffled_perm = sampler.permutation
     identity = torch.arange(sampler.num_items)
     steps = 10 if quick else 30
 
-    def run(perm: object) -> None:
-        sampler.permutation = perm  # type: ignore[method-assign]
+    def run(perm: Callable[[int], torch.Tensor]) -> None:
+        sampler.permutation = perm  # type: ignore[method-assign, assignment]
         for _ in range(steps):
             trainer.inner_step()
 

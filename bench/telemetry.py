@@ -18,23 +18,10 @@ import time
 from pathlib import Path
 
 import torch
-from prometheus_client import CollectorRegistry
 
-from bench._common import interleaved, result
+from bench._common import cpu_trainer, interleaved, result
 from daemon import diagnostics
-from daemon.config import load_config
-from daemon.gpu import GpuProbe
 from daemon.logsetup import configure_logging
-from daemon.metrics import build_core_metrics
-from daemon.state import MinerState
-from daemon.training.build import Launch, build_trainer
-
-
-class _NoStop:
-    requested = False
-
-    def abandon_partial_step(self) -> bool:
-        return False
 
 
 class _Silent:
@@ -47,16 +34,11 @@ def main(quick: bool) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-telemetry-"))
     log_file = (tmp / "steps.log").open("w")
     configure_logging("json", "info", stream=log_file)
-    cfg = load_config(
-        sets=[
-            f"paths.state_dir={tmp}", "data.num_docs=400000", "data.eval_queries=100", "train.hidden_dim=512",
-            "train.batch_size=256", "mining.enabled=false", "upload.enabled=false", "telemetry.log_every=1",
-        ],
-        environ={},
-    )
-    state = MinerState()
-    metrics = build_core_metrics(CollectorRegistry(), state, GpuProbe())
-    trainer, _ = build_trainer(cfg, state, metrics, _NoStop(), Launch(), torch.device("cpu"))
+    trainer, _, _, _ = cpu_trainer([
+        f"paths.state_dir={tmp}", "data.num_docs=400000", "data.eval_queries=100", "train.hidden_dim=512",
+        "train.batch_size=256", "mining.enabled=false", "upload.enabled=false", "telemetry.log_every=1",
+    ])
+    cfg = trainer.cfg
     live = trainer.reporter
     silent = _Silent()
     steps = 20 if quick else 60
