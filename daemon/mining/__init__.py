@@ -62,11 +62,14 @@ Sources, one per mining step (``minerd_mining_batches_total{source}``).
 Negatives of a step: ``num_negatives`` per query, ``[B, num_negatives, E]`` float32.
     The first ``n_hard = floor(num_negatives * hardneg_frac)`` slots come from FAISS:
     the mined candidates whose cosine with the query, computed at use time with the
-    current query vector and the bank's current document vectors, lies in
-    [cos_min, cos_max], and that are not the query's positives, most similar first.
-    Slots left empty (too few candidates in the window), and the other
-    ``num_negatives - n_hard`` slots, hold random bank documents that are not the
-    query's positives. Vectors are gathered from the bank: detached, no re-encoding.
+    current query vector and the candidates' bank rows as the miner thread read them
+    right after the search, lies in [cos_min, cos_max], and that are not the query's
+    positives, most similar first. Those very rows are the negatives' vectors, so the
+    window holds for what enters the loss (a bank row changes only when its document
+    is trained again, about once an epoch). Slots left empty (too few candidates in
+    the window), and the other ``num_negatives - n_hard`` slots, hold random bank
+    documents that are not the query's positives, read at use time. All vectors come
+    from the bank: detached, no re-encoding.
 Index (``index``, ``refresh_steps``, ``faiss_threads``).
     Inner product over a bank snapshot (``flat`` exact; ``ivf`` ~sqrt(n) lists, nprobe
     max(8, lists/8); ``hnsw`` M=32). Built at ``start()`` and again every
