@@ -78,7 +78,9 @@ def run(cfg: Config) -> int:
         diag = diagnostics.collect(cfg, device, launch.world_size)
         state.diagnostics = diag.model_dump()
         for line in diagnostics.render(diag):
-            log.info(line, line=True)
+            # Red flags at warning level: a JSON log filtered on level must not miss them.
+            emit = log.warning if line.startswith(("RED FLAG", "WARNING")) else log.info
+            emit(line, line=True)
         if device.type == "cpu":
             log.warning("no GPU in use: training on the CPU", configured=cfg.train.device)
         trainer.resume()

@@ -46,6 +46,11 @@ class TestGracefulStop:
         assert m2.wait(90) == 0, m2.text()[-2000:]
         text = m2.text()
         assert "Resumed from checkpoint at outer step 1, inner step 5 (global step 12)" in text
+        # The diagnostics block: its red flags (CPU here) at warning level, the rest at info.
+        block = [json.loads(x) for x in text.splitlines() if x.startswith("{")]
+        flags = [e for e in block if e["event"].startswith("RED FLAG")]
+        assert flags and all(e["level"] == "warning" for e in flags)
+        assert any(e["event"] == "GPU DIAGNOSTICS" and e["level"] == "info" for e in block)
         assert [s["global_step"] for s in step_lines(text)] == list(range(13, 21))
 
     def test_bad_config_exits_2_and_writes_nothing(self, tmp_path: Path, miner_factory) -> None:
