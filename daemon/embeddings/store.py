@@ -44,11 +44,9 @@ return the row once per occurrence. Thread-safe (one lock).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -56,18 +54,15 @@ import numpy as np
 import structlog
 import torch
 
-from daemon import atomic
-from daemon.embeddings import chunkfile
 from daemon.embeddings.chunkfile import EmbeddingStoreCorrupt
+from daemon.embeddings.tiers import _MB, TieredChunkCache
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-log = structlog.get_logger(__name__)
+__all__ = ["EmbeddingStore", "EmbeddingStoreCorrupt", "EmbeddingsSettings"]
 
-_MB = 1024 * 1024
-_NOT_RESIDENT = 3  # tier label of the sentinel slot that slot -1 indexes
-_PROTECT = np.int64(1) << 62
+log = structlog.get_logger(__name__)
 
 
 class EmbeddingsSettings(Protocol):
@@ -89,8 +84,12 @@ def _as_numpy(values: Any, dtype: type) -> np.ndarray:
     return np.asarray(values, dtype=dtype)
 
 
-class EmbeddingStore:
-    """Per-row trainable embeddings in memory or in chunk files with L1/L2 memory tiers."""
+class EmbeddingStore(TieredChunkCache):
+    """Per-row trainable embeddings in memory or in chunk files with L1/L2 memory tiers.
+
+    The memory tiers are :class:`~daemon.embeddings.tiers.TieredChunkCache`, the
+    chunk files and generations :class:`~daemon.embeddings.generations.ChunkGenerations`.
+    """
 
     def __init__(
         self,
@@ -438,203 +437,6 @@ class EmbeddingStore:
             raise IndexError(f"row id out of range [0, {self.num_rows}): min {idx.min()}, max {idx.max()}")
         return idx
 
-    def _chunk_range(self, c: int) -> tuple[int, int]:
-        lo = c * self.chunk_size
-        return lo, min(lo + self.chunk_size, self.num_rows)
-
-    def _init_chunk(self, c: int, out: np.ndarray) -> None:
-        if self._init == "zeros":
-            out.fill(0.0)
-        else:
-            rng = np.random.default_rng([self._seed, c])
-            rng.standard_normal(out.shape, dtype=np.float32, out=out)
-            out *= np.float32(self._init_std)
-
-    # ------------------------------------------------------------------ disk: pool and tiers
-
-    def _setup_pool(self, l1_mb: float, l2_mb: float) -> None:
-        n1 = int(l1_mb * _MB) // self._chunk_bytes
-        n2 = int(l2_mb * _MB) // self._chunk_bytes
-        total = max(1, n1 + n2)  # one staging slot when the tiers are smaller than a chunk
-        self._n_slots = min(total, self.num_chunks)
-        self._n_l1 = min(n1, self._n_slots)
-        self._pool = np.empty((self._n_slots, self.chunk_size, self.embedding_dim), np.float32)
-        self._pool2d = self._pool.reshape(-1, self.embedding_dim)
-        # Per-slot arrays have one extra entry: slot -1 (not resident) indexes it.
-        self._tier = np.zeros(self._n_slots + 1, np.int8)  # 0 free, 1 L1, 2 L2
-        self._tier[-1] = _NOT_RESIDENT
-        self._stamp = np.zeros(self._n_slots + 1, np.int64)
-        self._dirty = np.zeros(self._n_slots + 1, bool)
-        self._chunk_of_slot = np.full(self._n_slots + 1, -1, np.int64)
-        self._slot_of_chunk = np.full(self.num_chunks, -1, np.int64)
-
-    def _preload_all(self) -> None:
-        if self.num_chunks > self._n_slots:
-            raise ValueError(
-                f"embeddings.enable_l3=false needs the whole table in L1+L2: {self.num_chunks} chunks "
-                f"of {self._chunk_bytes} bytes, room for {self._n_slots}"
-            )
-        self._tick += 1
-        self._load(np.arange(self.num_chunks))
-
-    def _resident(self, chunk: np.ndarray, count: bool) -> Iterator[tuple[np.ndarray | None, np.ndarray]]:
-        """Make the chunks of ``chunk`` resident and yield ``(positions, slots)``; positions
-        None means all. More distinct chunks than slots are served in groups."""
-        self._tick += 1
-        slots = self._slot_of_chunk[chunk]
-        tiers = self._tier[slots]
-        if len(tiers) and tiers.max() == 1:  # the common case: all in L1; nothing moves
-            self._stamp[slots] = self._tick
-            if count:
-                self._stats["lookups"] += len(chunk)
-                self._stats["l1_hits"] += len(chunk)
-            yield None, slots
-            return
-        if count:
-            n = np.bincount(tiers, minlength=4)
-            st = self._stats
-            st["lookups"] += len(chunk)
-            st["l1_hits"] += int(n[1])
-            st["l2_hits"] += int(n[2])
-            if n[3]:
-                on_disk = int((self._file_gen[chunk[tiers == _NOT_RESIDENT]] >= 0).sum())
-                st["l3_hits"] += on_disk
-                st["l3_misses"] += int(n[3]) - on_disk
-        promoted = False
-        if (tiers == 2).any():
-            self._promote(np.unique(slots[tiers == 2]))
-            promoted = True
-        if (slots >= 0).all():
-            self._stamp[slots] = self._tick
-            if promoted:
-                self._rebalance()
-            yield None, slots
-            return
-        uniq = np.unique(chunk)
-        if len(uniq) <= self._n_slots:
-            self._load(uniq)
-            self._rebalance()
-            yield None, self._slot_of_chunk[chunk]
-            return
-        order = np.argsort(chunk, kind="stable")
-        sorted_chunks = chunk[order]
-        bounds = np.searchsorted(sorted_chunks, uniq[:: self._n_slots])
-        bounds = np.append(bounds, len(chunk))
-        for g in range(len(bounds) - 1):
-            self._tick += 1
-            pos = order[bounds[g] : bounds[g + 1]]
-            self._load(np.unique(sorted_chunks[bounds[g] : bounds[g + 1]]))
-            yield pos, self._slot_of_chunk[chunk[pos]]
-        self._rebalance()
-
-    def _promote(self, slots: np.ndarray) -> None:
-        self._tier[slots] = 1
-        self._stats["promotions"] += len(slots)
-
-    def _rebalance(self) -> None:
-        """Demote the least recently used L1 chunks to L2 while L1 is over its size."""
-        l1 = np.flatnonzero(self._tier[: self._n_slots] == 1)
-        extra = len(l1) - self._n_l1
-        if extra > 0:
-            oldest = l1[np.argpartition(self._stamp[l1], extra - 1)[:extra]]
-            self._tier[oldest] = 2
-
-    def _load(self, chunks: np.ndarray) -> None:
-        """Make ``chunks`` (distinct, at most n_slots) resident; new ones enter L2."""
-        slots = self._slot_of_chunk[chunks]
-        self._stamp[slots[slots >= 0]] = self._tick  # protect them from eviction below
-        missing = chunks[slots < 0]
-        if not len(missing):
-            return
-        victims = self._pick_victims(len(missing))
-        self._evict(victims)
-        for c, s in zip(missing.tolist(), victims.tolist(), strict=True):
-            lo, hi = self._chunk_range(c)
-            rows = self._pool[s, : hi - lo]
-            g = int(self._file_gen[c])
-            if g >= 0:  # may raise EmbeddingStoreCorrupt: the slot then stays free
-                chunkfile.read_chunk_into(self._chunk_path(c, g), c, g, rows)
-                self._stats["chunk_reads"] += 1
-            else:
-                self._init_chunk(c, rows)
-            self._slot_of_chunk[c] = s
-            self._chunk_of_slot[s] = c
-            self._tier[s] = 2
-            self._stamp[s] = self._tick
-            self._dirty[s] = False
-
-    def _pick_victims(self, k: int) -> np.ndarray:
-        n = self._n_slots
-        tier = self._tier[:n]
-        key = self._stamp[:n].copy()
-        key[tier == 1] += np.int64(1) << 40  # L2 goes first
-        key[self._stamp[:n] == self._tick] = _PROTECT
-        key[tier == 0] = -1
-        victims = np.argpartition(key, k - 1)[:k] if k < n else np.arange(n)
-        if (key[victims] == _PROTECT).any():  # cannot happen: callers pass at most n_slots chunks
-            raise RuntimeError("embedding cache: no slot free to evict")
-        return victims
-
-    def _evict(self, slots: np.ndarray) -> None:
-        slots = slots[self._tier[slots] != 0]
-        if not len(slots):
-            return
-        dirty = slots[self._dirty[slots]]
-        if len(dirty):
-            self._write_slots(dirty)
-            self._stats["writebacks"] += 1
-            self._stats["disk_syncs"] += 1
-        chunks = self._chunk_of_slot[slots]
-        self._slot_of_chunk[chunks] = -1
-        self._chunk_of_slot[slots] = -1
-        self._tier[slots] = 0
-        self._stats["evictions"] += len(slots)
-
-    def _gather(self, idx: np.ndarray) -> np.ndarray:
-        chunk, off = np.divmod(idx, self.chunk_size)
-        out: np.ndarray | None = None
-        for pos, slots in self._resident(chunk, count=True):
-            flat = slots * self.chunk_size
-            if pos is None:
-                flat += off
-                # not take(out=...): with mode="raise" numpy then gathers into a temp and copies
-                return np.take(self._pool2d, flat, axis=0)
-            if out is None:
-                out = np.empty((len(idx), self.embedding_dim), np.float32)
-            out[pos] = self._pool2d[flat + off[pos]]
-        assert out is not None
-        return out
-
-    def _scatter(self, idx: np.ndarray, vals: np.ndarray) -> None:
-        chunk, off = np.divmod(idx, self.chunk_size)
-        for pos, slots in self._resident(chunk, count=False):
-            if pos is None:
-                self._pool2d[slots * self.chunk_size + off] = vals
-            else:
-                self._pool2d[slots * self.chunk_size + off[pos]] = vals[pos]
-            self._dirty[slots] = True
-
-    # ------------------------------------------------------------------ disk: files and generations
-
-    def _chunk_path(self, c: int, g: int) -> Path:
-        assert self.dir is not None
-        return self.dir / chunkfile.chunk_name(c, g)
-
-    def _write_slots(self, slots: np.ndarray) -> None:
-        """Write these dirty slots under the pending generation (not yet committed)."""
-        p = self._pending
-        for s in slots.tolist():
-            c = int(self._chunk_of_slot[s])
-            lo, hi = self._chunk_range(c)
-            chunkfile.write_chunk(self._chunk_path(c, p), c, p, self._pool[s, : hi - lo])
-            old = int(self._file_gen[c])
-            if old >= 0 and old != p:
-                self._superseded.append((c, old))
-            self._file_gen[c] = p
-            self._dirty[s] = False
-            self._stats["chunk_writes"] += 1
-        self._uncommitted = True
-
     def _sync(self) -> None:
         if self._table is not None:
             self._updates_since_sync = 0
@@ -646,131 +448,3 @@ class EmbeddingStore:
         self._updates_since_sync = 0
         if self._uncommitted:
             self._commit()
-
-    def _commit(self) -> None:
-        """Make the pending generation the current one: directory fsync, then the manifest."""
-        assert self.dir is not None
-        atomic.fsync_dir(self.dir)
-        p = self._pending
-        chunkfile.write_json(self.dir / chunkfile.manifest_name(p), self._manifest(p))
-        previous = self.generation
-        self.generation = p
-        self._pending = p + 1
-        self._uncommitted = False
-        if previous >= 0 and previous not in self._pins:
-            self._unlink(self.dir / chunkfile.manifest_name(previous))
-        superseded, self._superseded = self._superseded, []
-        for c, g in superseded:
-            if not any(pinned[c] == g for pinned in self._pins.values()):
-                self._unlink(self._chunk_path(c, g))
-
-    def _manifest(self, g: int) -> dict[str, Any]:
-        return {
-            "format": chunkfile.FORMAT_VERSION,
-            "generation": g,
-            "num_rows": self.num_rows,
-            "dim": self.embedding_dim,
-            "chunk_size": self.chunk_size,
-            "init": self._init,
-            "init_std": self._init_std,
-            "seed": self._seed,
-            "sample_ids_digest": self._ids_digest,
-            "chunks": self._file_gen.tolist(),
-        }
-
-    def _pin(self, g: int) -> None:
-        assert self.dir is not None
-        if g not in self._pins:
-            self._pins[g] = self._file_gen.copy()
-        while len(self._pins) > self.keep_checkpoints:
-            old = min(self._pins)
-            arr = self._pins.pop(old)
-            if old != self.generation:
-                self._unlink(self.dir / chunkfile.manifest_name(old))
-            for c in np.flatnonzero((arr >= 0) & (arr != self._file_gen)).tolist():
-                if not any(p[c] == arr[c] for p in self._pins.values()):
-                    self._unlink(self._chunk_path(c, int(arr[c])))
-        chunkfile.write_json(self.dir / chunkfile.PINS_NAME, {"pinned": sorted(self._pins)})
-
-    @staticmethod
-    def _unlink(path: Path) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-    def _read_manifest(self, g: int) -> np.ndarray:
-        assert self.dir is not None
-        path = self.dir / chunkfile.manifest_name(g)
-        m = chunkfile.read_json(path)
-        want = {"num_rows": self.num_rows, "dim": self.embedding_dim, "chunk_size": self.chunk_size}
-        got = {k: m.get(k) for k in want}
-        if got != want:
-            raise ValueError(f"embedding store {self.dir} was created with {got}, asked for {want}")
-        if m.get("sample_ids_digest", "") != self._ids_digest:
-            raise ValueError(f"embedding store {self.dir} was created for different sample_ids")
-        chunks = m.get("chunks")
-        if not isinstance(chunks, list) or len(chunks) != self.num_chunks:
-            raise EmbeddingStoreCorrupt(f"embedding store file {path} has a bad chunk list")
-        # the manifest's init wins: rows never written must come back as they were
-        self._init, self._init_std, self._seed = m["init"], float(m["init_std"]), int(m["seed"])
-        return np.asarray(chunks, np.int64)
-
-    def _open_dir(self, generation: int | None) -> None:
-        """Open the newest (or the requested, pinned) generation, check its files, and
-        remove what no kept manifest names (temp files and uncommitted chunks of a crash)."""
-        d = self.dir
-        assert d is not None
-        d.mkdir(parents=True, exist_ok=True)
-        names = os.listdir(d)
-        manifests = sorted(int(m.group(1)) for n in names if (m := chunkfile.MANIFEST_RE.match(n)) is not None)
-        max_gen = max(
-            [*manifests, *(int(m.group(2)) for n in names if (m := chunkfile.CHUNK_RE.match(n)))],
-            default=-1,
-        )
-        self._superseded = []
-        self._uncommitted = False
-        self._pins = {}
-        self._pending = max_gen + 1
-        if not manifests:
-            if generation is not None:
-                raise ValueError(f"embedding store {d} has no generation {generation}: it is empty")
-            self._file_gen = np.full(self.num_chunks, -1, np.int64)
-            self.generation = -1
-            self._commit()
-        else:
-            target = manifests[-1] if generation is None else generation
-            if target not in manifests:
-                raise ValueError(f"embedding store {d} has no generation {target} (has {manifests})")
-            self._file_gen = self._read_manifest(target)
-            self.generation = target
-            pins_path = d / chunkfile.PINS_NAME
-            if pins_path.exists():
-                for g in chunkfile.read_json(pins_path).get("pinned", []):
-                    if int(g) in manifests:
-                        self._pins[int(g)] = self._file_gen.copy() if g == target else self._read_manifest_quiet(int(g))
-            if target != manifests[-1]:
-                # Restoring an older generation: commit it again as the newest, so a plain
-                # reopen after a crash also comes back to it.
-                self._commit()
-        for c in np.flatnonzero(self._file_gen >= 0).tolist():
-            lo, hi = self._chunk_range(c)
-            chunkfile.check_size(self._chunk_path(c, int(self._file_gen[c])), hi - lo, self.embedding_dim)
-        keep_manifests = {chunkfile.manifest_name(g) for g in {self.generation, *self._pins}}
-        keep_chunks = {
-            chunkfile.chunk_name(c, int(arr[c]))
-            for arr in (self._file_gen, *self._pins.values())
-            for c in np.flatnonzero(arr >= 0).tolist()
-        }
-        for n in os.listdir(d):
-            stale_manifest = chunkfile.MANIFEST_RE.match(n) and n not in keep_manifests
-            stale_chunk = chunkfile.CHUNK_RE.match(n) and n not in keep_chunks
-            temp = n.startswith(".") and n.endswith(".tmp")
-            if stale_manifest or stale_chunk or temp:
-                self._unlink(d / n)
-
-    def _read_manifest_quiet(self, g: int) -> np.ndarray:
-        """A pinned manifest's chunk list, without touching this store's init settings."""
-        saved = (self._init, self._init_std, self._seed)
-        try:
-            return self._read_manifest(g)
-        finally:
-            self._init, self._init_std, self._seed = saved
