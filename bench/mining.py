@@ -23,6 +23,7 @@ keeps up with this trainer on such a machine (flat falls behind: NOTES-mining.md
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import tempfile
 import time
@@ -59,6 +60,8 @@ SETS = [
     "api.enabled=false",
     "checkpoint.every_inner_steps=1000000",
     "telemetry.queue_health_every=1000000",
+    # Experiments: BENCH_MINING_SETS="data.cluster_size=64 mining.hardneg_frac=0.25" (later wins).
+    *os.environ.get("BENCH_MINING_SETS", "").split(),
 ]
 
 
