@@ -39,13 +39,15 @@ if TYPE_CHECKING:
 log = structlog.get_logger("minerd.train")
 
 LOG_EVERY_EPOCHS = 5
+DIGEST_ROWS = 65536  # rows hashed per slice at a torchrun stop
 
 
 class EmbeddingHook:
     name = "embeddings"
 
-    def __init__(self, store: EmbeddingStore, lr: float, weight_decay: float = 0.0) -> None:
+    def __init__(self, store: EmbeddingStore, lr: float, weight_decay: float = 0.0, world_size: int = 1) -> None:
         self.store = store
+        self.world_size = world_size
         self.adam = SparseRowAdam(store, lr=lr, weight_decay=weight_decay)
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._last_logged_epoch = 1
@@ -114,12 +116,14 @@ class EmbeddingHook:
         return None
 
     def stop(self, timeout: float) -> None:
-        if self.store.storage_mode == "memory":
-            # The digest lets ranks (and runs) be compared: identical tables, identical
-            # digests. Memory mode only: hashing a disk table would read every chunk.
-            rows = self.store.get_embeddings(torch.arange(self.store.num_rows))
-            digest = hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:16]
-            log.info("embedding table final", table_digest=digest, rows=self.store.num_rows)
+        if self.world_size > 1:
+            # Ranks compare: identical tables, identical digests (memory mode: torchrun
+            # refuses disk mode). Hashed in slices so a large table is never copied whole.
+            h = hashlib.sha256()
+            for lo in range(0, self.store.num_rows, DIGEST_ROWS):
+                ids = torch.arange(lo, min(lo + DIGEST_ROWS, self.store.num_rows))
+                h.update(self.store.get_embeddings(ids).numpy().tobytes())
+            log.info("embedding table final", table_digest=h.hexdigest()[:16], rows=self.store.num_rows)
         self.store.close()  # writes the dirty chunks: a clean stop loses nothing
 
 
@@ -138,7 +142,7 @@ def attach_embeddings(
         cfg.embeddings, task.num_items, dim, cfg.state_dir, registry, seed=cfg.train.seed,
         keep_checkpoints=cfg.checkpoint.keep,
     )
-    hook = EmbeddingHook(store, lr=cfg.train.lr)
+    hook = EmbeddingHook(store, lr=cfg.train.lr, world_size=world_size)
     task.doc_extra = hook.rows
     trainer.p.hooks.append(hook)
     trainer.p.stateful["embeddings"] = hook
