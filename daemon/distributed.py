@@ -80,8 +80,21 @@ def init_process_group(launch: Launch, device: torch.device, timeout_seconds: fl
              timeout_seconds=timeout_seconds)
 
 
-def destroy_process_group() -> None:
+def destroy_process_group(together: bool = False) -> None:
+    """Tear the group down; with ``together``, after a barrier.
+
+    After a clean stop rank 0 still writes the final checkpoint while the others are
+    done: a gloo peer tearing down while another still talks can abort the process at
+    exit ("terminate called without an active exception"), a non-zero exit for a
+    clean stop. Not after an error: a dead peer would hold the barrier until the
+    collective timeout.
+    """
     if dist.is_available() and dist.is_initialized():
+        if together:
+            try:
+                dist.barrier()
+            except Exception:
+                log.warning("ranks did not meet before teardown", exc_info=True)
         dist.destroy_process_group()
 
 

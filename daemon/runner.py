@@ -112,7 +112,7 @@ def run(cfg: Config) -> int:
                 log.exception("final checkpoint failed")
                 code = EXIT_FAILURE
         life.stop_all(cfg.shutdown.deadline_seconds)
-        destroy_process_group()
+        destroy_process_group(together=code == EXIT_OK)
         state.phase = "stopped"
         shutdown.finished()
     log.info("minerd stopped", exit_code=code)
