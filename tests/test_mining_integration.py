@@ -139,6 +139,33 @@ class TestTrainingWithMining:
             hook.stop(5.0)
         assert not mining_threads()
 
+    def test_upcoming_batch_encodes_only_items_without_a_query_embedding(self, tmp_path: Path) -> None:
+        trainer, hook, _, _ = build(tmp_path)
+        for _ in range(16):  # epoch 1 fills the query bank
+            trainer.inner_step()
+        qbank = hook.miner.query_bank
+        assert qbank is not None and qbank.filled_count == 2048
+        key = hook.key(2, 5)
+        ids = hook._sampler.batch(2, 5)
+        # As if drop_last had left two of this batch's items out of the last epoch.
+        missing = ids[[3, 17]].numpy()
+        qbank._filled[missing] = False
+        qbank._vecs[missing] = 0.0
+        qbank._n_filled -= 2
+        submitted = []
+        hook.miner.submit = lambda step, k, queries, pos: submitted.append((k, queries, pos)) or True  # type: ignore[method-assign]
+        hook._submit(trainer.c.global_step, key)
+        (k, queries, pos), = submitted
+        assert k == key and torch.equal(torch.as_tensor(pos), ids)
+        queries = torch.as_tensor(queries)
+        mask = torch.zeros(len(ids), dtype=torch.bool)
+        mask[[3, 17]] = True
+        assert torch.equal(queries[~mask], torch.from_numpy(qbank.gather(ids[~mask])))
+        expected = hook._encode_queries(ids[mask])
+        assert torch.allclose(queries[mask], expected, atol=1e-6)
+        assert torch.allclose(queries[mask].norm(dim=1), torch.ones(2), atol=1e-5)  # not the zeroed rows
+        hook.stop(5.0)
+
     def test_disabled_builds_nothing(self, tmp_path: Path) -> None:
         cfg = load_config(sets=small_sets(tmp_path), environ={})
         state = MinerState()

@@ -76,6 +76,10 @@ class MemoryBank:
         """Whether every id in ``ids`` was written at least once."""
         return self._n_filled == self.num_docs or bool(self._filled[as_numpy_ids(ids)].all())
 
+    def written(self, ids: Any) -> npt.NDArray[np.bool_]:
+        """Per id of ``ids``: whether its row was written at least once."""
+        return self._filled[as_numpy_ids(ids)]
+
     def gather(self, ids: Any, chunk: int | None = None) -> FloatArray:
         """Rows of ``ids`` (any shape) as a new float32 array of shape ``ids.shape + (dim,)``.
 
