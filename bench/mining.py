@@ -15,8 +15,9 @@ gain in points (goal >= +3); the separation margin of the mining run at epoch 10
 freshness = share of the async blocks' steps whose negatives were fresh or reused
 within ttl (goal >= 0.9), at the default model size, where one FAISS thread keeps up;
 freshness_quality_run = the same over the mining quality run.
-free_busy_over_free = the free loop while another thread runs the same FAISS searches on
-the other core, over the free loop alone: what the busy core costs without any hook work.
+free_busy_over_free = the free loop while another thread searches the miner's index
+non-stop on the other core (several times the miner's own load), over the free loop
+alone: what a busy FAISS core costs the trainer without any hook work.
 
 Torch and FAISS use one thread each (2-core machines); the index is IVF, the one that
 keeps up with this trainer on such a machine (flat falls behind: NOTES-mining.md).
