@@ -196,9 +196,10 @@ class TestNegativesContent:
         assert any((~neg.mined[:, : miner.n_hard]).any() for _, neg, _ in steps if neg.source != "fallback")
 
 
-    def test_window_checked_on_the_rows_that_are_used(self) -> None:
-        """A candidate's bank row may move between the search and the step: the mined
-        negative keeps the row the window was checked on; the bank part reads the new rows."""
+    def test_negatives_are_the_rows_read_when_mined(self) -> None:
+        """A bank row may move between the search and the step: the negatives keep the rows
+        the miner thread read (the window was checked on those), for the mined slots and
+        the memory-bank slots alike; a step with no result reads the bank of now."""
         cfg = config()
         miner, _ = started(cfg)
         items = CORPUS.batch(0)
@@ -208,14 +209,16 @@ class TestNegativesContent:
             moved = -CORPUS.docs  # every document trained again since: all now far away
             miner.observe_docs(torch.arange(len(moved)), torch.from_numpy(moved))
             neg = miner.mine(0, 0, CORPUS.queries[items], items)
+            late = miner.mine(1, 1, CORPUS.queries[items], items)  # never submitted
         finally:
             assert miner.stop(5)
-        assert neg.source == "fresh" and neg.mined.any()
+        assert neg.source == "fresh" and neg.mined.any() and not neg.mined.all()
         vecs = neg.vecs.numpy()
         cos = np.einsum("bne,be->bn", vecs, CORPUS.queries[items])[neg.mined]
         assert ((cos >= cfg.cos_min) & (cos <= cfg.cos_max)).all()
-        np.testing.assert_array_equal(vecs[neg.mined], CORPUS.docs[neg.ids[neg.mined]])
-        np.testing.assert_array_equal(vecs[~neg.mined], moved[neg.ids[~neg.mined]])
+        np.testing.assert_array_equal(vecs, CORPUS.docs[neg.ids])
+        assert late.source == "fallback"
+        np.testing.assert_array_equal(late.vecs.numpy(), moved[late.ids])
 
 
 class _Gate:

@@ -61,14 +61,16 @@ Sources, one per mining step (``minerd_mining_batches_total{source}``).
     how many batches a call serves.
 Negatives of a step: ``num_negatives`` per query, ``[B, num_negatives, E]`` float32.
     The first ``n_hard = floor(num_negatives * hardneg_frac)`` slots come from FAISS:
-    the mined candidates whose cosine with the query, computed at use time with the
-    current query vector and the candidates' bank rows as the miner thread read them
-    right after the search, lies in [cos_min, cos_max], and that are not the query's
-    positives, most similar first. Those very rows are the negatives' vectors, so the
-    window holds for what enters the loss (a bank row changes only when its document
-    is trained again, about once an epoch). Slots left empty (too few candidates in
-    the window), and the other ``num_negatives - n_hard`` slots, hold random bank
-    documents that are not the query's positives, read at use time. All vectors come
+    the mined candidates whose cosine with the query the batch was submitted with,
+    computed with the candidates' bank rows as the miner thread read them right after
+    the search, lies in [cos_min, cos_max], and that are not the query's positives,
+    most similar first. Those very rows are the negatives' vectors, so the window holds
+    for what enters the loss (a bank row changes only when its document is trained
+    again, about once an epoch). Slots left empty (too few candidates in the window),
+    and the other ``num_negatives - n_hard`` slots, hold random bank documents that are
+    not the query's positives, read then too. The miner thread assembles all of it;
+    the training thread only hands the array on (reading it there cost ~2 ms a step of
+    cold memory). A fallback step reads random bank rows at use time. All vectors come
     from the bank: detached, no re-encoding.
 Index (``index``, ``refresh_steps``, ``faiss_threads``).
     Inner product over a bank snapshot (``flat`` exact; ``ivf`` ~sqrt(n) lists, nprobe

@@ -32,6 +32,7 @@ BoolArray = npt.NDArray[np.bool_]
 # FAISS returns this many candidates per mined negative (plus room for the
 # positives): the cosine window and the positives drop some; the rest refill from the bank.
 _OVERFETCH = 4
+_GATHER_CHUNK = 4096  # bank rows per lock hold: the trainer's bank writes wait at most one chunk
 # queue_health_line warns once out_q was 0 at this many checks in a row.
 _ZERO_OUT_Q_CHECKS = 2
 
@@ -45,6 +46,15 @@ class Negatives:
     mined: BoolArray  # [B, num_negatives] True where the id came from FAISS
     source: str  # "fresh", "reused" or "fallback"
     age: int | None  # steps between the FAISS call and this step; None for the fallback
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A mined batch's negatives, assembled by the miner thread; the trainer only hands them on."""
+
+    ids: IdArray  # [B, num_negatives]
+    mined: BoolArray  # [B, num_negatives]
+    vecs: np.ndarray  # [B, num_negatives, E] float32
 
 
 @dataclass(eq=False)
@@ -98,7 +108,9 @@ class HardNegativeMiner:
             metrics=self.metrics,
             seed=seed,
             before_search=before_search,
+            prepare=self._prepare,
         )
+        self._miner_rng = np.random.default_rng(seed + 1)  # the miner thread's bank draws
 
     @classmethod
     def from_config(
@@ -159,8 +171,8 @@ class HardNegativeMiner:
         """:meth:`submit` with the items' last observed query embeddings (no extra forward pass).
 
         The queries were encoded when the items were last trained (an epoch ago), so the
-        candidates come from slightly older query vectors; the window and the ranking are
-        still applied with the current vectors when the batch is trained. ``positive_ids``
+        candidates, the window and the ranking come from slightly older query vectors (the
+        ones an epoch of training left, not a fresh forward pass). ``positive_ids``
         defaults to ``item_ids`` (item i's positive is document i). False when an item has
         no query embedding yet, or when :meth:`submit` refuses.
         """
@@ -191,7 +203,7 @@ class HardNegativeMiner:
             return False
         queries = as_numpy_f32(query_vecs)
         positives = as_numpy_ids(positive_ids).reshape(len(queries), -1)
-        self._fifo.append(_Entry(batch_idx, positives, self.miner.submit(batch_idx, queries)))
+        self._fifo.append(_Entry(batch_idx, positives, self.miner.submit(batch_idx, queries, positives)))
         self._last_key = batch_idx
         return True
 
@@ -213,26 +225,21 @@ class HardNegativeMiner:
         if self._last_key is None or batch_idx > self._last_key:
             self._last_key = batch_idx
 
-        num = self.cfg.num_negatives
-        ids = self.bank.sample(self._rng, positives, num)
-        mined = np.zeros((len(positives), num), dtype=bool)
-        source, age, hard_vecs = "fallback", None, None
-        if task is not None:
-            assert task.ids is not None
-            hard, ok, hard_vecs = self._select_hard(task.ids, task.vecs, queries, positives)
-            ids[:, : self.n_hard][ok] = hard[ok]
-            mined[:, : self.n_hard] = ok
+        if task is None:
+            source, age = "fallback", None
+            ids = self.bank.sample(self._rng, positives, self.cfg.num_negatives)
+            mined = np.zeros(ids.shape, dtype=bool)
+            vecs_np = self.bank.gather(ids)
+        else:
+            prep = task.prepared
+            assert isinstance(prep, _Prepared)
+            ids, mined, vecs_np = prep.ids, prep.mined, prep.vecs
             age = step - task.mined_step
             source = "fresh" if task.call_id > self._last_call else "reused"
             self._last_call = task.call_id
             self._age_sum += age
         self._counts[source] += 1
         self.metrics.batches.labels(source=source).inc()
-
-        vecs_np = self.bank.gather(ids)
-        if hard_vecs is not None:
-            # The very rows the window was checked on (a bank row may have moved since).
-            vecs_np[:, : self.n_hard][mined[:, : self.n_hard]] = hard_vecs[mined[:, : self.n_hard]]
         vecs = torch.from_numpy(vecs_np)
         if isinstance(query_vecs, torch.Tensor) and query_vecs.device.type != "cpu":
             vecs = vecs.to(query_vecs.device, non_blocking=True)
@@ -271,30 +278,49 @@ class HardNegativeMiner:
             return None
         return found
 
-    def _select_hard(
-        self, cand: IdArray, cand_vecs: np.ndarray | None, queries: np.ndarray, positives: IdArray
-    ) -> tuple[IdArray, BoolArray, np.ndarray]:
-        """Up to n_hard candidates per query: the most similar now, inside the window, no positive.
+    def _prepare(self, task: MineTask) -> None:
+        """In the miner thread: the batch's negatives, ready to use (the trainer only reads them).
 
-        ``cand_vecs`` are the candidates' bank rows, gathered by the miner thread (None:
-        gather them here). Returns ids [B, n_hard], a mask of the usable ones, and their
-        rows [B, n_hard, E]: the vectors the window was checked on.
+        The best ``n_hard`` candidates by cosine against the queries the batch was
+        submitted with, inside the window, none of them a positive, with the bank rows
+        the window was checked on (a row may move before the step: these stay); the
+        other slots, and those the window emptied, are random bank rows. All of it here
+        because on the training thread these reads of cold memory cost ~2 ms a step.
         """
-        if cand_vecs is None:
-            cand_vecs = self.bank.gather(np.maximum(cand, 0))
+        assert task.ids is not None and task.positives is not None
+        positives, num, n_hard = task.positives, self.cfg.num_negatives, self.n_hard
+        cand = task.ids
+        rows = self.bank.gather(np.maximum(cand, 0), chunk=_GATHER_CHUNK)
+        cand = np.where((cand[:, :, None] == positives[:, None, :]).any(axis=2), -1, cand)
+        hard, ok, hard_rows = self._select_hard(cand, rows, task.queries)
+        ids = self.bank.sample(self._miner_rng, positives, num)
+        ids[:, :n_hard][ok] = hard[ok]
+        mined = np.zeros(ids.shape, dtype=bool)
+        mined[:, :n_hard] = ok
+        vecs = np.empty((*ids.shape, self.bank.dim), dtype=np.float32)
+        vecs[:, :n_hard] = hard_rows
+        vecs[:, n_hard:] = self.bank.gather(ids[:, n_hard:])
+        if not ok.all():
+            vecs[:, :n_hard][~ok] = self.bank.gather(ids[:, :n_hard][~ok])
+        task.prepared = _Prepared(ids, mined, vecs)
+
+    def _select_hard(
+        self, cand: IdArray, cand_vecs: np.ndarray, queries: np.ndarray
+    ) -> tuple[IdArray, BoolArray, np.ndarray]:
+        """Up to n_hard candidates per query: the most similar to ``queries``, inside the window.
+
+        ``cand`` [B, k] (-1: none, or excluded), ``cand_vecs`` their rows [B, k, E].
+        Returns ids [B, n_hard], a mask of the usable ones, and their rows [B, n_hard, E].
+        """
+        n = self.n_hard
         cos = np.matmul(cand_vecs, queries[:, :, None])[:, :, 0]
-        valid = (
-            (cand >= 0)
-            & (cos >= self.cfg.cos_min)
-            & (cos <= self.cfg.cos_max)
-            & ~(cand[:, :, None] == positives[:, None, :]).any(axis=2)
-        )
-        order = np.argsort(np.where(valid, -cos, np.inf), axis=1, kind="stable")[:, : self.n_hard]
+        valid = (cand >= 0) & (cos >= self.cfg.cos_min) & (cos <= self.cfg.cos_max)
+        order = np.argsort(np.where(valid, -cos, np.inf), axis=1, kind="stable")[:, :n]
         hard = np.take_along_axis(cand, order, axis=1)
         ok = np.take_along_axis(valid, order, axis=1)
         rows = cand_vecs[np.arange(len(cand))[:, None], order]  # 15x faster than take_along_axis here
-        if hard.shape[1] < self.n_hard:  # an index smaller than n_hard
-            pad = self.n_hard - hard.shape[1]
+        if hard.shape[1] < n:  # an index smaller than n_hard
+            pad = n - hard.shape[1]
             hard = np.pad(hard, ((0, 0), (0, pad)), constant_values=-1)
             ok = np.pad(ok, ((0, 0), (0, pad)), constant_values=False)
             rows = np.pad(rows, ((0, 0), (0, pad), (0, 0)))

@@ -34,7 +34,6 @@ log = structlog.get_logger(__name__)
 
 THREAD_NAME = "minerd-mining"
 _IDLE_WAIT_S = 1.0  # the condition is always notified; this only bounds a lost wake-up
-_GATHER_CHUNK = 4096  # bank rows per lock hold: the trainer's bank writes wait at most one chunk
 _LOG_FIRST_ERRORS = 3  # then every 100th, so a persistent failure does not flood the log
 
 
@@ -44,12 +43,12 @@ class MineTask:
 
     batch_idx: int
     queries: FloatArray  # [B, E]
+    positives: IdArray | None = None  # [B, P] the consumer's, for its ``prepare`` callback
     cancelled: bool = False  # set by the consumer: the miner skips it if not yet taken
     ids: IdArray | None = None  # [B, k] document ids, best first, -1 where none
     scores: FloatArray | None = None  # [B, k] inner products against the index's vectors
-    # [B, k, E] the candidates' memory-bank rows, gathered in the miner thread so the
-    # trainer only re-scores them against its current queries (ids -1 read row 0).
-    vecs: FloatArray | None = None
+    # What the consumer's ``prepare`` made of the result, in the miner thread (None without one).
+    prepared: Any = None
     mined_step: int = -1  # the trainer's step when the FAISS call started
     call_id: int = -1  # the FAISS call that mined it (calls are numbered from 0)
 
@@ -76,6 +75,7 @@ class AsyncMiner:
         metrics: MiningMetrics | None = None,
         seed: int = 0,
         before_search: Callable[[], None] | None = None,
+        prepare: Callable[[MineTask], None] | None = None,
     ) -> None:
         self._bank = bank
         self._kind: IndexKind = kind
@@ -87,6 +87,7 @@ class AsyncMiner:
         self._metrics = metrics
         self._rng = np.random.default_rng(seed)  # used by the miner thread only (IVF training sample)
         self._before_search = before_search
+        self._prepare = prepare
 
         self._cond = threading.Condition()
         self._pending: deque[MineTask] = deque()
@@ -123,9 +124,9 @@ class AsyncMiner:
         t = self._thread
         return t is not None and t.is_alive() and not self._stopping and self.crashed is None
 
-    def submit(self, batch_idx: int, queries: FloatArray) -> MineTask:
+    def submit(self, batch_idx: int, queries: FloatArray, positives: IdArray | None = None) -> MineTask:
         """Queue a batch's query vectors ([B, E] float32) for mining; returns its task."""
-        task = MineTask(batch_idx=batch_idx, queries=queries)
+        task = MineTask(batch_idx=batch_idx, queries=queries, positives=positives)
         with self._cond:
             self._pending.append(task)
             self._cond.notify()
@@ -290,6 +291,14 @@ class AsyncMiner:
             t0 = time.perf_counter()
             scores, ids = index.search(queries, self._k)
             self._last_search_s = time.perf_counter() - t0
+            lo = 0
+            for task in tasks:
+                hi = lo + len(task.queries)
+                task.ids, task.scores = ids[lo:hi], scores[lo:hi]
+                task.mined_step, task.call_id = mined_step, call_id
+                if self._prepare is not None and not task.cancelled:
+                    self._prepare(task)
+                lo = hi
         except Exception as exc:
             self._error("mining search failed; these batches use memory-bank negatives", exc)
             with self._cond:
@@ -298,15 +307,6 @@ class AsyncMiner:
         if self._metrics is not None:
             self._metrics.search_seconds.observe(self._last_search_s)
         self._queries += len(queries)
-        # A bank row changes only when its document is trained again (once an epoch), so
-        # rows read now are the rows the trainer would read at its step, minus its work.
-        vecs = self._bank.gather(np.maximum(ids, 0), chunk=_GATHER_CHUNK)
-        lo = 0
-        for task in tasks:
-            hi = lo + len(task.queries)
-            task.ids, task.scores, task.vecs = ids[lo:hi], scores[lo:hi], vecs[lo:hi]
-            task.mined_step, task.call_id = mined_step, call_id
-            lo = hi
         with self._cond:
             self._ready.extend(tasks)
             self._in_flight = 0
