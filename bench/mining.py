@@ -7,8 +7,8 @@ hits every variant alike; steps that end an epoch, with its evaluation, are left
   sync    the loop waits for the FAISS search of each micro-batch's own queries.
 async_over_free = free time / async time (goal >= 0.95); async_over_sync = sync / async.
 
-Quality (two runs from the same seed, the same steps): in-batch negatives only against
-mining from ``START_EPOCH`` on; recall@10 on the held-out queries after the last epoch,
+Quality (two runs from the same seed, the same steps, micro-batches of ``QUALITY_BATCH``):
+in-batch negatives only against mining from ``START_EPOCH`` on; recall@10 on the held-out queries after the last epoch,
 gain in points (goal >= +3); the separation margin of the mining run at epoch 10 (goal
 >= 0.05; in --quick, at its last epoch).
 
@@ -66,14 +66,24 @@ SETS = [
     "api.enabled=false",
     "checkpoint.every_inner_steps=1000000",
     "telemetry.queue_health_every=1000000",
-    # Experiments: BENCH_MINING_SETS="data.cluster_size=64 mining.hardneg_frac=0.25" (later wins).
-    *os.environ.get("BENCH_MINING_SETS", "").split(),
 ]
+# The quality runs train micro-batches of 64: what hard negatives are for is the siblings a
+# random batch rarely holds, and a batch of B from N documents in clusters of C holds one
+# for about B * C / N of the queries (40% at 256 here, 10% at 64: the same as 256 from
+# 80k documents, at a quarter of the time an epoch).
+QUALITY_BATCH = 64
+QUALITY_SETS = [
+    f"train.batch_size={QUALITY_BATCH}",
+    f"train.effective_batch_size={QUALITY_BATCH}",
+    f"mining.refresh_steps={NUM_DOCS // QUALITY_BATCH}",
+]
+# Experiments: BENCH_MINING_SETS="data.cluster_size=64 train.batch_size=256 ..." (applied last).
+ENV_SETS = os.environ.get("BENCH_MINING_SETS", "").split()
 
 
 
 def _build(state_dir: Path, *extra: str) -> tuple[Trainer, TwoTowerTask, MiningHook | None, MinerState]:
-    trainer, task, state, registry = cpu_trainer([f"paths.state_dir={state_dir}", *SETS, *extra])
+    trainer, task, state, registry = cpu_trainer([f"paths.state_dir={state_dir}", *SETS, *extra, *ENV_SETS])
     hook = attach_mining(trainer, task, registry, state)
     return trainer, task, hook, state
 
@@ -195,18 +205,22 @@ def _throughput(tmp: Path, quick: bool) -> tuple[float, float, float, float]:
     return t["free"] / t["async"], t["sync"] / t["async"], t["free"] / t["free_busy"], fresh_share
 
 
-def _train(tmp: Path, epochs: int, mining: bool) -> tuple[list[tuple[float, float]], dict[str, object] | None]:
+def _train(
+    tmp: Path, epochs: int, mining: bool
+) -> tuple[list[tuple[float, float, float]], dict[str, object] | None]:
+    """Per epoch (recall@10, separation, recall@1), and the miner's status at the end."""
     trainer, _, hook, state = _build(
         tmp, f"train.epochs={epochs}", f"mining.enabled={'true' if mining else 'false'}",
-        f"mining.start_epoch={START_EPOCH}", f"train.hidden_dim={QUALITY_HIDDEN}",
+        f"mining.start_epoch={START_EPOCH}", f"train.hidden_dim={QUALITY_HIDDEN}", *QUALITY_SETS,
     )
-    evals: list[tuple[float, float]] = []
+    evals: list[tuple[float, float, float]] = []
     epoch = trainer.c.epoch
     while trainer.c.epoch <= epochs:
         trainer.inner_step()
         if trainer.c.epoch != epoch:
             epoch = trainer.c.epoch
-            evals.append((trainer.last_eval["recall_at_10"], float(state.separation_margin or 0.0)))
+            m = trainer.last_eval
+            evals.append((m["recall_at_10"], float(state.separation_margin or 0.0), m["recall_at_1"]))
     status = None
     if hook is not None:
         status = hook.miner.status()
@@ -228,9 +242,10 @@ def main(quick: bool) -> None:
     counts = status["batches"]
     assert isinstance(counts, dict)
     freshness_quality = (counts["fresh"] + counts["reused"]) / max(1, sum(counts.values()))
-    print(f"\n{'epoch':<7}{'r@10 in-batch':>15}{'r@10 mining':>13}{'Δ in-batch':>12}{'Δ mining':>10}")
-    for i, ((rb, sb), (rm, sm)) in enumerate(zip(base, mined, strict=True), start=1):
-        print(f"{i:<7}{rb:>15.3f}{rm:>13.3f}{sb:>12.3f}{sm:>10.3f}")
+    print(f"\n{'epoch':<7}{'r@10 in-batch':>15}{'r@10 mining':>13}{'r@1 in-batch':>14}{'r@1 mining':>12}"
+          f"{'Δ in-batch':>12}{'Δ mining':>10}")
+    for i, ((rb, sb, r1b), (rm, sm, r1m)) in enumerate(zip(base, mined, strict=True), start=1):
+        print(f"{i:<7}{rb:>15.3f}{rm:>13.3f}{r1b:>14.3f}{r1m:>12.3f}{sb:>12.4f}{sm:>10.4f}")
     print(f"mining run: sources {counts}, searches {status['searches']}, stale {status['stale']}, "
           f"mean age {status['mean_age_steps']} steps")
     gain = (mined[-1][0] - base[-1][0]) * 100
