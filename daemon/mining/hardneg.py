@@ -218,10 +218,10 @@ class HardNegativeMiner:
         """:meth:`negatives` with the ids, the mined mask and the age; counts the step's source."""
         self._step = max(self._step, step)
         self._maybe_refresh(step)
-        queries = as_numpy_f32(query_vecs)
         positives = as_numpy_ids(positive_ids)
         positives = positives.reshape(len(positives), -1)
-        task = self._aligned_result(step, batch_idx, queries, positives)
+        # Only the row count of the step's queries is used: the window was checked when mined.
+        task = self._aligned_result(step, batch_idx, len(query_vecs), positives)
         if self._last_key is None or batch_idx > self._last_key:
             self._last_key = batch_idx
 
@@ -248,7 +248,7 @@ class HardNegativeMiner:
     # -- internals --------------------------------------------------------------------------
 
     def _aligned_result(
-        self, step: int, batch_idx: int, queries: np.ndarray, positives: IdArray
+        self, step: int, batch_idx: int, num_queries: int, positives: IdArray
     ) -> MineTask | None:
         """The mined result of exactly this batch, if it is ready, fits and is within ttl."""
         entry = None
@@ -267,7 +267,7 @@ class HardNegativeMiner:
         if found is None:
             entry.task.cancelled = True  # too late for this batch: the miner may skip it
             return None
-        if entry.positive_ids.shape != positives.shape or len(queries) != len(positives):
+        if entry.positive_ids.shape != positives.shape or num_queries != len(positives):
             self._mismatch(batch_idx, entry.positive_ids.shape, positives.shape)
             return None
         if not np.array_equal(entry.positive_ids, positives):
