@@ -8,9 +8,9 @@ hits every variant alike; steps that end an epoch, with its evaluation, are left
 async_over_free = free time / async time (goal >= 0.95); async_over_sync = sync / async.
 
 Quality (two runs from the same seed, the same steps, micro-batches of ``QUALITY_BATCH``):
-in-batch negatives only against mining from ``START_EPOCH`` on; recall@10 on the held-out queries after the last epoch,
-gain in points (goal >= +3); the separation margin of the mining run at epoch 10 (goal
->= 0.05; in --quick, at its last epoch).
+in-batch negatives only against mining from ``START_EPOCH`` on; recall@10 on the held-out
+queries after the last epoch, gain in points (goal >= +3); the separation margin of the
+mining run at epoch 10 (goal >= 0.05; in --quick, at its last epoch).
 
 freshness = share of the async blocks' steps whose negatives were fresh or reused
 within ttl (goal >= 0.9), at the default model size, where one FAISS thread keeps up;
