@@ -9,7 +9,7 @@ state (atomic under the GIL) or renders the registry, so running them on the
 event loop avoids a thread-pool hop per request while the training thread is
 busy; none of them awaits or blocks on I/O.
 
-Contract decisions (CONTRACTS.md leaves them open):
+Decisions the route table leaves open:
 - ``/diagnostics`` answers 503 ``{"detail": ...}`` until the runner has stored
   the block (``state.diagnostics = diag.model_dump()``): a status code is what
   clients read, and a body of nulls would pass for real figures.
@@ -99,9 +99,13 @@ def build_status(state: MinerState, stall_seconds: float) -> Status:
         loss=_finite(state.loss),
         learning_rate=_finite(state.learning_rate),
         samples_per_second=_finite(state.samples_per_second),
-        separation_margin=_finite(state.separation_margin),
-        recall_at_1=_finite(state.recall_at_1),
-        recall_at_10=_finite(state.recall_at_10),
+        tokens_per_second=_finite(state.tokens_per_second),
+        tokens_total=state.tokens_total,
+        mfu=_finite(state.mfu),
+        separation_margin=_finite(state.eval.get("separation_margin")),
+        eval={k: _finite(float(v)) for k, v in dict(state.eval).items()},
+        eval_epoch=state.eval_epoch,
+        eval_global_step=state.eval_global_step,
         model_on_accelerator=state.model_on_accelerator,
         last_checkpoint_time=state.last_checkpoint_time,
         upload=_section(state, "upload"),
@@ -120,7 +124,7 @@ def create_app(
     api_cfg: ApiConfig,
     watchdog_cfg: WatchdogConfig,
 ) -> FastAPI:
-    """The FastAPI app serving ``state`` and ``registry`` (routes as in CONTRACTS.md)."""
+    """The FastAPI app serving ``state`` and ``registry`` (routes as in docs/OPERATIONS.md)."""
     stall = watchdog_cfg.stall_seconds
     token = api_cfg.token.get_secret_value().encode() if api_cfg.token is not None else b""
     bearer = HTTPBearer(

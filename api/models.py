@@ -54,9 +54,16 @@ class Status(BaseModel):
     loss: float | None
     learning_rate: float | None
     samples_per_second: float | None
-    separation_margin: float | None
-    recall_at_1: float | None
-    recall_at_10: float | None
+    tokens_per_second: float | None = Field(description="tokens trained per second, whole job (language model)")
+    tokens_total: int | None = Field(description="tokens trained since start (language model)")
+    mfu: float | None = Field(description="model FLOPs utilisation of this device; null when its peak is unknown")
+    separation_margin: float | None = Field(description="two-tower task: eval.separation_margin")
+    eval: dict[str, float | None] = Field(
+        description="the last evaluation as the task reports it: loss, perplexity, bits_per_byte (causal_lm); "
+        "recall_at_1, recall_at_10, separation_margin (twotower); empty before the first"
+    )
+    eval_epoch: int | None
+    eval_global_step: int | None = Field(description="the global inner step the last evaluation ran at")
     model_on_accelerator: bool
     last_checkpoint_time: float | None = Field(description="wall clock of the last checkpoint, Unix seconds")
     upload: dict[str, Any] | None = Field(description="upload state; null until the uploader exists")

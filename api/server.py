@@ -43,7 +43,7 @@ def has_token(api_cfg: ApiConfig) -> bool:
 class ApiServer:
     """Serves ``app`` on ``api_cfg.host``:``api_cfg.port + port_offset`` from a daemon thread.
 
-    ``port_offset`` is the local rank under torchrun (CONTRACTS.md: rank r
+    ``port_offset`` is the local rank under torchrun (local rank r
     serves on port + r); port 0 picks a free port and ignores the offset.
     """
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["sampler", "telemetry", "api", "mining", "embeddings", "upload", "distributed"]
+ORDER = ["sampler", "telemetry", "api", "mining", "embeddings", "upload", "distributed", "lm"]
 
 
 def available() -> list[str]:
@@ -36,6 +36,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("names", nargs="*", help=f"benchmarks to run (default: all of {available()})")
     parser.add_argument("--quick", action="store_true", help="shorter runs (each under 2 minutes)")
+    parser.add_argument("--curve", action="store_true", help="lm only: draw the 10-minute held-out loss curve")
     parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     names = args.names or available()
@@ -49,6 +50,7 @@ def main() -> int:
     failed = []
     for name in names:
         cmd = [sys.executable, "-m", "bench", name, "--in-process"] + (["--quick"] if args.quick else [])
+        cmd += ["--curve"] if args.curve else []
         t0 = time.monotonic()
         proc = subprocess.run(cmd, cwd=HERE.parent, capture_output=True, text=True)
         sys.stdout.write(proc.stdout)

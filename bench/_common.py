@@ -15,9 +15,7 @@ from daemon.distributed import Launch
 from daemon.gpu import GpuProbe
 from daemon.metrics import build_core_metrics
 from daemon.state import MinerState
-from daemon.training.build import build_trainer
-from daemon.training.engine import Trainer
-from daemon.training.twotower import TwoTowerTask
+from daemon.training.build import Run, build_run
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:
@@ -62,14 +60,15 @@ class _NoStop:
         return False
 
 
-def cpu_trainer(
-    sets: list[str], state: Any = None, registry: Any = None
-) -> tuple[Trainer, TwoTowerTask, MinerState, CollectorRegistry]:
-    """The real trainer on the CPU, one process, configured by ``--set`` strings only
-    (no file, no environment), with its metrics on ``registry`` (a new one by default)."""
+def cpu_run(
+    sets: list[str], state: Any = None, registry: Any = None, stop: Any = None
+) -> tuple[Run, MinerState, CollectorRegistry]:
+    """The real run on the CPU, one process, configured by ``--set`` strings only (no
+    file, no environment), with its metrics on ``registry`` (a new one by default).
+    Its components are not started: a benchmark drives the trainer's steps itself."""
     cfg = load_config(sets=sets, environ={})
-    state = state if state is not None else MinerState()
+    state = state if state is not None else MinerState(task=cfg.train.task)
     registry = registry if registry is not None else CollectorRegistry()
     metrics = build_core_metrics(registry, state, GpuProbe())
-    trainer, task = build_trainer(cfg, state, metrics, _NoStop(), Launch(), torch.device("cpu"))
-    return trainer, task, state, registry
+    run = build_run(cfg, state, metrics, registry, stop or _NoStop(), Launch(), torch.device("cpu"))
+    return run, state, registry

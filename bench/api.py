@@ -39,7 +39,7 @@ from prometheus_client import CollectorRegistry
 
 from api.app import create_app
 from api.server import ApiServer
-from bench._common import cpu_trainer
+from bench._common import cpu_run
 from daemon.config import ApiConfig, WatchdogConfig
 from daemon.logsetup import configure_logging
 from daemon.state import MinerState
@@ -292,11 +292,11 @@ def trainer_workload(state: MinerState, registry: CollectorRegistry) -> TrainSte
     import tempfile
 
     tmp = tempfile.mkdtemp(prefix="bench-api-")
-    trainer, _, _, _ = cpu_trainer(
-        [f"paths.state_dir={tmp}", "data.num_docs=50000", "data.eval_queries=100", "train.hidden_dim=512",
-         "mining.enabled=false", "upload.enabled=false", "telemetry.log_every=1"],
+    trainer = cpu_run(
+        ["train.task=twotower", f"paths.state_dir={tmp}", "data.num_docs=50000", "data.eval_queries=100",
+         "train.hidden_dim=512", "mining.enabled=false", "upload.enabled=false", "telemetry.log_every=1"],
         state, registry,
-    )
+    )[0].trainer
     state.phase = "training"
 
     last_batch = trainer.p.sampler.batches_per_epoch - trainer.p.accumulation

@@ -20,7 +20,7 @@ non-stop on the other core (several times the miner's own load), over the free l
 alone: what a busy FAISS core costs the trainer without any hook work.
 
 Torch and FAISS use one thread each (2-core machines); the index is IVF, the one that
-keeps up with this trainer on such a machine (flat falls behind: NOTES-mining.md).
+keeps up with this trainer on such a machine (flat falls behind there).
 """
 
 from __future__ import annotations
@@ -39,18 +39,19 @@ import structlog
 import torch
 from prometheus_client import CollectorRegistry
 
-from bench._common import cpu_trainer, result
+from bench._common import cpu_run, result
 from daemon.mining import HardNegativeMiner
 from daemon.mining.index import load_faiss
 from daemon.state import MinerState
+from daemon.tasks.twotower.mining_hook import MiningHook
+from daemon.tasks.twotower.task import TwoTowerBatch, TwoTowerTask
 from daemon.training.engine import Trainer
-from daemon.training.mining_hook import MiningHook, attach_mining
-from daemon.training.twotower import TwoTowerBatch, TwoTowerTask
 
 NUM_DOCS = 20_000  # 78 micro-batches of 256 an epoch
 BATCH = 256
 START_EPOCH = 2
 SETS = [
+    "train.task=twotower",
     f"data.num_docs={NUM_DOCS}",
     "data.eval_queries=2000",
     "data.cluster_size=32",
@@ -83,9 +84,10 @@ ENV_SETS = os.environ.get("BENCH_MINING_SETS", "").split()
 
 
 def _build(state_dir: Path, *extra: str) -> tuple[Trainer, TwoTowerTask, MiningHook | None, MinerState]:
-    trainer, task, state, registry = cpu_trainer([f"paths.state_dir={state_dir}", *SETS, *extra, *ENV_SETS])
-    hook = attach_mining(trainer, task, registry, state)
-    return trainer, task, hook, state
+    run, state, _ = cpu_run([f"paths.state_dir={state_dir}", *SETS, *extra, *ENV_SETS])
+    hook = next((c for c in run.components if isinstance(c, MiningHook)), None)
+    assert isinstance(run.task, TwoTowerTask)
+    return run.trainer, run.task, hook, state
 
 
 class _Sync:
@@ -98,9 +100,8 @@ class _Sync:
         self.miner.start()
 
     def __call__(self, step: int, batch: TwoTowerBatch, q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        c = self.hook.trainer.c
         self.miner.observe_docs(batch.ids, d.detach())
-        key = self.hook.key(c.epoch, c.batch_pos - 1)
+        key = self.hook.key(batch.pos.epoch, batch.pos.index)
         qd = q.detach()
         if self.miner.submit(key, key, qd, batch.ids):
             while self.miner.miner.ready_count == 0 and self.miner.miner.alive:
@@ -209,7 +210,7 @@ def _train(
     tmp: Path, epochs: int, mining: bool
 ) -> tuple[list[tuple[float, float, float]], dict[str, object] | None]:
     """Per epoch (recall@10, separation, recall@1), and the miner's status at the end."""
-    trainer, _, hook, state = _build(
+    trainer, _, hook, _ = _build(
         tmp, f"train.epochs={epochs}", f"mining.enabled={'true' if mining else 'false'}",
         f"mining.start_epoch={START_EPOCH}", f"train.hidden_dim={QUALITY_HIDDEN}", *QUALITY_SETS,
     )
@@ -220,7 +221,7 @@ def _train(
         if trainer.c.epoch != epoch:
             epoch = trainer.c.epoch
             m = trainer.last_eval
-            evals.append((m["recall_at_10"], float(state.separation_margin or 0.0), m["recall_at_1"]))
+            evals.append((m["recall_at_10"], m["separation_margin"], m["recall_at_1"]))
     status = None
     if hook is not None:
         status = hook.miner.status()

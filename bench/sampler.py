@@ -4,9 +4,9 @@
   batch) over the same loop on the identity permutation (goal <= 1.05).
 - speedup_over_dataloader: DataLoader(TensorDataset, shuffle=True) epoch time
   over ours (goal >= 20): RandomSampler yields indices one at a time and the
-  default collate stacks items one by one (seed 003's 140x slowdown).
+  default collate stacks items one by one (users saw 140x slowdowns from it).
 - training_shuffled_over_sequential: the same comparison inside the real
-  two-tower trainer over a 900k-document corpus (the question seed 003 asked:
+  two-tower trainer over a 900k-document corpus (the question users ask:
   does shuffling slow training?). The bare gather loop cannot reach 1.05 on any
   machine: a shuffled batch reads 1024 scattered rows, each a DRAM miss, where
   the identity permutation streams one contiguous block; inside a training step
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from bench._common import cpu_trainer, interleaved, result
+from bench._common import cpu_run, interleaved, result
 from daemon.logsetup import configure_logging
 from daemon.training.sampler import EpochSampler
 
@@ -98,8 +98,9 @@ def training_epochs(quick: bool) -> tuple[float, float]:
     """
     tmp = Path(tempfile.mkdtemp(prefix="bench-sampler-"))
     configure_logging("json", "warning")  # step lines would drown the table
-    trainer, _, _, _ = cpu_trainer([f"paths.state_dir={tmp}", f"data.num_docs={N_ITEMS}", "data.eval_queries=100",
-                                    "mining.enabled=false", "upload.enabled=false", "embeddings.enabled=false"])
+    trainer = cpu_run(["train.task=twotower", f"paths.state_dir={tmp}", f"data.num_docs={N_ITEMS}",
+                       "data.eval_queries=100", "mining.enabled=false", "upload.enabled=false",
+                       "embeddings.enabled=false"])[0].trainer
     sampler = trainer.p.sampler
     shuffled_perm = sampler.permutation
     identity = torch.arange(sampler.num_items)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from bench._common import cpu_trainer, interleaved, result
+from bench._common import cpu_run, interleaved, result
 from daemon import diagnostics
 from daemon.logsetup import configure_logging
 
@@ -34,10 +34,11 @@ def main(quick: bool) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-telemetry-"))
     log_file = (tmp / "steps.log").open("w")
     configure_logging("json", "info", stream=log_file)
-    trainer, _, _, _ = cpu_trainer([
-        f"paths.state_dir={tmp}", "data.num_docs=400000", "data.eval_queries=100", "train.hidden_dim=512",
-        "train.batch_size=256", "mining.enabled=false", "upload.enabled=false", "telemetry.log_every=1",
-    ])
+    trainer = cpu_run([
+        "train.task=twotower", f"paths.state_dir={tmp}", "data.num_docs=400000", "data.eval_queries=100",
+        "train.hidden_dim=512", "train.batch_size=256", "mining.enabled=false", "upload.enabled=false",
+        "telemetry.log_every=1",
+    ])[0].trainer
     cfg = trainer.cfg
     live = trainer.reporter
     silent = _Silent()

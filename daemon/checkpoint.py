@@ -22,10 +22,11 @@ from typing import Any
 
 import structlog
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from daemon import atomic
+from daemon.tensors import aliases, with_aliases
 
 log = structlog.get_logger(__name__)
 
@@ -96,8 +97,9 @@ class CheckpointStore:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
-            tensors = {k: v.detach().cpu().contiguous() for k, v in model.items()}
-            save_file(tensors, str(tmp / MODEL_FILE))
+            tied = aliases(model)  # found before the copy to the host, which would untie them
+            tensors = {k: v.detach().cpu().contiguous() for k, v in model.items() if k not in tied}
+            save_file(tensors, str(tmp / MODEL_FILE), metadata={"aliases": json.dumps(tied, sort_keys=True)})
             torch.save(state, tmp / STATE_FILE)
             files = {}
             for name in (MODEL_FILE, STATE_FILE):
@@ -140,8 +142,11 @@ class CheckpointStore:
         meta = self.verify(path)
         try:
             model = load_file(str(path / MODEL_FILE), device=str(map_location))
+            with safe_open(str(path / MODEL_FILE), framework="pt") as fh:
+                tied = json.loads((fh.metadata() or {}).get("aliases", "{}"))
+            model = with_aliases(model, tied)
             state = torch.load(path / STATE_FILE, map_location=map_location, weights_only=True)
-        except (SafetensorError, OSError, RuntimeError, EOFError) as exc:
+        except (SafetensorError, OSError, RuntimeError, EOFError, ValueError, KeyError) as exc:
             raise CheckpointCorrupt(f"{path}: cannot load ({exc})") from None
         return Checkpoint(path, model, state, meta)
 

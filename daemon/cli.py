@@ -81,18 +81,17 @@ def diagnose(
     cfg = _load(config, set_)
     from daemon import diagnostics
     from daemon.distributed import Launch
+    from daemon.tasks import TASKS
     from daemon.training.build import resolve_device
-    from daemon.training.twotower import TwoTowerModel
 
     launch = Launch.from_env()
     try:
         device = resolve_device(cfg, launch)
+        model = TASKS[cfg.train.task].diagnose_model(cfg, device)  # the configured task's model
     except ConfigError as exc:
         for problem in exc.problems:
             _err(problem)
         raise typer.Exit(EXIT_USAGE) from None
-    t = cfg.train
-    model = TwoTowerModel(cfg.data.dim, t.hidden_dim, t.embed_dim).to(device)
     diag = diagnostics.collect(cfg, next(model.parameters()).device, launch.world_size)
     if json_out:
         typer.echo(json.dumps(diag.model_dump(), indent=2))
@@ -118,7 +117,8 @@ def verify_upload(
     target: str = typer.Argument(..., help="a directory or s3://bucket/prefix"),
     endpoint_url: str = typer.Option("", "--endpoint-url", help="S3-compatible endpoint (R2, MinIO)"),
 ) -> None:
-    """Check a published target as a validator would: pointer, manifest, sizes, sha256."""
+    """Check a published target as a validator would: pointer, manifest, sizes, sha256; a Hugging Face
+    revision must also load offline with from_pretrained and give a finite loss on a fixed text."""
     from daemon.upload import verify_target
 
     problems = verify_target(target, endpoint_url or None)

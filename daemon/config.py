@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "MINERD_"
 
@@ -27,7 +27,7 @@ class _Section(BaseModel):
 
 
 class TrainConfig(_Section):
-    task: Literal["twotower"] = "twotower"
+    task: str = Field("causal_lm", description="a registered task: causal_lm or twotower")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     batch_size: int = Field(256, gt=0, description="micro-batch per process")
     effective_batch_size: int = Field(256, gt=0, description="samples per inner step over all ranks")
@@ -54,7 +54,7 @@ class TrainConfig(_Section):
 
 
 class MiningConfig(_Section):
-    enabled: bool = True
+    enabled: bool = Field(False, description="hard-negative mining (twotower only; on by default there)")
     start_epoch: int = Field(6, ge=0)
     qbatch: int = Field(2048, gt=0)
     ttl: int = Field(5, ge=1)
@@ -78,7 +78,9 @@ class MiningConfig(_Section):
 
 
 class EmbeddingsConfig(_Section):
-    enabled: bool = Field(True, description="trainable per-document ID embeddings in the two-tower task")
+    enabled: bool = Field(
+        False, description="trainable per-document ID embeddings (twotower only; on by default there)"
+    )
     storage_mode: Literal["memory", "disk"] = "memory"
     dir: str = Field("", description="empty = <paths.state_dir>/embeddings")
     chunk_size: int = Field(1024, gt=0)
@@ -109,6 +111,9 @@ class TelemetryConfig(_Section):
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     param_digest: bool = Field(False, description="add a digest of the parameters to each step line")
+    peak_tflops: float = Field(
+        0, ge=0, description="the device's peak dense bf16 TFLOP/s for MFU; 0 = from a table of known GPUs"
+    )
 
 
 class ApiConfig(_Section):
@@ -129,6 +134,31 @@ class DataConfig(_Section):
     dim: int = Field(128, gt=0)
     cluster_size: int = Field(16, ge=1, description="near-duplicate documents per cluster")
     seed: int = 7
+
+
+class LmConfig(_Section):
+    """The causal language-model task (``train.task=causal_lm``)."""
+
+    preset: Literal["tiny", "small", "llama-1b"] = Field("tiny", description="model shape (ignored with init_from)")
+    init_from: str = Field("", description="a local Hugging Face model directory to continue from")
+    tokenizer: str = Field("", description="tokenizer.json or a tokenizer directory; empty = BPE trained on the corpus")
+    vocab_size: int = Field(8192, ge=512, le=1_048_576, description="size of the BPE trained on the corpus")
+    corpus: list[str] = Field(
+        default_factory=list,
+        description="files, directories or globs (.txt .md .py .jsonl .parquet); empty = the standard library",
+    )
+    seq_len: int = Field(256, ge=8, description="tokens per training sequence")
+    eval_fraction: float = Field(0.01, gt=0, lt=1, description="share of documents held out, chosen by path hash")
+    eval_every_steps: int = Field(200, gt=0, description="inner steps between held-out evaluations")
+    eval_sequences: int = Field(64, gt=0, description="held-out sequences evaluated each time")
+
+    @field_validator("corpus", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        # `--set lm.corpus=docs/` and MINERD_LM__CORPUS=docs/ name one entry.
+        if isinstance(value, str):
+            return [value] if value else []
+        return [] if value is None else value
 
 
 class CheckpointConfig(_Section):
@@ -153,6 +183,7 @@ class Config(_Section):
     api: ApiConfig = ApiConfig()
     watchdog: WatchdogConfig = WatchdogConfig()
     data: DataConfig = DataConfig()
+    lm: LmConfig = LmConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     paths: PathsConfig = PathsConfig()
@@ -195,7 +226,7 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-def _problem(path: str, what: str, value: Any) -> str:
+def problem(path: str, what: str, value: Any) -> str:
     if path.endswith("token") and value is not None:
         value = "********"
     return f"config error: {path}: {what} (got {_show(value)})"
@@ -222,10 +253,10 @@ def _read_file(path: str) -> dict[str, Any]:
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError([_problem("--config", "file not found", path)]) from None
+        raise ConfigError([problem("--config", "file not found", path)]) from None
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-        raise ConfigError([_problem("--config", f"cannot read file: {reason}", path)]) from None
+        raise ConfigError([problem("--config", f"cannot read file: {reason}", path)]) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -236,20 +267,20 @@ def _read_file(path: str) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError([_problem("--config", "the file must hold a mapping of sections", path)])
+        raise ConfigError([problem("--config", "the file must hold a mapping of sections", path)])
     return data
 
 
 def _set_path(tree: dict[str, Any], dotted: str, value: Any, origin: str, problems: list[str]) -> None:
     parts = [p for p in dotted.split(".") if p]
     if len(parts) < 2:
-        problems.append(_problem(dotted or origin, f"{origin} needs section.key=value", dotted))
+        problems.append(problem(dotted or origin, f"{origin} needs section.key=value", dotted))
         return
     node = tree
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            problems.append(_problem(dotted, "is not a section", child))
+            problems.append(problem(dotted, "is not a section", child))
             return
         node = child
     node[parts[-1]] = value
@@ -270,7 +301,7 @@ def _from_sets(sets: Iterable[str], problems: list[str]) -> dict[str, Any]:
     for item in sets:
         key, sep, raw = item.partition("=")
         if not sep:
-            problems.append(_problem("--set", "expected section.key=value", item))
+            problems.append(problem("--set", "expected section.key=value", item))
             continue
         _set_path(tree, key.strip(), _parse_scalar(raw.strip()), "--set", problems)
     return tree
@@ -295,14 +326,14 @@ def _unknown_keys(tree: Mapping[str, Any], model: type[BaseModel], prefix: str) 
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
-            problems.append(_problem(path, f"unknown key{hint}", value))
+            problems.append(problem(path, f"unknown key{hint}", value))
             continue
         sub = fields[key].annotation
         if isinstance(sub, type) and issubclass(sub, BaseModel):
             if isinstance(value, Mapping):
                 problems.extend(_unknown_keys(value, sub, f"{path}."))
             else:
-                problems.append(_problem(path, "must be a mapping of keys", value))
+                problems.append(problem(path, "must be a mapping of keys", value))
     return problems
 
 
@@ -324,11 +355,11 @@ def _validation_lines(exc: ValidationError, tree: Mapping[str, Any]) -> list[str
         cross = ctx.get("error")
         if isinstance(cross, _CrossFieldError):
             path = ".".join(str(p) for p in loc) + f".{cross.key}"
-            lines.append(_problem(path, cross.message, cross.value))
+            lines.append(problem(path, cross.message, cross.value))
             continue
         path = ".".join(str(p) for p in loc)
         msg = err["msg"][0].lower() + err["msg"][1:]
-        lines.append(_problem(path, msg, _lookup(tree, loc) if loc else err.get("input")))
+        lines.append(problem(path, msg, _lookup(tree, loc) if loc else err.get("input")))
     return lines
 
 
@@ -341,13 +372,15 @@ def world_size_from_env(environ: Mapping[str, str] | None = None) -> int:
 
 
 def semantic_problems(cfg: Config, world_size: int) -> list[str]:
-    """Rules that span sections or depend on the launch (world size)."""
+    """Rules that span sections or depend on the launch (world size), then the task's own."""
+    from daemon.tasks import TASKS  # the registry's entries import this module
+
     problems = []
     t = cfg.train
     per_step = t.batch_size * world_size
     if t.effective_batch_size % per_step != 0:
         problems.append(
-            _problem(
+            problem(
                 "train.effective_batch_size",
                 f"must be a multiple of train.batch_size x world size "
                 f"({t.batch_size} x {world_size} = {per_step})",
@@ -355,21 +388,48 @@ def semantic_problems(cfg: Config, world_size: int) -> list[str]:
             )
         )
     if t.device not in ("auto", "cpu", "cuda") and not t.device.startswith("cuda:"):
-        problems.append(_problem("train.device", "must be auto, cpu, cuda or cuda:N", t.device))
-    if t.batch_size > cfg.data.num_docs:
-        problems.append(
-            _problem("train.batch_size", f"is larger than data.num_docs ({cfg.data.num_docs})", t.batch_size)
-        )
-    if world_size > 1 and cfg.embeddings.enabled and cfg.embeddings.storage_mode == "disk":
-        problems.append(
-            _problem("embeddings.storage_mode", "disk mode is single-process (chunk files have one writer); "
-                     "use memory under torchrun", "disk")
-        )
+        problems.append(problem("train.device", "must be auto, cpu, cuda or cuda:N", t.device))
     if cfg.upload.backend == "s3" and cfg.upload.enabled and not cfg.upload.target.startswith("s3://"):
         problems.append(
-            _problem("upload.target", "must be s3://bucket/prefix with upload.backend=s3", cfg.upload.target)
+            problem("upload.target", "must be s3://bucket/prefix with upload.backend=s3", cfg.upload.target)
         )
+    entry = TASKS.get(t.task)
+    if entry is None:
+        problems.append(problem("train.task", f"unknown task; one of {', '.join(TASKS)}", t.task))
+    else:
+        problems.extend(entry.validate(cfg, world_size))
     return problems
+
+
+def _has(tree: Mapping[str, Any], parts: list[str]) -> bool:
+    node: Any = tree
+    for part in parts:
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _with_task_defaults(tree: dict[str, Any]) -> dict[str, Any]:
+    """Fill the keys the chosen task sets by default, where no source set them.
+
+    A task's defaults are where its needs differ from the other's (the two-tower job turns
+    mining on; the language model trains shorter batches of sequences). A key set in the
+    file, the environment or ``--set`` always wins, and ``config show`` prints the result.
+    """
+    from daemon.tasks import TASKS
+
+    train = tree.get("train")
+    task = train.get("task") if isinstance(train, Mapping) else None
+    entry = TASKS.get(task if isinstance(task, str) else TrainConfig.model_fields["task"].default)
+    if entry is None:
+        return tree  # reported by semantic_problems
+    defaults: dict[str, Any] = {}
+    for dotted, value in entry.defaults.items():
+        parts = dotted.split(".")
+        if not _has(tree, parts):
+            _set_path(defaults, dotted, value, "task defaults", [])
+    return _merge(defaults, tree)
 
 
 def load_config(
@@ -385,6 +445,8 @@ def load_config(
     tree = _merge(tree, _from_env(env, problems))
     tree = _merge(tree, _from_sets(sets, problems))
     problems.extend(_unknown_keys(tree, Config, ""))
+    if not problems:
+        tree = _with_task_defaults(tree)
     if problems:
         raise ConfigError(problems)
     try:

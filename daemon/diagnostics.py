@@ -1,9 +1,9 @@
-"""The GPU diagnostics block of seed 001, with its red flags.
+"""The GPU DIAGNOSTICS block operators know from subnet-38 miners, with its red flags.
 
 The same report is logged at start-up, served on ``/diagnostics`` and printed
 by ``minerd diagnose``. Red flags are the failure modes operators hunt for in
 ``pm2 logs``: no CUDA, a model left on the CPU, suspiciously little GPU memory,
-and (seed 001, problem 2) accumulation that multiplies the work by accident.
+and accumulation that multiplies the work by accident.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pydantic import BaseModel
 from daemon.config import Config
 
 RULE = "=" * 80
-# Seed 001: 256 accumulation steps x 4 GPUs = 1024 micro-batches per inner step
-# made each step take minutes. Past this many we say so.
+# 256 accumulation steps x 4 GPUs = 1024 micro-batches per inner step made each
+# step of a subnet-38 miner take minutes. Past this many we say so.
 MICRO_BATCH_WARNING = 512
 
 
@@ -92,7 +92,7 @@ def collect(cfg: Config, model_device: torch.device, world_size: int) -> Diagnos
 
 
 def render(d: Diagnostics) -> list[str]:
-    """The block as operators know it from seed 001, one string per line."""
+    """The block as operators know it from their miners' logs, one string per line."""
     gb = lambda v: f"{v:.2f} GB" if v is not None else "n/a"  # noqa: E731
     lines = [
         RULE,

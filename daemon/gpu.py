@@ -90,3 +90,39 @@ class GpuProbe:
         if device.type != "cuda":
             return 0.0
         return torch.cuda.memory_allocated(device) / 1e9
+
+
+# Dense bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s (SXM parts where two
+# exist: the PCIe H100 is matched first). Longest name first, so "H100 PCIe" wins over "H100".
+PEAK_BF16_TFLOPS = {
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "H200": 989.0,
+    "GH200": 989.0,
+    "B200": 2250.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "L40": 181.0,
+    "L4": 121.0,
+    "A10G": 70.0,
+    "A10": 125.0,
+    "RTX 6000 Ada": 364.0,
+    "RTX A6000": 155.0,
+    "RTX 4090": 165.0,
+    "RTX 3090": 71.0,
+}
+
+
+def peak_flops(device: torch.device, configured_tflops: float = 0.0) -> float | None:
+    """The device's peak dense bf16 FLOP/s: ``telemetry.peak_tflops`` when set, else the
+    table above by the GPU's name; None on a CPU or an unlisted GPU (MFU is then not reported)."""
+    if configured_tflops > 0:
+        return configured_tflops * 1e12
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
+        if key in name:
+            return PEAK_BF16_TFLOPS[key] * 1e12
+    return None

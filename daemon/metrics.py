@@ -74,7 +74,9 @@ class StateCollector(Collector):
         for name, doc, maybe in (
             ("minerd_loss", "Loss of the last inner step", s.loss),
             ("minerd_learning_rate", "Learning rate of the last inner step", s.learning_rate),
-            ("minerd_separation_margin", "Separation margin of the last evaluation", s.separation_margin),
+            ("minerd_tokens_per_second", "Tokens trained per second in the last inner step (whole job)",
+             s.tokens_per_second),
+            ("minerd_mfu_ratio", "Model FLOPs utilisation of this device in the last inner step", s.mfu),
             ("minerd_last_step_timestamp_seconds", "Wall clock of the last inner step (heartbeat)",
              s.last_step_time),
             ("minerd_last_checkpoint_timestamp_seconds", "Wall clock of the last checkpoint written",
@@ -110,6 +112,20 @@ class StateCollector(Collector):
         yield from fams.values()
         if util.samples:
             yield util
+
+
+class EvalCollector(Collector):
+    """The task's last evaluation, one gauge per metric it reports (absent until the first)."""
+
+    def __init__(self, state: MinerState, gauges: dict[str, tuple[str, str]]) -> None:
+        self._state = state
+        self._gauges = gauges
+
+    def collect(self) -> Iterator[Metric]:
+        values = self._state.eval
+        for key, (name, doc) in self._gauges.items():
+            if key in values:
+                yield GaugeMetricFamily(name, doc, value=float(values[key]))
 
 
 def build_core_metrics(registry: CollectorRegistry, state: MinerState, gpu: GpuProbe) -> CoreMetrics:

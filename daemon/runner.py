@@ -24,11 +24,8 @@ from daemon.metrics import build_core_metrics
 from daemon.sdnotify import SdNotifier
 from daemon.signals import Shutdown
 from daemon.state import MinerState
-from daemon.training.build import build_trainer, configure_threads, resolve_device
-from daemon.training.embedding_hook import attach_embeddings
-from daemon.training.hooks import UploadHook
-from daemon.training.mining_hook import attach_mining
-from daemon.upload import StorageError, Uploader
+from daemon.training.build import build_run, configure_threads, resolve_device
+from daemon.upload import StorageError
 from daemon.watchdog import Watchdog
 
 log = structlog.get_logger("minerd")
@@ -63,18 +60,10 @@ def run(cfg: Config) -> int:
         notifier.attach(state)
         for component in _early_components(cfg, state, registry, launch, notifier):
             life.start(component)
-        trainer, task = build_trainer(cfg, state, metrics, shutdown, launch, device)
-        embeddings = attach_embeddings(trainer, task, registry, state, launch.world_size)
-        if embeddings is not None:
-            life.start(embeddings)  # stop() writes the dirty chunks
-        mining = attach_mining(trainer, task, registry, state)
-        if mining is not None:
-            life.start(mining)  # its thread starts at mining.start_epoch; stopped before the API
-        if cfg.upload.enabled and launch.is_main:
-            uploader = Uploader.from_config(cfg.upload, cfg.state_dir, registry, config_hash=cfg.digest())
-            life.start(uploader)
-            state.sections["upload"] = uploader.status
-            trainer.p.hooks.append(UploadHook(uploader, state))
+        built = build_run(cfg, state, metrics, registry, shutdown, launch, device)
+        trainer = built.trainer
+        for component in built.components:  # the task's (embeddings, mining), then the uploader
+            life.start(component)
         diag = diagnostics.collect(cfg, device, launch.world_size)
         state.diagnostics = diag.model_dump()
         for line in diagnostics.render(diag):

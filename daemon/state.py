@@ -31,7 +31,7 @@ class Controls:
 
 @dataclass
 class MinerState:
-    task: str = "twotower"
+    task: str = "causal_lm"
     device: str = "cpu"
     rank: int = 0
     world_size: int = 1
@@ -47,9 +47,14 @@ class MinerState:
     last_step_seconds: float | None = None
     last_step_time: float | None = None  # wall clock, seconds since the epoch
     samples_per_second: float | None = None
-    separation_margin: float | None = None
-    recall_at_1: float | None = None
-    recall_at_10: float | None = None
+    tokens_per_second: float | None = None  # tasks that count tokens (the language model)
+    tokens_total: int | None = None
+    mfu: float | None = None  # model FLOPs utilisation, when the device's peak is known
+    # The last evaluation, as the task reports it (loss and bits per byte, or recall
+    # and the separation margin), and when it ran.
+    eval: dict[str, float] = field(default_factory=dict)
+    eval_epoch: int | None = None
+    eval_global_step: int | None = None
     model_on_accelerator: bool = False
     first_step_done: bool = False
     started_monotonic: float = field(default_factory=time.monotonic)

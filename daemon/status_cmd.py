@@ -1,7 +1,7 @@
 """``minerd status [--url URL] [--json]``: read ``/status`` of a running miner.
 
-urllib, not httpx: httpx is a development dependency only. Exit codes as in
-CONTRACTS.md: 0 printed, 1 unreachable (one line on stderr, no traceback).
+urllib, not httpx: httpx is a development dependency only. Exit codes: 0
+printed, 1 unreachable (one line on stderr, no traceback).
 """
 
 from __future__ import annotations
@@ -74,6 +74,14 @@ def _section_line(name: str, section: Any) -> str:
     return f"{name}: " + (" ".join(parts) if parts else "-")
 
 
+def _eval_line(s: dict[str, Any]) -> str:
+    ev = s.get("eval") or {}
+    if not isinstance(ev, dict) or not ev:
+        return "eval: none yet"
+    when = f" @ step {s.get('eval_global_step')}" if s.get("eval_global_step") is not None else ""
+    return f"eval{when}: " + "  ".join(f"{k} {_num(v, '.4g')}" for k, v in ev.items())
+
+
 def render_summary(s: dict[str, Any]) -> list[str]:
     phase = s.get("phase", "?")
     state = "ready" if s.get("ready") else "not ready"
@@ -90,9 +98,11 @@ def render_summary(s: dict[str, Any]) -> list[str]:
         f"global {s.get('global_step', '?')}  epoch {s.get('epoch', '?')}",
         f"last step: {_num(s.get('last_step_seconds'), '.2f')}s  loss {_num(s.get('loss'), '.4f')}  "
         f"lr {_num(s.get('learning_rate'), '.8f')}  samples/s {_num(s.get('samples_per_second'), '.1f')}",
-        f"eval: separation {_num(s.get('separation_margin'), '.3f')}  "
-        f"recall@1 {_num(s.get('recall_at_1'), '.3f')}  recall@10 {_num(s.get('recall_at_10'), '.3f')}",
+        _eval_line(s),
     ]
+    if s.get("tokens_per_second") is not None:
+        lines.append(f"throughput: tokens/s {_num(s.get('tokens_per_second'), '.0f')}  "
+                     f"tokens {s.get('tokens_total', '?')}  mfu {_num(s.get('mfu'), '.3f')}")
     lines += [_section_line(name, s.get(name)) for name in ("upload", "mining", "embeddings")]
     return lines
 

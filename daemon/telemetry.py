@@ -7,8 +7,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import structlog
 import torch
+from prometheus_client import Counter
 
 from daemon.config import TelemetryConfig
 from daemon.gpu import GpuProbe
@@ -31,6 +34,37 @@ def step_line(outer: int, inner: int, lr: float, loss: float, seconds: float, gp
         f"Outer Step: {outer} | Inner Step: {inner} | LR: {lr:.8f} | Loss: {loss:.2f} | "
         f"Step Time: {format_step_time(seconds)} | GPU Mem: {gpu_gb:.2f}GB"
     )
+
+
+@dataclass
+class Throughput:
+    """Tokens per second and model FLOPs utilisation of a step, for tasks that count tokens.
+
+    MFU is this device's share of the job's tokens per second times the model's training
+    FLOPs per token, over the device's peak: unknown peak (a CPU, an unlisted GPU with no
+    ``telemetry.peak_tflops``) means MFU is not reported rather than guessed.
+    """
+
+    tokens_per_sample: int | None = None
+    flops_per_token: float | None = None
+    peak_flops: float | None = None  # per device
+    tokens: Counter | None = None  # minerd_tokens_total
+    tokens_total: int = 0  # since start, as the counter holds it
+
+    def measure(self, samples: int, seconds: float, world_size: int) -> dict[str, float]:
+        """``samples`` over the whole job in ``seconds``: {tokens_per_s, mfu} as known."""
+        if self.tokens_per_sample is None:
+            return {}
+        tokens = samples * self.tokens_per_sample
+        self.tokens_total += tokens
+        if self.tokens is not None:
+            self.tokens.inc(tokens)
+        if seconds <= 0:
+            return {}
+        out = {"tokens_per_s": round(tokens / seconds, 1)}
+        if self.flops_per_token and self.peak_flops:
+            out["mfu"] = round(tokens / seconds / world_size * self.flops_per_token / self.peak_flops, 5)
+        return out
 
 
 class StepReporter:
@@ -71,7 +105,7 @@ class StepReporter:
             )
         if seconds > self.cfg.slow_step_seconds:
             m.slow_steps.inc()
-            # The expected band scales with the threshold: 10-30s at the default 60 s, as in seed 001.
+            # The expected band scales with the threshold: 10-30s at the default 60 s, the band operators know.
             slow = self.cfg.slow_step_seconds
             log.warning(
                 f"SLOW STEP: {seconds:.1f}s (expected {slow / 6:g}-{slow / 2:g}s) - Check GPU usage!",

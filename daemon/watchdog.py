@@ -29,7 +29,7 @@ from daemon.state import MinerState
 
 log = structlog.get_logger(__name__)
 
-EXIT_STALLED = 3  # CONTRACTS.md: `minerd run` exit code 3 = stalled
+EXIT_STALLED = 3  # `minerd run` exits 3 when stalled (README: exit codes)
 
 
 def _flush_logs() -> None:

@@ -7,18 +7,28 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
+
+from daemon.config import load_config
+from daemon.distributed import Launch
+from daemon.gpu import GpuProbe
+from daemon.metrics import build_core_metrics
+from daemon.state import MinerState
+from daemon.training.build import Run, build_run
 
 ROOT = Path(__file__).resolve().parent.parent
 torch.set_num_threads(1)
 
 # Small enough to train a few dozen steps in seconds on a busy 2-core machine.
 SMALL = [
+    "train.task=twotower",
     "data.num_docs=2048",
     "data.eval_queries=128",
     "data.dim=32",
@@ -36,6 +46,28 @@ SMALL = [
 ]
 
 
+# Real code as text: three packages of the standard library (about 640 KB, 39 files),
+# a small tokenizer and short sequences, so a step takes a fraction of a second.
+LM_CORPUS = [str(Path(sysconfig.get_paths()["stdlib"]) / name) for name in ("email", "http", "json")]
+SMALL_LM = [
+    "train.task=causal_lm",
+    f"lm.corpus=[{', '.join(LM_CORPUS)}]",
+    "lm.vocab_size=1024",
+    "lm.seq_len=64",
+    "lm.eval_fraction=0.1",
+    "lm.eval_sequences=16",
+    "lm.eval_every_steps=10",
+    "train.batch_size=8",
+    "train.effective_batch_size=16",
+    "train.inner_steps_per_outer=7",
+    "train.warmup_steps=5",
+    "train.torch_threads=1",
+    "upload.enabled=false",
+    "telemetry.log_format=json",
+    "checkpoint.every_inner_steps=5",
+]
+
+
 @pytest.fixture(autouse=True)
 def _reset_logging() -> Iterator[None]:
     from daemon.logsetup import reset_logging
@@ -45,7 +77,37 @@ def _reset_logging() -> Iterator[None]:
 
 
 def small_sets(state_dir: Path, *extra: str) -> list[str]:
+    """The small two-tower job."""
     return [*SMALL, f"paths.state_dir={state_dir}", *extra]
+
+
+def small_lm_sets(state_dir: Path, *extra: str) -> list[str]:
+    """The small language-model job."""
+    return [*SMALL_LM, f"paths.state_dir={state_dir}", *extra]
+
+
+def task_sets(task: str, state_dir: Path, *extra: str) -> list[str]:
+    return small_lm_sets(state_dir, *extra) if task == "causal_lm" else small_sets(state_dir, *extra)
+
+
+class NeverStop:
+    """The trainer's shutdown seam, never set: tests stop by step count."""
+
+    requested = False
+
+    def abandon_partial_step(self) -> bool:
+        return False
+
+
+def cpu_run(sets: list[str]) -> tuple[Run, CollectorRegistry, MinerState]:
+    """A run built by the one builder on the CPU from ``--set`` strings (no file, no
+    environment); its components are not started."""
+    cfg = load_config(sets=sets, environ={})
+    state = MinerState(task=cfg.train.task)
+    registry = CollectorRegistry()
+    metrics = build_core_metrics(registry, state, GpuProbe())
+    run = build_run(cfg, state, metrics, registry, NeverStop(), Launch(), torch.device("cpu"))
+    return run, registry, state
 
 
 def free_port() -> int:

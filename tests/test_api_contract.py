@@ -21,9 +21,10 @@ from api.server import ApiServer
 from daemon.config import ApiConfig, Config, WatchdogConfig
 from daemon.diagnostics import collect
 from daemon.gpu import GpuProbe
-from daemon.metrics import build_core_metrics
+from daemon.metrics import EvalCollector, build_core_metrics
 from daemon.state import MinerState
 from daemon.status_cmd import render_summary, run_status, status_url
+from daemon.tasks.twotower.task import EVAL_GAUGES
 
 TOKEN = "contract-token"
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
@@ -34,6 +35,7 @@ class Served:
         self.state = MinerState(task="twotower", device="cpu")
         self.registry = CollectorRegistry()
         self.metrics = build_core_metrics(self.registry, self.state, GpuProbe())
+        self.registry.register(EvalCollector(self.state, EVAL_GAUGES))
         cfg = ApiConfig(port=0, token=SecretStr(TOKEN))
         self.server = ApiServer(create_app(self.state, self.registry, cfg, WatchdogConfig()), cfg)
 
@@ -44,7 +46,7 @@ class Served:
         s.loss, s.learning_rate, s.last_step_seconds = 0.4123, 2.1e-5, 15.2
         s.last_step_time = time.time()
         s.samples_per_second = 1234.5
-        s.separation_margin = 0.052
+        s.eval = {"separation_margin": 0.052}
         s.sections["mining"] = lambda: {"in_q": 2, "out_q": 3, "fifo": 3}
         self.metrics.inner_steps.inc(7)
         s.first_step_done = True

@@ -27,12 +27,13 @@ from daemon.config import ApiConfig, Config, WatchdogConfig
 from daemon.diagnostics import collect
 from daemon.gpu import GpuProbe
 from daemon.logsetup import reset_logging
-from daemon.metrics import CoreMetrics, build_core_metrics
+from daemon.metrics import CoreMetrics, EvalCollector, build_core_metrics
 from daemon.state import MinerState
+from daemon.tasks.twotower.task import EVAL_GAUGES
 
 TOKEN = "s3cret-token-for-tests"
 
-# CONTRACTS.md names this stage fills, as the parser reports them (counters
+# docs/METRICS.md names this stage fills, as the parser reports them (counters
 # lose their _total suffix in the family name).
 CORE_FAMILIES = {
     "minerd_info": "gauge",
@@ -62,6 +63,8 @@ class Miner:
         self.state = MinerState(task="twotower", device="cpu")
         self.registry = CollectorRegistry()
         self.metrics: CoreMetrics = build_core_metrics(self.registry, self.state, GpuProbe())
+        # The two-tower task's evaluation gauges, as build_run registers them for that task.
+        self.registry.register(EvalCollector(self.state, EVAL_GAUGES))
         self.server = ApiServer(create_app(self.state, self.registry, api_cfg, wd_cfg), api_cfg)
         self.client: httpx.Client
 
@@ -173,7 +176,7 @@ class TestDuringTraining:
         miner.step(3)
         miner.state.outer_step = 2
         miner.state.epoch = 1
-        miner.state.separation_margin = 0.052
+        miner.state.eval = {"separation_margin": 0.052}
         s = miner.client.get("/status").json()
         assert (s["outer_step"], s["inner_step"], s["global_step"], s["epoch"]) == (2, 3, 3, 1)
         assert s["loss"] == 0.5 and s["learning_rate"] == 1e-3
@@ -215,7 +218,7 @@ class TestDuringTraining:
 
     def test_metrics_names_and_types_match_the_contract(self, miner: Miner) -> None:
         miner.step(2)
-        miner.state.separation_margin = 0.05
+        miner.state.eval = {"separation_margin": 0.05}
         miner.state.last_checkpoint_time = time.time()
         miner.metrics.checkpoints.inc()
         r = miner.client.get("/metrics")

@@ -22,15 +22,29 @@ class TestPrecedence:
     """File < environment < --set, later wins."""
 
     def test_defaults_match_the_contract(self) -> None:
-        cfg = load_config(environ={})
+        cfg = load_config(sets=["train.task=twotower"], environ={})
         t = cfg.train
         assert (t.batch_size, t.effective_batch_size, t.inner_steps_per_outer) == (256, 256, 500)
+        assert cfg.mining.enabled and cfg.embeddings.enabled
         assert cfg.mining.qbatch == 2048 and cfg.mining.ttl == 5 and cfg.mining.prefetch == 3
         assert (cfg.mining.cos_min, cfg.mining.cos_max, cfg.mining.start_epoch) == (0.84, 0.96, 6)
         assert cfg.upload.min_inner_step == 50 and cfg.upload.every_inner_steps == 3
         assert cfg.api.port == 9108 and cfg.api.host == "127.0.0.1" and cfg.api.token is None
         assert cfg.watchdog.stall_seconds == 600 and cfg.shutdown.deadline_seconds == 30
         assert cfg.paths.state_dir == "./var"
+
+    def test_the_default_job_is_the_language_model(self) -> None:
+        cfg = load_config(environ={})
+        assert cfg.train.task == "causal_lm" and cfg.lm.preset == "tiny" and cfg.lm.vocab_size == 8192
+        assert cfg.lm.corpus == [] and not cfg.mining.enabled and not cfg.embeddings.enabled
+        # The task's own defaults: batches of sequences, not of 256 documents.
+        assert (cfg.train.batch_size, cfg.train.effective_batch_size, cfg.train.lr) == (16, 16, 3e-3)
+
+    def test_a_set_key_beats_the_task_default(self) -> None:
+        cfg = load_config(sets=["train.batch_size=4", "train.effective_batch_size=8"], environ={})
+        assert (cfg.train.batch_size, cfg.train.effective_batch_size) == (4, 8)
+        cfg = load_config(sets=["train.task=twotower", "mining.enabled=false"], environ={})
+        assert not cfg.mining.enabled and cfg.embeddings.enabled
 
     def test_file_then_env_then_set(self, tmp_path: Path) -> None:
         f = tmp_path / "c.yaml"
@@ -65,7 +79,7 @@ class TestProblems:
         assert line == "config error: train.max_steps: input should be greater than or equal to 0 (got -3)"
 
     def test_effective_batch_not_divisible(self) -> None:
-        (line,) = problems("train.batch_size=100")
+        (line,) = problems("train.task=twotower", "train.batch_size=100")
         assert "train.effective_batch_size: must be a multiple of train.batch_size x world size" in line
         assert line.endswith("(got 256)")
 
@@ -129,7 +143,8 @@ class TestCli:
     def test_validate_good_and_show(self, tmp_path: Path) -> None:
         assert self.run("config", "validate", cwd=tmp_path).returncode == 0
         r = self.run("config", "show", "--set", "api.token=s3cret", cwd=tmp_path)
-        assert r.returncode == 0 and "s3cret" not in r.stdout and "batch_size: 256" in r.stdout
+        assert r.returncode == 0 and "s3cret" not in r.stdout
+        assert "batch_size: 16" in r.stdout and "task: causal_lm" in r.stdout
 
     def test_usage_error_is_one_line(self, tmp_path: Path) -> None:
         r = self.run("run", "--no-such-flag", cwd=tmp_path)

@@ -1,6 +1,6 @@
 """The deployment test helpers drive the real Prometheus and pm2, and clean up after themselves.
 
-These run without the miner: Prometheus scrapes a stand-in exporter that serves every CONTRACTS.md
+These run without the miner: Prometheus scrapes a stand-in exporter that serves every docs/METRICS.md
 metric from a fresh prometheus_client registry, and pm2 runs a small Python app launched the way
 ecosystem.config.js launches the miner (interpreter 'none', SIGINT on stop, kill_timeout).
 The integration tests against a running miner reuse the same helpers.
@@ -34,7 +34,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 class StandInExporter:
-    """Serves the CONTRACTS.md metric names with plausible, moving values on 127.0.0.1:<port>."""
+    """Serves the metric names of docs/METRICS.md with plausible, moving values on 127.0.0.1:<port>."""
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import small_lm_sets
 from tests.deploy_tools import ROOT, Pm2, free_port, load_ecosystem, pm2_session
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -30,25 +31,14 @@ RESUMED = re.compile(r"Resumed from checkpoint at outer step (\d+), inner step (
 
 
 def small_env(state_dir: Path, port: int) -> dict[str, str]:
-    """The small fast config of tests/conftest.py, as the environment variables minerd reads."""
-    return {
-        "MINERD_PATHS__STATE_DIR": str(state_dir),
-        "MINERD_API__PORT": str(port),
-        "MINERD_DATA__NUM_DOCS": "2048",
-        "MINERD_DATA__EVAL_QUERIES": "128",
-        "MINERD_DATA__DIM": "32",
-        "MINERD_TRAIN__HIDDEN_DIM": "64",
-        "MINERD_TRAIN__EMBED_DIM": "32",
-        "MINERD_TRAIN__BATCH_SIZE": "64",
-        "MINERD_TRAIN__EFFECTIVE_BATCH_SIZE": "128",
-        "MINERD_TRAIN__INNER_STEPS_PER_OUTER": "7",
-        "MINERD_TRAIN__WARMUP_STEPS": "5",
-        "MINERD_TRAIN__TORCH_THREADS": "1",
-        "MINERD_MINING__ENABLED": "false",
-        "MINERD_UPLOAD__ENABLED": "false",
-        "MINERD_CHECKPOINT__EVERY_INNER_STEPS": "50",
-        "MINERD_TELEMETRY__LOG_FORMAT": "json",
-    }
+    """The small language-model job of tests/conftest.py (the default task), as the
+    environment variables minerd reads (MINERD_<SECTION>__<KEY>)."""
+    env = {}
+    for item in small_lm_sets(state_dir, f"api.port={port}", "checkpoint.every_inner_steps=50"):
+        key, _, value = item.partition("=")
+        section, name = key.split(".")
+        env[f"MINERD_{section.upper()}__{name.upper()}"] = value
+    return env
 
 
 def get(url: str, timeout: float = 2) -> tuple[int, Any]:

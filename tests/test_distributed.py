@@ -1,4 +1,7 @@
-"""Two processes under torchrun (CPU, gloo): DDP, DiLoCo, rank-aware checkpoints, a dying rank."""
+"""Two processes under torchrun (CPU, gloo): DDP, DiLoCo, rank-aware checkpoints, a dying rank.
+
+Each runs for both tasks: the language model (the default job) and the two-tower model.
+"""
 
 from __future__ import annotations
 
@@ -13,15 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, small_sets
+from tests.conftest import ROOT, task_sets
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+TASKS = ["causal_lm", "twotower"]
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
-def launch(state: Path, *extra: str, log: Path) -> subprocess.Popen[bytes]:
-    sets = small_sets(state, "api.port=0", "telemetry.param_digest=true", "train.warmup_steps=2", *extra)
+def launch(task: str, state: Path, *extra: str, log: Path) -> subprocess.Popen[bytes]:
+    sets = task_sets(task, state, "api.port=0", "telemetry.param_digest=true", "train.warmup_steps=2", *extra)
     args = [*TORCHRUN, "-m", "daemon", "run"]
     for s in sets:
         args += ["--set", s]
@@ -41,9 +45,9 @@ def events(log: Path) -> list[dict]:
     return out
 
 
-def run_to_end(state: Path, *extra: str, tmp: Path, timeout: float = 240) -> list[dict]:
+def run_to_end(task: str, state: Path, *extra: str, tmp: Path, timeout: float = 240) -> list[dict]:
     log = tmp / f"torchrun-{time.monotonic_ns()}.log"
-    proc = launch(state, *extra, log=log)
+    proc = launch(task, state, *extra, log=log)
     try:
         assert proc.wait(timeout) == 0, log.read_text()[-4000:]
     finally:
@@ -52,8 +56,10 @@ def run_to_end(state: Path, *extra: str, tmp: Path, timeout: float = 240) -> lis
     return events(log)
 
 
-def same_embedding_tables(evs: list[dict]) -> None:
+def same_embedding_tables(task: str, evs: list[dict]) -> None:
     """The ID-embedding tables end identical on both ranks (row gradients are all-gathered)."""
+    if task != "twotower":
+        return
     closed = {e["rank"]: e["table_digest"] for e in evs if e.get("event") == "embedding table final"}
     assert set(closed) == {0, 1} and closed[0] == closed[1], closed
 
@@ -69,61 +75,65 @@ def steps_by_rank(evs: list[dict]) -> dict[int, dict[int, dict]]:
 class TestDdp:
     """DDP: gradients averaged every inner step, so the ranks' parameters never differ."""
 
-    def test_identical_every_step_and_loss_falls(self, tmp_path: Path) -> None:
-        evs = run_to_end(tmp_path / "s", "train.sync=ddp", "train.max_steps=20", "train.effective_batch_size=256",
-                         tmp=tmp_path)
+    @pytest.mark.parametrize("task", TASKS)
+    def test_identical_every_step_and_loss_falls(self, tmp_path: Path, task: str) -> None:
+        batch = "train.effective_batch_size=256" if task == "twotower" else "train.effective_batch_size=32"
+        evs = run_to_end(task, tmp_path / "s", "train.sync=ddp", "train.max_steps=20", batch, tmp=tmp_path)
         by_rank = steps_by_rank(evs)
         assert sorted(by_rank[0]) == sorted(by_rank[1]) == list(range(1, 21))
         for step in range(1, 21):
             assert by_rank[0][step]["param_digest"] == by_rank[1][step]["param_digest"], step
         losses = [by_rank[0][s]["loss"] for s in range(1, 21)]
         assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
-        same_embedding_tables(evs)
+        same_embedding_tables(task, evs)
 
 
 class TestDiloco:
     """DiLoCo: ranks drift apart within an outer step and agree right after it."""
 
-    def test_identical_after_outer_steps_only(self, tmp_path: Path) -> None:
-        evs = run_to_end(tmp_path / "s", "train.sync=diloco", "train.max_steps=21", "train.inner_steps_per_outer=7",
-                         tmp=tmp_path)
+    @pytest.mark.parametrize("task", TASKS)
+    def test_identical_after_outer_steps_only(self, tmp_path: Path, task: str) -> None:
+        evs = run_to_end(task, tmp_path / "s", "train.sync=diloco", "train.max_steps=21",
+                         "train.inner_steps_per_outer=7", tmp=tmp_path)
         by_rank = steps_by_rank(evs)
         for step in range(1, 22):
             same = by_rank[0][step]["param_digest"] == by_rank[1][step]["param_digest"]
             assert same == (step % 7 == 0), step
         losses = [by_rank[0][s]["loss"] for s in range(1, 22)]
         assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
-        same_embedding_tables(evs)
+        same_embedding_tables(task, evs)
 
 
 class TestEpochCoverage:
     """The ranks' shares of an epoch are disjoint and together cover it exactly once."""
 
-    @pytest.mark.parametrize("sync", ["ddp", "diloco"])
-    def test_every_sample_once(self, tmp_path: Path, sync: str) -> None:
+    @pytest.mark.parametrize(("task", "sync"), [("twotower", "ddp"), ("twotower", "diloco"), ("causal_lm", "ddp")])
+    def test_every_sample_once(self, tmp_path: Path, task: str, sync: str) -> None:
         script = ROOT / "tests" / "scripts" / "epoch_cover.py"
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-        out = subprocess.run([*TORCHRUN, str(script), str(tmp_path / "s"), sync], cwd=ROOT, env=env,
+        out = subprocess.run([*TORCHRUN, str(script), str(tmp_path / "s"), sync, task], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=180)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         line = next(x for x in out.stdout.splitlines() if x.startswith("EPOCH_COVER"))
         assert line.endswith("ok=True"), line
-        assert "total=2048 unique=2048 per_rank=[1024, 1024]" in line
+        if task == "twotower":
+            assert "total=2048 unique=2048 expected=2048 items=2048 per_rank=[1024, 1024]" in line
 
 
 class TestRankZeroOwnsState:
     """Only rank 0 writes checkpoints and uploads; both ranks resume at the same step."""
 
-    def test_checkpoints_uploads_and_resume(self, tmp_path: Path) -> None:
+    @pytest.mark.parametrize("task", TASKS)
+    def test_checkpoints_uploads_and_resume(self, tmp_path: Path, task: str) -> None:
         state = tmp_path / "s"
         up = ("upload.enabled=true", "upload.min_inner_step=2", "upload.every_inner_steps=2")
-        evs = run_to_end(state, "train.max_steps=8", *up, tmp=tmp_path)
+        evs = run_to_end(task, state, "train.max_steps=8", *up, tmp=tmp_path)
         saved = [e for e in evs if e.get("event") == "checkpoint saved"]
         assert saved and {e["rank"] for e in saved} == {0}
         uploads = [e for e in evs if str(e.get("event", "")).startswith("UPLOAD OK")]
         assert uploads and {e["rank"] for e in uploads} == {0}
         assert (state / "uploads" / "LATEST").exists()
-        evs = run_to_end(state, "train.max_steps=12", *up, tmp=tmp_path)
+        evs = run_to_end(task, state, "train.max_steps=12", *up, tmp=tmp_path)
         resumed = [e for e in evs if str(e.get("event", "")).startswith("Resumed from checkpoint")]
         assert {e["rank"] for e in resumed} == {0, 1}
         assert all("(global step 8)" in e["event"] for e in resumed)
@@ -134,10 +144,11 @@ class TestRankZeroOwnsState:
 class TestDeadRank:
     """A rank killed by SIGKILL ends the job promptly with a non-zero exit; a relaunch resumes."""
 
-    def test_kill_one_rank(self, tmp_path: Path) -> None:
+    @pytest.mark.parametrize("task", TASKS)
+    def test_kill_one_rank(self, tmp_path: Path, task: str) -> None:
         state = tmp_path / "s"
         log = tmp_path / "dead.log"
-        proc = launch(state, "train.dist_timeout_seconds=30", "checkpoint.every_inner_steps=3", log=log)
+        proc = launch(task, state, "train.dist_timeout_seconds=30", "checkpoint.every_inner_steps=3", log=log)
         try:
             deadline = time.monotonic() + 120
             victim = None
@@ -160,7 +171,7 @@ class TestDeadRank:
                 proc.wait()
         good = sorted(p.name for p in (state / "checkpoints").glob("step-*"))
         last = int(good[-1].split("-")[1])
-        evs = run_to_end(state, f"train.max_steps={last + 2}", tmp=tmp_path)
+        evs = run_to_end(task, state, f"train.max_steps={last + 2}", tmp=tmp_path)
         resumed = [e for e in evs if str(e.get("event", "")).startswith("Resumed from checkpoint")]
         assert {e["rank"] for e in resumed} == {0, 1}
         assert all(f"(global step {last})" in e["event"] for e in resumed)

@@ -430,7 +430,7 @@ class TestCorruption:
 
 
 class TestMetrics:
-    """The store exports the CONTRACTS.md metrics on the injected registry."""
+    """The store exports the docs/METRICS.md metrics on the injected registry."""
 
     def test_metric_names_labels_and_values(self, tmp_path: Path) -> None:
         registry = CollectorRegistry()

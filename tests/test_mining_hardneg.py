@@ -55,6 +55,7 @@ CORPUS = make_corpus()
 
 def config(**kw: object) -> MiningConfig:
     base: dict[str, object] = {
+        "enabled": True,
         "start_epoch": 0,
         "qbatch": 4 * B,
         "ttl": 5,

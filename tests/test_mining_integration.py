@@ -12,18 +12,13 @@ import torch
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from daemon.config import load_config
-from daemon.distributed import Launch
-from daemon.gpu import GpuProbe
 from daemon.lifecycle import Lifecycle
-from daemon.metrics import build_core_metrics
 from daemon.mining.index import load_faiss
 from daemon.mining.miner import THREAD_NAME
 from daemon.state import MinerState
-from daemon.training.build import build_trainer
+from daemon.tasks.twotower.mining_hook import MiningHook
 from daemon.training.engine import Trainer
-from daemon.training.mining_hook import MiningHook, attach_mining
-from tests.conftest import free_port, small_sets
+from tests.conftest import cpu_run, free_port, small_sets
 
 pytestmark = [pytest.mark.integration]
 
@@ -42,35 +37,10 @@ MINING = [
 ]
 
 
-class NeverStop:
-    requested = False
-
-    def abandon_partial_step(self) -> bool:
-        return False
-
-
-class LossLog:
-    """A StepHook that records each inner step's loss."""
-
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def before_inner_step(self, trainer: Trainer) -> None:
-        return None
-
-    def after_inner_step(self, trainer: Trainer) -> None:
-        assert trainer.last_loss is not None
-        self.losses.append(trainer.last_loss)
-
-
 def build(state_dir: Path, *extra: str) -> tuple[Trainer, MiningHook, CollectorRegistry, MinerState]:
-    cfg = load_config(sets=small_sets(state_dir, *MINING, *extra), environ={})
-    state = MinerState()
-    registry = CollectorRegistry()
-    metrics = build_core_metrics(registry, state, GpuProbe())
-    trainer, task = build_trainer(cfg, state, metrics, NeverStop(), Launch(), torch.device("cpu"))
-    hook = attach_mining(trainer, task, registry, state)
-    assert hook is not None
+    run, registry, state = cpu_run(small_sets(state_dir, *MINING, *extra))
+    hook = next(c for c in run.components if isinstance(c, MiningHook))
+    trainer = run.trainer
     # The miner thread imports faiss (about a second) when it starts; these runs are
     # only a few seconds long, so import it first to count sources of a warm miner.
     load_faiss()
@@ -92,20 +62,22 @@ class TestTrainingWithMining:
 
     def test_sources_health_status_stop_and_learning(self, tmp_path: Path) -> None:
         trainer, hook, registry, state = build(tmp_path, "train.max_steps=48")
-        losses = LossLog()
-        trainer.p.hooks.append(losses)
+        losses: list[float] = []
         life = Lifecycle()
         life.start(hook)
         # 1. Epoch 1 trains without mining: the miner thread has not started.
         with capture_logs() as logs:
             for _ in range(16):
                 trainer.inner_step()
+                losses.append(trainer.last_loss)
             assert trainer.c.epoch == 2
             assert not mining_threads()
             assert sum(batches(registry, s) for s in ("fresh", "reused", "fallback")) == 0
             assert hook.miner.bank.filled_count == 2048  # the bank was filled meanwhile
             # 2. Epochs 2 and 3 mine: every micro-batch is counted by its source.
-            assert trainer.run() == "max_steps"
+            while trainer.c.global_step < 48:
+                trainer.inner_step()
+                losses.append(trainer.last_loss)
         assert trainer.c.epoch == 4
         counts = {s: batches(registry, s) for s in ("fresh", "reused", "fallback")}
         assert sum(counts.values()) == 64  # 32 inner steps x 2 micro-batches
@@ -121,7 +93,7 @@ class TestTrainingWithMining:
         assert section["batches"] == {k: int(v) for k, v in counts.items()}
         assert section["mismatches"] == 0
         # 5. The loss still goes down through the mining epochs.
-        mining_losses = losses.losses[16:]
+        mining_losses = losses[16:]
         assert sum(mining_losses[-8:]) / 8 < sum(mining_losses[:8]) / 8, mining_losses
         # 6. A clean stop joins the miner thread within the deadline.
         life.stop_all(5.0)
@@ -167,13 +139,9 @@ class TestTrainingWithMining:
         hook.stop(5.0)
 
     def test_disabled_builds_nothing(self, tmp_path: Path) -> None:
-        cfg = load_config(sets=small_sets(tmp_path), environ={})
-        state = MinerState()
-        registry = CollectorRegistry()
-        metrics = build_core_metrics(registry, state, GpuProbe())
-        trainer, task = build_trainer(cfg, state, metrics, NeverStop(), Launch(), torch.device("cpu"))
-        assert attach_mining(trainer, task, registry, state) is None
-        assert task.negatives is None and "mining" not in state.sections
+        run, registry, state = cpu_run(small_sets(tmp_path))  # mining.enabled=false
+        assert not any(isinstance(c, MiningHook) for c in run.components)
+        assert run.task.negatives is None and "mining" not in state.sections  # type: ignore[attr-defined]
         assert registry.get_sample_value("minerd_mining_batches_total", {"source": "fresh"}) is None
 
 

@@ -8,32 +8,18 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from daemon.config import load_config
-from daemon.distributed import Launch
 from daemon.gpu import GpuProbe
 from daemon.metrics import build_core_metrics
 from daemon.state import MinerState
-from daemon.training.build import build_trainer
-from daemon.training.embedding_hook import attach_embeddings
 from daemon.training.engine import Trainer
-from tests.conftest import small_sets
-
-
-class NeverStop:
-    requested = False
-
-    def abandon_partial_step(self) -> bool:
-        return False
+from daemon.training.task import EvalPoint
+from tests.conftest import cpu_run, small_sets
 
 
 def make(state_dir: Path, *extra: str) -> tuple[Trainer, CollectorRegistry]:
-    cfg = load_config(sets=small_sets(state_dir, *extra), environ={})
-    state = MinerState()
-    registry = CollectorRegistry()
-    metrics = build_core_metrics(registry, state, GpuProbe())
-    trainer, task = build_trainer(cfg, state, metrics, NeverStop(), Launch(), torch.device("cpu"))
-    attach_embeddings(trainer, task, registry, state, world_size=1)
-    return trainer, registry
+    """The two-tower trainer with ID embeddings on (the task's default), mining off."""
+    run, registry, _ = cpu_run(small_sets(state_dir, "embeddings.enabled=true", *extra))
+    return run.trainer, registry
 
 
 def params(t: Trainer) -> dict[str, torch.Tensor]:
@@ -133,7 +119,7 @@ class TestLearning:
 
     def test_recall_improves(self, tmp_path: Path) -> None:
         t, _ = make(tmp_path, "train.epochs=2", "data.num_docs=4096", "train.lr=0.003")
-        untrained = t.p.task.evaluate(t.p.model, t.p.device, 0, lambda: None).metrics["recall_at_10"]
+        untrained = t.p.task.evaluate(t.p.model, t.p.device, EvalPoint(0, 0), lambda: None).metrics["recall_at_10"]
         t.run()
         trained = t.last_eval["recall_at_10"]
         assert trained > untrained + 0.3, (untrained, trained)

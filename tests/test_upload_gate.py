@@ -165,7 +165,7 @@ class TestRepoAge:
 
 
 class TestMetricNames:
-    """A fresh registry carries the CONTRACTS.md names and labels from the start."""
+    """A fresh registry carries the docs/METRICS.md names and labels from the start."""
 
     def test_names_and_labels(self, tmp_path: Path) -> None:
         reg = CollectorRegistry()

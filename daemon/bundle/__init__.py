@@ -1,4 +1,4 @@
-"""``minerd bundle [--out FILE]``: one file with what seed 001's "Getting Help" asks users to collect.
+"""``minerd bundle [--out FILE]``: one file with what a support request needs.
 
 The bundle is a single Markdown file, not an archive: users paste or attach it in Discord or an
 issue, where a text file previews and a .tar.gz does not; they can read it (and see that no secret

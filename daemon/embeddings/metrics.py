@@ -1,4 +1,4 @@
-"""Prometheus export of the embedding store, read at scrape time (CONTRACTS.md names)."""
+"""Prometheus export of the embedding store, read at scrape time (docs/METRICS.md names)."""
 
 from __future__ import annotations
 

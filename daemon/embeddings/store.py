@@ -1,4 +1,4 @@
-"""The tiered trainable embedding store (issue 5, seed 002).
+"""The tiered trainable embedding store.
 
 One row of ``embedding_dim`` float32 values per sample, rows ``0..num_rows-1``.
 
@@ -16,8 +16,8 @@ chunk-sized slots managed as a segmented LRU:
 An epoch sweep over a table larger than memory thus flows through L2 and
 leaves the hot set in L1. Tiers are labels on slots of one array, so promotion
 and demotion copy nothing and a lookup is one vectorised gather; the per-call
-work in Python is per chunk touched, never per id (NOTES-mining.md: per-id
-caches are slower than a page-cached memmap).
+work in Python is per chunk touched, never per id (measured: per-id caches
+are slower than a page-cached memmap).
 
 Memory bound, whatever the access pattern: the pool (L1 + L2 rounded down to
 whole chunks, at least one chunk) + 16 bytes per chunk of index (+ 8 per chunk

@@ -3,7 +3,7 @@
 FAISS is imported lazily, always after torch (see :func:`load_faiss`), so the
 import order is the same wherever mining runs: with torch first, both libraries
 may share one libgomp, and the OpenMP thread count is per OS thread, so the
-miner thread sets its own with ``faiss.omp_set_num_threads`` (NOTES-mining.md).
+miner thread sets its own with ``faiss.omp_set_num_threads``.
 
 An index is built in small steps (:func:`build_steps`) so the miner thread can go
 on searching the old index between steps; the new one is swapped in when complete.

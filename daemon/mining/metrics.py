@@ -1,4 +1,4 @@
-"""The ``minerd_mining_*`` metrics of CONTRACTS.md, on an injected registry."""
+"""The ``minerd_mining_*`` metrics of docs/METRICS.md, on an injected registry."""
 
 from __future__ import annotations
 

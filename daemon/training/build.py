@@ -1,4 +1,11 @@
-"""Factories: from the config to a ready-to-run trainer.
+"""The one builder: from the config to a finished run.
+
+``build_run`` asks the configured task (``daemon/tasks``) for its parts, then adds what
+every task shares: the optimizer, the outer step, DDP, the checkpoint store, the
+uploader, the metrics of tokens and evaluations. It hands back a :class:`Run` whose
+trainer is complete and whose components are listed in start order; nothing is
+attached afterwards. The runner, the tests, the benchmarks and the torchrun test
+scripts all build through here.
 
 Thread counts and the device are decided here, once, before any tensor work.
 """
@@ -7,20 +14,27 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 
 import structlog
 import torch
+from prometheus_client import CollectorRegistry, Counter
 
 from daemon.checkpoint import CheckpointStore
 from daemon.config import Config, ConfigError
 from daemon.diagnostics import accumulation_steps
 from daemon.distributed import CommCounter, Launch, averaging_reduce, broadcast_params, wrap_ddp
-from daemon.metrics import CoreMetrics
+from daemon.gpu import peak_flops
+from daemon.lifecycle import Component
+from daemon.metrics import CoreMetrics, EvalCollector
 from daemon.state import MinerState
+from daemon.tasks import TASKS
+from daemon.telemetry import Throughput
 from daemon.training.engine import Parts, StopSignal, Trainer
+from daemon.training.hooks import UploadHook
 from daemon.training.outer import OuterOptimizer
-from daemon.training.sampler import EpochSampler
-from daemon.training.twotower import TwoTowerTask, load_or_generate
+from daemon.training.task import BuildContext, Task
+from daemon.upload import Uploader
 
 log = structlog.get_logger(__name__)
 
@@ -35,8 +49,8 @@ def machine_cores() -> int:
 def configure_threads(cfg: Config, launch: Launch) -> int:
     """Torch threads so that trainer + FAISS miner threads fit the cores.
 
-    The defaults oversubscribe small machines badly (NOTES-mining: 45 it/s
-    with one thread against 6.6 with two while faiss was loaded).
+    The defaults oversubscribe small machines badly: a small trainer measured 45 it/s
+    with one thread against 6.6 with two while faiss was loaded on two cores.
     """
     n = cfg.train.torch_threads
     if n == 0:
@@ -65,22 +79,35 @@ def resolve_device(cfg: Config, launch: Launch) -> torch.device:
     return dev
 
 
-def build_trainer(
+@dataclass
+class Run:
+    """A finished run: the trainer, its task, and the components to start in this order
+    (after the API; stopped in reverse)."""
+
+    trainer: Trainer
+    task: Task
+    components: list[Component]
+
+
+def build_run(
     cfg: Config,
     state: MinerState,
     metrics: CoreMetrics,
+    registry: CollectorRegistry,
     stop: StopSignal,
     launch: Launch,
     device: torch.device,
-) -> tuple[Trainer, TwoTowerTask]:
-    corpus = load_or_generate(cfg, cfg.state_dir / "data")
-    task = TwoTowerTask(cfg, corpus)
+) -> Run:
+    entry = TASKS[cfg.train.task]
     torch.manual_seed(cfg.train.seed)
-    model = task.build_model().to(device)
+    parts = entry.build(BuildContext(cfg, state, registry, launch, device))
+    model = parts.model
     state.model_on_accelerator = next(model.parameters()).device.type == "cuda"
+    state.sections.update(parts.sections)
+    registry.register(EvalCollector(state, parts.eval_gauges))
     comm = CommCounter()
     broadcast_params(model)  # every rank starts from rank 0's weights
-    # foreach/fused off: the seed's stability rails for AdamW.
+    # foreach/fused off: the stability rails our users run AdamW with.
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, foreach=False, fused=False
     )
@@ -90,25 +117,46 @@ def build_trainer(
     reduce = averaging_reduce(comm) if diloco else (lambda grads: None)
     outer = OuterOptimizer(list(model.parameters()), cfg.train.outer_lr, cfg.train.outer_momentum, reduce)
     wrapped = wrap_ddp(model, device, comm) if launch.world_size > 1 and cfg.train.sync == "ddp" else model
-    sampler = EpochSampler(
-        task.num_items, cfg.train.batch_size, cfg.train.seed, launch.rank, launch.world_size, cfg.train.drop_last
-    )
     # Every rank reads the checkpoint it resumes from; only rank 0 writes.
     store = CheckpointStore(cfg.state_dir / "checkpoints", cfg.checkpoint.keep)
     if launch.is_main:
         store.prepare()
-    parts = Parts(
-        cfg=cfg,
-        task=task,
-        model=wrapped,
-        optimizer=optimizer,
-        outer=outer,
-        sampler=sampler,
-        device=device,
-        store=store,
-        accumulation=accumulation_steps(cfg, launch.world_size),
-        world_size=launch.world_size,
-        is_main=launch.is_main,
-        comm=comm,
+    hooks = list(parts.hooks)
+    components = list(parts.components)
+    if cfg.upload.enabled and launch.is_main:
+        uploader = Uploader.from_config(cfg.upload, cfg.state_dir, registry, config_hash=cfg.digest(),
+                                        layout=parts.layout)
+        components.append(uploader)
+        state.sections["upload"] = uploader.status
+        hooks.append(UploadHook(uploader, state))
+    throughput = Throughput()
+    if parts.tokens_per_sample is not None:
+        throughput = Throughput(
+            tokens_per_sample=parts.tokens_per_sample,
+            flops_per_token=parts.flops_per_token,
+            peak_flops=peak_flops(device, cfg.telemetry.peak_tflops),
+            tokens=Counter("minerd_tokens", "Tokens trained since start (whole job)", registry=registry),
+        )
+    trainer = Trainer(
+        Parts(
+            cfg=cfg,
+            task=parts.task,
+            model=wrapped,
+            optimizer=optimizer,
+            outer=outer,
+            sampler=parts.sampler,
+            device=device,
+            store=store,
+            accumulation=accumulation_steps(cfg, launch.world_size),
+            world_size=launch.world_size,
+            hooks=hooks,
+            stateful=dict(parts.stateful),
+            is_main=launch.is_main,
+            comm=comm,
+            throughput=throughput,
+        ),
+        state,
+        metrics,
+        stop,
     )
-    return Trainer(parts, state, metrics, stop), task
+    return Run(trainer, parts.task, components)

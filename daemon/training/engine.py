@@ -30,10 +30,10 @@ from daemon.config import Config
 from daemon.distributed import CommCounter, any_rank
 from daemon.metrics import CoreMetrics
 from daemon.state import MinerState
-from daemon.telemetry import StepReporter
+from daemon.telemetry import StepReporter, Throughput
 from daemon.training.outer import OuterOptimizer
 from daemon.training.sampler import EpochSampler
-from daemon.training.task import Task
+from daemon.training.task import BatchPos, EvalPoint, Task
 
 log = structlog.get_logger("minerd.train")
 
@@ -85,7 +85,7 @@ class Counters:
 
 @dataclass
 class Parts:
-    """What the engine runs on, built by the factory in ``build.py``."""
+    """What the engine runs on, built by ``build.py``: finished, never changed afterwards."""
 
     cfg: Config
     task: Task
@@ -101,6 +101,7 @@ class Parts:
     stateful: dict[str, Stateful] = field(default_factory=dict)
     is_main: bool = True  # rank 0: writes checkpoints, evaluates
     comm: CommCounter = field(default_factory=CommCounter)
+    throughput: Throughput = field(default_factory=Throughput)
 
 
 class Trainer:
@@ -242,13 +243,14 @@ class Trainer:
             return True
         return False
 
-    def _micro_batches(self) -> Iterator[torch.Tensor]:
+    def _micro_batches(self) -> Iterator[tuple[torch.Tensor, BatchPos]]:
         for _ in range(self.p.accumulation):
             if self.c.batch_pos >= self.p.sampler.batches_per_epoch:
                 self._end_epoch()
-            idx = self.p.sampler.batch(self.c.epoch, self.c.batch_pos)
+            pos = BatchPos(self.c.epoch, self.c.batch_pos)
+            idx = self.p.sampler.batch(pos.epoch, pos.index)
             self.c.batch_pos += 1
-            yield idx
+            yield idx, pos
 
     def _sync_context(self, last: bool) -> contextlib.AbstractContextManager[Any]:
         no_sync = getattr(self.p.model, "no_sync", None)
@@ -266,7 +268,7 @@ class Trainer:
         total = torch.zeros((), device=p.device)
         samples = 0
         data_wait = 0.0
-        for i, idx in enumerate(self._micro_batches()):
+        for i, (idx, pos) in enumerate(self._micro_batches()):
             # Abandoning alone would leave peers waiting in a collective: one process only.
             if p.world_size == 1 and self.stop.abandon_partial_step():
                 p.optimizer.zero_grad(set_to_none=True)
@@ -274,7 +276,7 @@ class Trainer:
                 log.warning("shutdown deadline near: abandoning the partial inner step", micro_batch=i)
                 return "abandoned"
             td = time.perf_counter()
-            batch = p.task.get_batch(idx, p.device)
+            batch = p.task.get_batch(idx, p.device, pos)
             data_wait += time.perf_counter() - td
             with self._sync_context(i == p.accumulation - 1), self._autocast():
                 loss = p.task.loss(p.model, batch, c.global_step) / p.accumulation
@@ -304,6 +306,9 @@ class Trainer:
         seconds = time.perf_counter() - t0
         self.last_loss = loss_value
         self._after_step(lr, loss_value, seconds, samples * p.world_size)
+        every = p.task.eval_every_steps
+        if every and c.global_step % every == 0:
+            self._evaluate(EvalPoint(c.epoch, c.global_step))
         if c.batch_pos >= p.sampler.batches_per_epoch:
             self._end_epoch()
         return "ok"
@@ -337,9 +342,13 @@ class Trainer:
         s.loss, s.learning_rate, s.last_step_seconds = loss, lr, seconds
         s.samples_per_second = samples / seconds if seconds > 0 else None
         s.last_step_time = time.time()
+        rates = self.p.throughput.measure(samples, seconds, self.p.world_size)
+        if rates:
+            s.tokens_per_second, s.mfu = rates.get("tokens_per_s"), rates.get("mfu")
+            s.tokens_total = self.p.throughput.tokens_total
         self._publish_counters()
-        extra = {"param_digest": self.param_digest()} if self.cfg.telemetry.param_digest else {}
-        self.reporter.report(c.global_step, c.outer_step, c.inner_step, lr, loss, seconds, samples, **extra)
+        extra: dict[str, object] = {"param_digest": self.param_digest()} if self.cfg.telemetry.param_digest else {}
+        self.reporter.report(c.global_step, c.outer_step, c.inner_step, lr, loss, seconds, samples, **rates, **extra)
         if not s.first_step_done:
             s.first_step_done = True
             s.beat()  # tells listeners (systemd READY=1) right away
@@ -357,20 +366,19 @@ class Trainer:
         s, c = self.state, self.c
         s.outer_step, s.inner_step, s.global_step, s.epoch = c.outer_step, c.inner_step, c.global_step, c.epoch
 
-    def _end_epoch(self) -> None:
-        finished = self.c.epoch
+    def _evaluate(self, at: EvalPoint) -> None:
         if not self.p.is_main:  # rank 0 evaluates for the job; the others go on training
-            self.c.epoch += 1
-            self.c.batch_pos = 0
-            self.state.epoch = self.c.epoch
             return
-        result = self.p.task.evaluate(self.p.model, self.p.device, finished, self.state.beat)
+        with self._autocast():
+            result = self.p.task.evaluate(self.p.model, self.p.device, at, self.state.beat)
         self.last_eval = dict(result.metrics)
-        self.state.separation_margin = result.separation_margin
-        self.state.recall_at_1 = result.metrics.get("recall_at_1")
-        self.state.recall_at_10 = result.metrics.get("recall_at_10")
-        log.info(result.line, line=True, epoch=finished, separation_margin=result.separation_margin,
-                 **result.metrics)
+        self.state.eval = dict(result.metrics)
+        self.state.eval_epoch, self.state.eval_global_step = at.epoch, at.global_step
+        log.info(result.line, line=True, epoch=at.epoch, global_step=at.global_step, **result.metrics)
+
+    def _end_epoch(self) -> None:
+        if not self.p.task.eval_every_steps:
+            self._evaluate(EvalPoint(self.c.epoch, self.c.global_step))
         self.c.epoch += 1
         self.c.batch_pos = 0
         self.state.epoch = self.c.epoch

@@ -1,4 +1,4 @@
-"""Upload gate and publisher (issue 6).
+"""Upload gate and publisher.
 
 The trainer::
 
@@ -22,12 +22,18 @@ from daemon.upload.uploader import Uploader
 
 def verify_target(target: str, endpoint_url: str | None = None) -> list[str]:
     """Check a published target (a directory or s3://bucket/prefix) the way a
-    validator would: pointer, manifest, every file's size and sha256. Empty = OK."""
+    validator would: pointer, manifest, every file's size and sha256; then a revision in
+    the Hugging Face layout must load with ``from_pretrained`` and run. Empty = OK."""
+    from daemon.upload.hf_check import check_latest
+
     try:
         storage = open_storage(target, endpoint_url or "")
     except StorageError as exc:
         return [f"{target}: {exc}"]
-    return verify(storage)
+    try:
+        return verify(storage) or check_latest(storage)
+    except StorageError as exc:
+        return [f"{storage.describe()}: unreadable: {exc}"]
 
 
 __all__ = [

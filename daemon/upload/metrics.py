@@ -1,4 +1,4 @@
-"""Upload metrics, on an injected registry (names as in CONTRACTS.md)."""
+"""Upload metrics, on an injected registry (names as in docs/METRICS.md)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,8 @@ Layout of a target::
 
     LATEST                      "rev-<outer>-<inner>\\n", written last
     rev-<outer>-<inner>/
-        model.safetensors
+        model.safetensors       and whatever else the task's layout writes
+                                (config.json, tokenizer files: layout.py)
         optimizer.pt            torch.save of the optimizer state dict
         metadata.json           the manifest, written after the files it names
 """
@@ -23,12 +24,12 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 import torch
-from safetensors.torch import save_file
 
 from daemon import atomic
+from daemon.tensors import aliases
+from daemon.upload.layout import MODEL_FILE, RevisionLayout, WeightsLayout
 from daemon.upload.storage import MANIFEST, POINTER, Storage, StorageError, revision_key
 
-MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 FORMAT = 1
 
@@ -40,7 +41,7 @@ class Snapshot:
     outer_step: int
     inner_step: int
     loss: float
-    model: dict[str, torch.Tensor]
+    model: dict[str, torch.Tensor]  # tied weights appear once (under their first key)
     optimizer: dict[str, Any] | None
     # Set when copies from an accelerator were queued without waiting: the
     # publisher synchronises on it, the training thread never does.
@@ -99,7 +100,9 @@ class SnapshotBuffers:
         optimizer: torch.optim.Optimizer | None,
     ) -> Snapshot:
         self._cuda = False
-        weights = {k: self._copy(f"m.{k}", v) for k, v in model.state_dict().items()}
+        state = model.state_dict()
+        tied = aliases(state)
+        weights = {k: self._copy(f"m.{k}", v) for k, v in state.items() if k not in tied}
         optim = self._copy_tree("o", optimizer.state_dict()) if optimizer is not None else None
         ready = None
         if self._cuda:
@@ -149,16 +152,15 @@ def _file_entry(path: Path) -> dict[str, Any]:
 
 
 def write_revision(
-    snap: Snapshot, folder: Path, version: str, config_hash: str
+    snap: Snapshot, folder: Path, version: str, config_hash: str, layout: RevisionLayout | None = None
 ) -> tuple[dict[str, Path], dict[str, Any]]:
     """Serialise a snapshot into ``folder``; return its files and its manifest."""
     if snap.ready is not None:
         snap.ready.synchronize()
     folder.mkdir(parents=True, exist_ok=True)
-    files = {MODEL_FILE: folder / MODEL_FILE}
-    # safetensors refuses tensors sharing storage; the buffers never do.
-    atomic.write_with(files[MODEL_FILE], lambda tmp: save_file(snap.model, tmp, metadata={"format": "pt"}))
-    entries = {MODEL_FILE: _file_entry(files[MODEL_FILE])}
+    names = (layout or WeightsLayout()).write(snap.model, folder)
+    files = {name: folder / name for name in names}
+    entries = {name: _file_entry(path) for name, path in files.items()}
     if snap.optimizer is not None:
         files[OPTIMIZER_FILE] = folder / OPTIMIZER_FILE
         with atomic.atomic_open(files[OPTIMIZER_FILE], "wb") as fh:

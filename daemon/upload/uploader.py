@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry
 from daemon import __version__
 from daemon.config import UploadConfig
 from daemon.upload.gate import GateDecision, GateState, decide
+from daemon.upload.layout import RevisionLayout, WeightsLayout
 from daemon.upload.metrics import UploadMetrics, UploadStateCollector
 from daemon.upload.revision import (
     Snapshot,
@@ -69,8 +70,10 @@ class Uploader:
         clock: Callable[[], float] = time.time,
         backoff_base: float = 1.0,
         backoff_max: float = 60.0,
+        layout: RevisionLayout | None = None,
     ) -> None:
         self.cfg = cfg
+        self.layout = layout or WeightsLayout()
         self.storage = storage
         self.staging_dir = Path(staging_dir)
         self.version = version
@@ -316,7 +319,7 @@ class Uploader:
         t0 = time.perf_counter()
         folder = self.staging_dir / name
         try:
-            files, manifest = write_revision(snap, folder, self.version, self.config_hash)
+            files, manifest = write_revision(snap, folder, self.version, self.config_hash, self.layout)
             nbytes = sum(int(e["size"]) for e in manifest["files"].values())
             tries = self.cfg.retries + 1
             for attempt in range(1, tries + 1):

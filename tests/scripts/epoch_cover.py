@@ -1,11 +1,14 @@
 """Run under torchrun by tests/test_distributed.py: train one epoch with the real
 trainer on every rank, record the item ids each rank's micro-batches gathered
 (by wrapping the task's own get_batch seam), and check on rank 0 that the ranks
-together saw every item of the epoch exactly once."""
+together saw every item of the epoch exactly once. Either task: two-tower items are
+documents, language-model items are packed token sequences."""
 
 from __future__ import annotations
 
 import sys
+import sysconfig
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -16,38 +19,40 @@ from daemon.distributed import Launch, init_process_group
 from daemon.gpu import GpuProbe
 from daemon.metrics import build_core_metrics
 from daemon.state import MinerState
-from daemon.training.build import build_trainer
+from daemon.training.build import build_run
+from tests.conftest import NeverStop, task_sets
+
+TWOTOWER = ["data.num_docs=2048", "data.eval_queries=16", "data.dim=16", "train.hidden_dim=32",
+            "train.embed_dim=16", "train.batch_size=32", "train.effective_batch_size=128"]
+# An epoch of the language model covers the whole training split: a small corpus (100 KB) keeps it short.
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+LM = [f"lm.corpus=[{STDLIB / 'json'}, {STDLIB / 'collections'}]", "train.batch_size=8",
+      "train.effective_batch_size=32", "lm.eval_every_steps=100000"]
 
 
-class NeverStop:
-    requested = False
-
-    def abandon_partial_step(self) -> bool:
-        return False
-
-
-def main(state_dir: str, sync: str) -> int:
+def main(state_dir: str, sync: str, task: str) -> int:
     torch.set_num_threads(1)
     launch = Launch.from_env()
-    cfg = load_config(sets=[
-        f"paths.state_dir={state_dir}", "data.num_docs=2048", "data.eval_queries=16", "data.dim=16",
-        "train.hidden_dim=32", "train.embed_dim=16", "train.batch_size=32", "train.effective_batch_size=128",
-        f"train.sync={sync}", "mining.enabled=false", "upload.enabled=false", "embeddings.enabled=false",
-    ], environ={}, world_size=launch.world_size)
+    extra = LM if task == "causal_lm" else TWOTOWER
+    sets = task_sets(task, Path(state_dir), *extra, f"train.sync={sync}", "mining.enabled=false",
+                     "upload.enabled=false", "embeddings.enabled=false")
+    cfg = load_config(sets=sets, environ={}, world_size=launch.world_size)
     device = torch.device("cpu")
-    init_process_group(launch, device, 60)
+    init_process_group(launch, device, 120)
     state = MinerState()
-    trainer, task = build_trainer(cfg, state, build_core_metrics(CollectorRegistry(), state, GpuProbe()),
-                                  NeverStop(), launch, device)
+    registry = CollectorRegistry()
+    run = build_run(cfg, state, build_core_metrics(registry, state, GpuProbe()), registry, NeverStop(), launch,
+                    device)
+    trainer, task_obj = run.trainer, run.task
     seen: list[torch.Tensor] = []
-    real_get_batch = task.get_batch
+    real_get_batch = task_obj.get_batch
 
-    def recording(idx: torch.Tensor, dev: torch.device):  # type: ignore[no-untyped-def]
+    def recording(idx: torch.Tensor, dev: torch.device, pos):  # type: ignore[no-untyped-def]
         if trainer.c.epoch == 1:
             seen.append(idx.clone())
-        return real_get_batch(idx, dev)
+        return real_get_batch(idx, dev, pos)
 
-    task.get_batch = recording  # type: ignore[method-assign]
+    task_obj.get_batch = recording  # type: ignore[method-assign]
     while trainer.c.epoch == 1:
         trainer.inner_step()
     mine = torch.cat(seen).tolist()
@@ -57,8 +62,10 @@ def main(state_dir: str, sync: str) -> int:
         per_rank = [set(g or []) for g in gathered]
         total = sum(len(g or []) for g in gathered)
         union = set().union(*per_rank)
-        ok = total == len(union) == 2048 and all(len(s) == 1024 for s in per_rank)
-        print(f"EPOCH_COVER total={total} unique={len(union)} per_rank={[len(s) for s in per_rank]} ok={ok}")
+        expected = trainer.p.sampler.batches_per_epoch * cfg.train.batch_size * launch.world_size
+        ok = total == len(union) == expected and len({len(s) for s in per_rank}) == 1
+        print(f"EPOCH_COVER total={total} unique={len(union)} expected={expected} "
+              f"items={task_obj.num_items} per_rank={[len(s) for s in per_rank]} ok={ok}")
     # Leave together: rank 0 did more work above, and a gloo peer tearing down while the
     # other still talks aborted rank 0 once at exit ("terminate called", SIGABRT) in CI.
     dist.barrier()
@@ -67,4 +74,4 @@ def main(state_dir: str, sync: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    sys.exit(main(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "twotower"))

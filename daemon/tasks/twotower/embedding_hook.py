@@ -29,12 +29,11 @@ import torch
 import torch.distributed as dist
 from prometheus_client import CollectorRegistry
 
+from daemon.config import Config
 from daemon.embeddings import EmbeddingStore, SparseRowAdam
-from daemon.state import MinerState
 
 if TYPE_CHECKING:
     from daemon.training.engine import Trainer
-    from daemon.training.twotower import TwoTowerTask
 
 log = structlog.get_logger("minerd.train")
 
@@ -127,24 +126,16 @@ class EmbeddingHook:
         self.store.close()  # writes the dirty chunks: a clean stop loses nothing
 
 
-def attach_embeddings(
-    trainer: Trainer, task: TwoTowerTask, registry: CollectorRegistry, state: MinerState, world_size: int
-) -> EmbeddingHook | None:
-    """Build the store and wire the ID embeddings into the task; None when off.
+def build_embeddings(
+    cfg: Config, num_items: int, registry: CollectorRegistry, world_size: int
+) -> EmbeddingHook:
+    """The store and its hook: the task's ``doc_extra``, a step hook, stateful, a component.
 
     Under torchrun each rank keeps an identical memory table (see the module docstring).
     """
-    cfg = trainer.cfg
-    if not cfg.embeddings.enabled:
-        return None
     dim = cfg.train.embed_dim  # added to the document tower's output
     store = EmbeddingStore.from_config(
-        cfg.embeddings, task.num_items, dim, cfg.state_dir, registry, seed=cfg.train.seed,
+        cfg.embeddings, num_items, dim, cfg.state_dir, registry, seed=cfg.train.seed,
         keep_checkpoints=cfg.checkpoint.keep,
     )
-    hook = EmbeddingHook(store, lr=cfg.train.lr, world_size=world_size)
-    task.doc_extra = hook.rows
-    trainer.p.hooks.append(hook)
-    trainer.p.stateful["embeddings"] = hook
-    state.sections["embeddings"] = store.status
-    return hook
+    return EmbeddingHook(store, lr=cfg.train.lr, world_size=world_size)

@@ -1,4 +1,4 @@
-"""Hard-negative mining in the two-tower training loop (issue 4).
+"""Hard-negative mining in the two-tower training loop.
 
 :class:`MiningHook` is three things at once:
 
@@ -16,9 +16,10 @@
 Batch keys. The miner names batches by an integer that grows in training order and
 uses the same number as its TTL clock. One inner step holds ``accumulation``
 micro-batches, each with its own negatives, so the key is the global micro-batch
-counter ``(epoch - 1) * batches_per_epoch + batch_index``; upcoming batches (across
-epoch boundaries too) come from a private copy of the trainer's sampler, so the
-trainer's cached permutation is never switched back and forth.
+counter ``(epoch - 1) * batches_per_epoch + batch_index``, from the position each
+batch carries; upcoming batches (across epoch boundaries too) come from a private
+copy of the trainer's sampler, so the trainer's cached permutation is never switched
+back and forth.
 
 Upcoming queries. A batch is submitted with the query embeddings its items had when
 they were last trained (``submit_ids``, no extra forward pass). Items without one (the
@@ -35,7 +36,7 @@ A non-finite restore or an abandoned step moves the keys back: those micro-batch
 memory-bank negatives until the keys pass the last one submitted.
 
 Under torchrun each rank runs its own miner over the documents of its own shares
-(the sampler copy has the rank); see ``attach_mining`` for what a shared bank would need.
+(the sampler copy has the rank); see ``build_mining`` for what a shared bank would need.
 """
 
 from __future__ import annotations
@@ -46,10 +47,10 @@ import structlog
 import torch
 from prometheus_client import CollectorRegistry
 
+from daemon.config import Config
 from daemon.mining import HardNegativeMiner
-from daemon.state import MinerState
+from daemon.tasks.twotower.task import Corpus, TwoTowerBatch, TwoTowerModel
 from daemon.training.sampler import EpochSampler
-from daemon.training.twotower import TwoTowerBatch, TwoTowerTask, unwrap
 
 if TYPE_CHECKING:
     from daemon.training.engine import Trainer
@@ -62,14 +63,23 @@ class MiningHook:
 
     name = "mining"
 
-    def __init__(self, miner: HardNegativeMiner, task: TwoTowerTask, trainer: Trainer) -> None:
+    def __init__(
+        self,
+        miner: HardNegativeMiner,
+        corpus: Corpus,
+        model: TwoTowerModel,
+        sampler: EpochSampler,
+        device: torch.device,
+        queue_health_every: int,
+    ) -> None:
         self.miner = miner
-        self.task = task
-        self.trainer = trainer
-        s = trainer.p.sampler
+        self.corpus = corpus
+        self.model = model  # the module itself, never a DDP wrapper: its query tower encodes upcoming batches
+        self.device = device
+        s = sampler
         self._sampler = EpochSampler(s.num_items, s.batch_size, s.seed, s.rank, s.world_size, s.drop_last)
         self._batches_per_epoch = s.batches_per_epoch
-        self._every = trainer.cfg.telemetry.queue_health_every
+        self._every = queue_health_every
         self._started = False
         self._built_with = 0  # bank rows when the last growth refresh was requested
 
@@ -90,28 +100,27 @@ class MiningHook:
     def __call__(
         self, step: int, batch: TwoTowerBatch, q: torch.Tensor, d: torch.Tensor
     ) -> torch.Tensor | None:
-        c = self.trainer.c
-        epoch = c.epoch
+        epoch = batch.pos.epoch
         self.miner.observe_docs(batch.ids, d.detach())
         if epoch >= self.miner.cfg.start_epoch - 1:  # submit_ids needs last epoch's queries
             self.miner.observe_queries(batch.ids, q.detach())
         if not self.miner.active(epoch):
             return None
-        key = self.key(epoch, c.batch_pos - 1)  # batch_pos already points at the next one
-        self._ensure_started()
+        key = self.key(epoch, batch.pos.index)
+        self._ensure_started(epoch)
         vecs, _source = self.miner.negatives(key, key, q.detach(), batch.ids)
         # After negatives(): the FIFO has room again for the newest upcoming batch.
         for ahead in self.miner.upcoming(key):
             self._submit(key, ahead)
         return vecs
 
-    def _ensure_started(self) -> None:
+    def _ensure_started(self, epoch: int) -> None:
         bank = self.miner.bank
         if not self._started:
             self._started = True
             self._built_with = bank.filled_count
             self.miner.start()
-            log.info("hard-negative mining started", epoch=self.trainer.c.epoch,
+            log.info("hard-negative mining started", epoch=epoch,
                      bank_docs=bank.filled_count, lookahead=self.miner.lookahead)
         elif self._built_with < bank.num_docs and bank.filled_count >= 2 * self._built_with:
             # A partly filled bank (start_epoch 1, or a resume): index the new rows too.
@@ -139,8 +148,8 @@ class MiningHook:
     def _encode_queries(self, ids: torch.Tensor) -> torch.Tensor:
         """Query embeddings of items ``ids`` from a no-grad forward of the query tower."""
         with torch.no_grad():
-            feats = self.task.corpus.query_feats.index_select(0, ids).to(self.trainer.p.device)
-            return unwrap(self.trainer.p.model).encode_queries(feats)
+            feats = self.corpus.query_feats.index_select(0, ids).to(self.device)
+            return self.model.encode_queries(feats)
 
     # -- StepHook -------------------------------------------------------------------------
 
@@ -153,27 +162,23 @@ class MiningHook:
             log.info(self.miner.queue_health_line(step), line=True, global_step=step)
 
 
-def attach_mining(
-    trainer: Trainer, task: TwoTowerTask, registry: CollectorRegistry, state: MinerState
-) -> MiningHook | None:
-    """Build the miner and wire it into the trainer; None when ``mining.enabled`` is off.
+def build_mining(
+    cfg: Config,
+    corpus: Corpus,
+    model: TwoTowerModel,
+    sampler: EpochSampler,
+    device: torch.device,
+    registry: CollectorRegistry,
+) -> MiningHook:
+    """The miner and its hook: the task's negatives, a step hook and a lifecycle component
+    (its stop() joins the miner thread).
 
-    The caller starts the returned hook as a lifecycle component (its stop() joins the
-    miner thread). Under torchrun (issue 8) every rank gets its own miner, fed only the
-    documents of its own batch shares; nothing here talks across ranks, so rank 0 alone
-    or each rank alone works. A shared bank would need an all-gather of every
-    micro-batch's document embeddings (or one miner per node fed by all its ranks), and
-    the per-rank miner threads must fit the cores (configure_threads already subtracts
-    ``faiss_threads`` per process).
+    Under torchrun every rank gets its own miner, fed only the documents of its own batch
+    shares; nothing here talks across ranks, so rank 0 alone or each rank alone works. A
+    shared bank would need an all-gather of every micro-batch's document embeddings (or
+    one miner per node fed by all its ranks), and the per-rank miner threads must fit the
+    cores (configure_threads already subtracts ``faiss_threads`` per process).
     """
-    cfg = trainer.cfg
-    if not cfg.mining.enabled:
-        return None
-    miner = HardNegativeMiner.from_config(
-        cfg.mining, task.num_items, cfg.train.embed_dim, registry, cfg.train.seed
-    )
-    hook = MiningHook(miner, task, trainer)
-    task.negatives = hook
-    trainer.p.hooks.append(hook)
-    state.sections["mining"] = miner.status
-    return hook
+    num_items = int(corpus.doc_feats.shape[0])
+    miner = HardNegativeMiner.from_config(cfg.mining, num_items, cfg.train.embed_dim, registry, cfg.train.seed)
+    return MiningHook(miner, corpus, model, sampler, device, cfg.telemetry.queue_health_every)

@@ -1,4 +1,4 @@
-"""The built-in job: two-tower retrieval on a generated corpus.
+"""The two-tower retrieval task on a generated corpus.
 
 The corpus is generated deterministically from ``data.seed`` and written once
 to ``<state_dir>/data``. Documents come in clusters of near-duplicates (a
@@ -28,7 +28,7 @@ from torch import nn
 
 from daemon import atomic
 from daemon.config import Config
-from daemon.training.task import EvalResult
+from daemon.training.task import BatchPos, EvalPoint, EvalResult
 
 log = structlog.get_logger(__name__)
 
@@ -162,6 +162,11 @@ class TwoTowerBatch:
     ids: torch.Tensor  # document ids == item ids, on the model's device
     queries: torch.Tensor
     docs: torch.Tensor
+    pos: BatchPos  # the mining hook names batches by their place in training
+
+
+Negatives = Callable[[int, TwoTowerBatch, torch.Tensor, torch.Tensor], torch.Tensor | None]
+DocExtra = Callable[[torch.Tensor], torch.Tensor]
 
 
 def info_nce(
@@ -175,31 +180,36 @@ def info_nce(
     return F.cross_entropy(logits / temperature, labels)
 
 
+def build_model(cfg: Config) -> TwoTowerModel:
+    t = cfg.train
+    return TwoTowerModel(cfg.data.dim, t.hidden_dim, t.embed_dim)
+
+
 class TwoTowerTask:
     name = "twotower"
+    eval_every_steps = 0  # an evaluation closes each epoch
 
-    def __init__(self, cfg: Config, corpus: Corpus) -> None:
+    def __init__(
+        self, cfg: Config, corpus: Corpus, negatives: Negatives | None = None, doc_extra: DocExtra | None = None
+    ) -> None:
         self.cfg = cfg
         self.corpus = corpus
-        # Hooks the mining and embedding components attach to (None = off).
-        self.negatives: Callable[[int, TwoTowerBatch, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None
-        self.doc_extra: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # Mined negatives per micro-batch and trainable ID-embedding rows (None = off).
+        self.negatives = negatives
+        self.doc_extra = doc_extra
 
     @property
     def num_items(self) -> int:
         return int(self.corpus.doc_feats.shape[0])
 
-    def build_model(self) -> nn.Module:
-        t = self.cfg.train
-        return TwoTowerModel(self.cfg.data.dim, t.hidden_dim, t.embed_dim)
-
-    def get_batch(self, idx: torch.Tensor, device: torch.device) -> TwoTowerBatch:
+    def get_batch(self, idx: torch.Tensor, device: torch.device, pos: BatchPos) -> TwoTowerBatch:
         non_blocking = device.type == "cuda"
         return TwoTowerBatch(
             ids=idx.to(device, non_blocking=non_blocking),
             # index_select, not fancy indexing: 3-4x faster for row gathers on CPU.
             queries=self.corpus.query_feats.index_select(0, idx).to(device, non_blocking=non_blocking),
             docs=self.corpus.doc_feats.index_select(0, idx).to(device, non_blocking=non_blocking),
+            pos=pos,
         )
 
     def loss(self, model: nn.Module, batch: TwoTowerBatch, step: int) -> torch.Tensor:
@@ -222,7 +232,7 @@ class TwoTowerTask:
 
     @torch.no_grad()
     def evaluate(
-        self, model: nn.Module, device: torch.device, epoch: int, beat: Callable[[], None]
+        self, model: nn.Module, device: torch.device, at: EvalPoint, beat: Callable[[], None]
     ) -> EvalResult:
         was_training = model.training
         model.eval()
@@ -249,5 +259,12 @@ class TwoTowerTask:
         margin = (pos_sum - hard_sum) / n
         if was_training:
             model.train()
-        line = f"Epoch {epoch} eval: recall@1={r1:.3f} recall@10={r10:.3f} | Separation Δ: {margin:.3f}"
-        return EvalResult({"recall_at_1": r1, "recall_at_10": r10}, line, separation_margin=margin)
+        line = f"Epoch {at.epoch} eval: recall@1={r1:.3f} recall@10={r10:.3f} | Separation Δ: {margin:.3f}"
+        return EvalResult({"recall_at_1": r1, "recall_at_10": r10, "separation_margin": margin}, line)
+
+
+EVAL_GAUGES = {
+    "separation_margin": ("minerd_separation_margin", "Separation margin of the last evaluation"),
+    "recall_at_1": ("minerd_eval_recall_at_1", "Held-out recall@1 of the last evaluation"),
+    "recall_at_10": ("minerd_eval_recall_at_10", "Held-out recall@10 of the last evaluation"),
+}

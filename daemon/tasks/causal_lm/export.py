@@ -1,0 +1,43 @@
+"""Upload revisions in the Hugging Face layout subnet-38 miners push and validators load.
+
+``config.json``, ``generation_config.json``, ``model.safetensors`` (tied weights once,
+as ``save_pretrained`` writes them) and the tokenizer's files: a directory that
+``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained`` load
+offline. The config and tokenizer files are rendered once, when the run is built;
+each revision writes them beside its weights.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from daemon import atomic
+from daemon.upload.layout import MODEL_FILE, write_safetensors
+
+
+class HfLayout:
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files  # name -> bytes of every file but the weights
+
+    @classmethod
+    def of(cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> HfLayout:
+        files = {
+            "config.json": model.config.to_json_string(use_diff=False).encode(),
+            "generation_config.json": GenerationConfig.from_model_config(model.config).to_json_string().encode(),
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer.save_pretrained(tmp)
+            for path in sorted(Path(tmp).iterdir()):
+                if path.is_file():
+                    files[path.name] = path.read_bytes()
+        return cls(files)
+
+    def write(self, weights: dict[str, torch.Tensor], folder: Path) -> list[str]:
+        write_safetensors(weights, folder / MODEL_FILE)
+        for name, data in self.files.items():
+            atomic.write_bytes(folder / name, data)
+        return [MODEL_FILE, *self.files]

@@ -1,0 +1,38 @@
+"""The two-tower task's builder: corpus, model, and the retrieval features it plugs in."""
+
+from __future__ import annotations
+
+from daemon.tasks.twotower.embedding_hook import build_embeddings
+from daemon.tasks.twotower.mining_hook import build_mining
+from daemon.tasks.twotower.task import EVAL_GAUGES, TwoTowerTask, build_model, load_or_generate
+from daemon.training.task import BuildContext, TaskParts
+from daemon.upload.layout import WeightsLayout
+
+
+def build(ctx: BuildContext) -> TaskParts:
+    cfg, device = ctx.cfg, ctx.device
+    corpus = load_or_generate(cfg, cfg.state_dir / "data")
+    model = build_model(cfg).to(device)
+    sampler = ctx.sampler(int(corpus.doc_feats.shape[0]))
+    embeddings = (
+        build_embeddings(cfg, sampler.num_items, ctx.registry, ctx.launch.world_size)
+        if cfg.embeddings.enabled else None
+    )
+    mining = build_mining(cfg, corpus, model, sampler, device, ctx.registry) if cfg.mining.enabled else None
+    parts = TaskParts(
+        task=TwoTowerTask(cfg, corpus, negatives=mining, doc_extra=embeddings.rows if embeddings else None),
+        model=model,
+        sampler=sampler,
+        layout=WeightsLayout(),
+        eval_gauges=EVAL_GAUGES,
+    )
+    if embeddings is not None:
+        parts.hooks.append(embeddings)
+        parts.stateful["embeddings"] = embeddings
+        parts.components.append(embeddings)  # its stop() writes the dirty chunks
+        parts.sections["embeddings"] = embeddings.store.status
+    if mining is not None:
+        parts.hooks.append(mining)
+        parts.components.append(mining)  # its thread starts at mining.start_epoch
+        parts.sections["mining"] = mining.miner.status
+    return parts

@@ -1,0 +1,38 @@
+"""How a revision's model files are laid out: the task decides, the publisher writes.
+
+The two-tower task publishes its weights as ``model.safetensors``; the language
+model publishes the Hugging Face layout validators load with ``from_pretrained``
+(``daemon/tasks/causal_lm/export.py``). Either way the publisher hashes every file
+into the manifest and writes the manifest, then ``LATEST``, last.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from safetensors.torch import save_file
+
+from daemon import atomic
+
+MODEL_FILE = "model.safetensors"
+
+
+class RevisionLayout(Protocol):
+    def write(self, weights: dict[str, torch.Tensor], folder: Path) -> list[str]:
+        """Write the model files of one revision into ``folder`` (tied weights already
+        removed from ``weights``); return the names of the files written."""
+
+
+class WeightsLayout:
+    """Weights alone, as ``model.safetensors``."""
+
+    def write(self, weights: dict[str, torch.Tensor], folder: Path) -> list[str]:
+        write_safetensors(weights, folder / MODEL_FILE)
+        return [MODEL_FILE]
+
+
+def write_safetensors(weights: dict[str, torch.Tensor], path: Path) -> None:
+    # "format: pt" is what transformers' loader checks before it reads a file.
+    atomic.write_with(path, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))

@@ -1,0 +1,205 @@
+"""The language-model task in the real trainer: it learns, resumes exactly, evaluates,
+publishes revisions validators load with from_pretrained, and continues from one."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from api.app import build_status
+from daemon.lifecycle import Lifecycle
+from daemon.training.engine import Trainer
+from daemon.training.task import EvalPoint
+from daemon.upload import Uploader, verify_target
+from tests.conftest import ROOT, cpu_run, small_lm_sets
+
+EVAL_LINE = re.compile(r"^Eval @ step \d+: loss=\d+\.\d{3} ppl=\d+\.\d{2} bpb=\d+\.\d{3}$")
+
+
+def params(t: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in t.module.state_dict().items()}
+
+
+def steps(t: Trainer, n: int) -> list[float]:
+    losses = []
+    for _ in range(n):
+        t.inner_step()
+        assert t.last_loss is not None
+        losses.append(t.last_loss)
+    return losses
+
+
+@pytest.mark.slow
+class TestLearning:
+    """300 CPU steps take the held-out loss at least 2 nats below the untrained model's."""
+
+    def test_held_out_loss_falls_two_nats(self, tmp_path: Path) -> None:
+        # A vocabulary of 4096 (the untrained loss is ln 4096 = 8.3), one optimizer step
+        # per 8 sequences of 64 tokens, no outer step to perturb a single process.
+        run, _, _ = cpu_run(small_lm_sets(tmp_path, "lm.vocab_size=4096", "train.effective_batch_size=8",
+                                          "train.inner_steps_per_outer=1000", "lm.eval_every_steps=300"))
+        t = run.trainer
+        untrained = t.p.task.evaluate(t.p.model, t.p.device, EvalPoint(1, 0), lambda: None).metrics["loss"]
+        assert abs(untrained - math.log(4096)) < 0.5, untrained
+        steps(t, 300)
+        trained = t.last_eval["loss"]
+        assert trained < untrained - 2.0, (untrained, trained)
+
+
+class TestResume:
+    """A run stopped and resumed has the same losses and weights as one that was not."""
+
+    def test_exact(self, tmp_path: Path) -> None:
+        # 7 inner steps an outer step: 12 steps cross an outer step and an evaluation (every 10).
+        first = cpu_run(small_lm_sets(tmp_path / "a", "train.max_steps=6"))[0].trainer
+        losses = steps(first, 6)
+        first.checkpoint("stop")
+        second = cpu_run(small_lm_sets(tmp_path / "a"))[0].trainer
+        assert second.resume()
+        assert (second.c.global_step, second.c.outer_step, second.c.inner_step) == (6, 0, 6)
+        losses += steps(second, 6)
+        straight = cpu_run(small_lm_sets(tmp_path / "b"))[0].trainer
+        expected = steps(straight, 12)
+        assert losses == expected
+        assert straight.c.as_dict() == second.c.as_dict() and straight.c.outer_step == 1
+        assert straight.last_eval == second.last_eval and "loss" in second.last_eval
+        a, b = params(second), params(straight)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class TestEvaluation:
+    """Loss, perplexity and bits per byte: the log line, the metrics, /status."""
+
+    def test_line_metrics_and_status(self, tmp_path: Path) -> None:
+        from structlog.testing import capture_logs
+
+        run, registry, state = cpu_run(small_lm_sets(tmp_path, "lm.eval_every_steps=3"))
+        with capture_logs() as logs:
+            steps(run.trainer, 6)
+        lines = [e for e in logs if str(e["event"]).startswith("Eval @ step")]
+        assert [e["global_step"] for e in lines] == [3, 6]
+        assert all(EVAL_LINE.match(e["event"]) for e in lines), lines
+        ev = run.trainer.last_eval
+        assert math.isclose(ev["perplexity"], math.exp(ev["loss"]), rel_tol=1e-9)
+        # Bits per byte: the loss in bits over the bytes of text the targets cover (~2.5-4 bytes a token here).
+        assert 0.15 < ev["bits_per_byte"] / (ev["loss"] / math.log(2)) < 0.5
+        assert registry.get_sample_value("minerd_eval_loss") == ev["loss"]
+        assert registry.get_sample_value("minerd_eval_bits_per_byte") == ev["bits_per_byte"]
+        assert registry.get_sample_value("minerd_tokens_total") == 6 * 16 * 64
+        assert registry.get_sample_value("minerd_tokens_per_second") > 0
+        assert registry.get_sample_value("minerd_mfu_ratio") is None  # no known peak on a CPU
+        s = build_status(state, 600)
+        assert s.eval["loss"] == ev["loss"] and s.eval_global_step == 6 and s.tokens_total == 6 * 16 * 64
+        assert s.separation_margin is None and s.mfu is None and s.tokens_per_second
+
+    def test_mfu_with_a_configured_peak(self, tmp_path: Path) -> None:
+        run, registry, _ = cpu_run(small_lm_sets(tmp_path, "telemetry.peak_tflops=0.05"))
+        steps(run.trainer, 2)
+        mfu = registry.get_sample_value("minerd_mfu_ratio")
+        tps = registry.get_sample_value("minerd_tokens_per_second")
+        flops = run.trainer.p.throughput.flops_per_token
+        assert flops is not None and mfu is not None and tps is not None
+        n = sum(p.numel() for p in run.trainer.module.parameters())
+        assert 6 * n < flops < 6 * n * 1.2  # tied embeddings count once; attention adds a little
+        assert math.isclose(mfu, tps * flops / 0.05e12, rel_tol=1e-3)
+
+    def test_loss_rises_count(self, tmp_path: Path) -> None:
+        run, _, _ = cpu_run(small_lm_sets(tmp_path))
+        task, t = run.task, run.trainer
+        base = params(t)
+        rises = []
+        for std in (0.0, 0.05, 0.2, 0.5, 0.0):  # noisier weights, a worse loss each time; then back
+            with torch.no_grad():
+                for name, p in t.module.named_parameters():
+                    p.copy_(base[name] + std * torch.randn_like(p))
+            rises.append(task.evaluate(t.p.model, t.p.device, EvalPoint(1, 0), lambda: None).metrics["loss_rises"])
+        assert rises == [0, 1, 2, 3, 0]
+
+
+class TestHuggingFaceRevision:
+    """A published revision loads with from_pretrained and gives the training model's logits."""
+
+    def test_round_trip_verify_and_continue(self, tmp_path: Path) -> None:
+        up = ("upload.enabled=true", "upload.min_inner_step=0", "upload.every_inner_steps=1000")
+        run, _, _ = cpu_run(small_lm_sets(tmp_path / "s", *up))
+        uploader = next(c for c in run.components if isinstance(c, Uploader))
+        life = Lifecycle()
+        life.start(uploader)
+        t = run.trainer
+        steps(t, 3)
+        uploader.request_upload()
+        steps(t, 1)
+        assert uploader.wait_idle(60)
+        life.stop_all(10)
+        target = tmp_path / "s" / "uploads"
+        rev = target / (target / "LATEST").read_text().strip()
+        names = {p.name for p in rev.iterdir()}
+        assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                "tokenizer_config.json", "metadata.json"} <= names
+        model = AutoModelForCausalLM.from_pretrained(str(rev), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(rev), local_files_only=True)
+        ids = tok("import os\nprint(os.getcwd())\n", return_tensors="pt").input_ids
+        t.module.eval()
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, t.module(ids).logits)
+        assert "lm_head.weight" not in load_file(str(rev / "model.safetensors"))  # tied, stored once
+        assert verify_target(str(target)) == []
+        # Continue from the revision: its weights and its tokenizer.
+        cont, _, _ = cpu_run(small_lm_sets(tmp_path / "c", f"lm.init_from={rev}"))
+        got = cont.trainer.module.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())
+        # A revision whose weights are consistent with its manifest but broken is caught.
+        weights = load_file(str(rev / "model.safetensors"))
+        weights["model.norm.weight"][:] = float("nan")
+        save_file(weights, str(rev / "model.safetensors"), metadata={"format": "pt"})
+        manifest = json.loads((rev / "metadata.json").read_text())
+        data = (rev / "model.safetensors").read_bytes()
+        import hashlib
+
+        manifest["files"]["model.safetensors"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        (rev / "metadata.json").write_text(json.dumps(manifest))
+        (problem,) = verify_target(str(target))
+        assert "non-finite loss" in problem
+
+
+BAD_INPUTS = [
+    ("lm.corpus=/no/such/corpus", "lm.corpus: no such file or directory"),
+    ("lm.corpus={empty}", "lm.corpus: empty"),
+    ("lm.corpus={tmp}/doc.pdf", "lm.corpus: unsupported file type .pdf"),
+    ("lm.corpus={tmp}/notext.jsonl", 'lm.corpus: line 1 of'),
+    ("lm.vocab_size=100", "lm.vocab_size: input should be greater than or equal to 512"),
+    ("lm.seq_len=4096", "lm.seq_len: is over the model's 1024 positions (lm.preset=tiny)"),
+    ("lm.init_from={tmp}", "lm.init_from: not a Hugging Face model directory (no config.json)"),
+    ("mining.enabled=true", "config error: mining.enabled: hard-negative mining needs train.task=twotower "
+                            "(got 'causal_lm')"),
+]
+
+
+class TestBadInput:
+    """`minerd run` refuses each bad input with one line and exit 2, writing nothing."""
+
+    @pytest.mark.parametrize(("setting", "expected"), BAD_INPUTS, ids=[b[0].split("=")[0] + "-" + str(i)
+                                                                        for i, b in enumerate(BAD_INPUTS)])
+    def test_exit_2_one_line_nothing_written(self, tmp_path: Path, setting: str, expected: str) -> None:
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "doc.pdf").write_bytes(b"%PDF-1.4")
+        (tmp_path / "notext.jsonl").write_text('{"body": "no text field"}\n')
+        setting = setting.format(tmp=tmp_path, empty=tmp_path / "empty")
+        state = tmp_path / "state"
+        args = [sys.executable, "-m", "daemon", "run", "--set", f"paths.state_dir={state}",
+                "--set", "api.enabled=false", "--set", "telemetry.log_format=json", "--set", setting]
+        out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+        errors = [line for line in out.stderr.splitlines() if "config error" in line]
+        assert len(errors) == 1 and expected in errors[0], out.stderr[-2000:]
+        assert "Traceback" not in out.stdout + out.stderr
+        assert not state.exists()
