@@ -5,7 +5,9 @@ uploads, checkpoints and step telemetry at their configured cadence) runs in blo
 of inner steps through minerd's own loop (``Trainer.run``), alternating with blocks of
 a bare loop in the same process: a copy of the same model and optimizer settings on
 the same batches, forward, loss, backward, clip, step, nothing else. Evaluations are
-left out of both (they are not training; the run reports them on their own).
+left out of both (they are not training; the run reports them on their own). Each
+minerd block ends when its last upload is published, so the publisher's work is
+charged to minerd, never to the bare block after it.
 
 - tokens_per_s: minerd's loop, tokens per second.
 - loop_over_bare: minerd's tokens/s over the bare loop's (goal >= 0.97).
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from bench._common import cpu_run, interleaved, result
 from daemon.lifecycle import Lifecycle
 from daemon.state import MinerState
+from daemon.upload import Uploader
 
 ROOT = Path(__file__).resolve().parent.parent
 CURVE_PNG = ROOT / "docs" / "lm-loss-curve.png"
@@ -61,8 +64,10 @@ def main(quick: bool) -> None:
     state = MinerState(task="causal_lm")
     budget = _Budget(state)
     # The default job, as `make run` configures it; only evaluations are pushed out of reach.
-    run, state, registry = cpu_run([f"paths.state_dir={tmp}", "lm.eval_every_steps=1000000", "api.enabled=false"],
-                                   state=state, stop=budget)
+    sets = [f"paths.state_dir={tmp}", "lm.eval_every_steps=1000000", "api.enabled=false"]
+    if quick:  # uploads from the 6th step rather than the 50th: the warm-up fits in the quick budget
+        sets.append("upload.min_inner_step=6")
+    run, state, registry = cpu_run(sets, state=state, stop=budget)
     trainer = run.trainer
     life = Lifecycle()
     for component in run.components:
@@ -74,12 +79,18 @@ def main(quick: bool) -> None:
                                  foreach=False, fused=False)
     sampler = trainer.p.sampler
     position = {"epoch": 1, "index": sampler.batches_per_epoch // 2}  # the bare loop reads its own stretch
-    steps = 8 if quick else 25
+    steps = 6 if quick else 16
     tokens_per_step = cfg.train.effective_batch_size * cfg.lm.seq_len
+
+    uploader = next((c for c in run.components if isinstance(c, Uploader)), None)
 
     def minerd() -> None:
         budget.until = trainer.c.global_step + steps
         trainer.run()
+        # The block's last upload is finished inside the block: left running, its serialising
+        # would be charged to the bare loop's block that follows.
+        if uploader is not None:
+            uploader.wait_idle(120)
 
     def bare() -> None:
         from daemon.training.task import BatchPos
@@ -105,7 +116,7 @@ def main(quick: bool) -> None:
     budget.until = cfg.upload.min_inner_step
     trainer.run()
     bare()
-    t_minerd, t_bare = interleaved(minerd, bare, 4 if quick else 8)
+    t_minerd, t_bare = interleaved(minerd, bare, 3 if quick else 6)
     life.stop_all(30)
     tps, tps_bare = steps * tokens_per_step / t_minerd, steps * tokens_per_step / t_bare
     mfu = state.mfu if state.mfu is not None else math.nan

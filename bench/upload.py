@@ -66,7 +66,7 @@ def main(quick: bool) -> None:
 
     with tempfile.TemporaryDirectory(prefix="minerd-bench-upload-") as tmp:
         registry = CollectorRegistry()
-        cfg = UploadConfig(min_inner_step=0, every_inner_steps=1, keep=2)
+        cfg = UploadConfig(min_inner_step=0, every_inner_steps=1, keep=2, min_interval_seconds=0)
         up = Uploader.from_config(cfg, tmp, registry, config_hash="bench")
         up.start()
         for _ in range(2):  # warm-up: allocator, first snapshot buffers

@@ -95,6 +95,9 @@ class UploadConfig(_Section):
     enabled: bool = True
     min_inner_step: int = Field(50, ge=0)
     every_inner_steps: int = Field(3, gt=0)
+    min_interval_seconds: float = Field(
+        30, ge=0, description="no revision sooner than this after the last (a floor under every_inner_steps)"
+    )
     backend: Literal["local", "s3"] = "local"
     target: str = Field("", description="a directory or s3://bucket/prefix; empty = <state_dir>/uploads")
     endpoint_url: str = ""
@@ -163,6 +166,9 @@ class LmConfig(_Section):
 
 class CheckpointConfig(_Section):
     every_inner_steps: int = Field(100, gt=0)
+    min_interval_seconds: float = Field(
+        60, ge=0, description="no periodic checkpoint sooner than this after the last (a floor under every_inner_steps)"
+    )
     keep: int = Field(3, gt=0)
 
 

@@ -43,6 +43,9 @@ SMALL = [
     "upload.enabled=false",
     "telemetry.log_format=json",
     "checkpoint.every_inner_steps=5",
+    # Tests count steps, not seconds: no time floor under the step schedules.
+    "checkpoint.min_interval_seconds=0",
+    "upload.min_interval_seconds=0",
 ]
 
 
@@ -65,6 +68,8 @@ SMALL_LM = [
     "upload.enabled=false",
     "telemetry.log_format=json",
     "checkpoint.every_inner_steps=5",
+    "checkpoint.min_interval_seconds=0",
+    "upload.min_interval_seconds=0",
 ]
 
 

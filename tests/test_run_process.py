@@ -1,4 +1,4 @@
-"""A real `minerd run` subprocess: signals, exit codes, checkpoints, kill -9."""
+"""A real `minerd run` subprocess: signals, exit codes, checkpoints, kill -9 (both tasks)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import small_sets
+from tests.conftest import small_sets, task_sets
 
 pytestmark = [pytest.mark.integration]
+TASKS = ["causal_lm", "twotower"]
 
 
 def step_lines(text: str) -> list[dict]:
@@ -25,10 +26,10 @@ def step_lines(text: str) -> list[dict]:
 class TestGracefulStop:
     """SIGINT (pm2) and SIGTERM (systemd) finish the step, checkpoint, and exit 0."""
 
-    @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-    def test_signal(self, tmp_path: Path, miner_factory, sig: int) -> None:
+    @pytest.mark.parametrize(("task", "sig"), [("causal_lm", signal.SIGINT), ("twotower", signal.SIGTERM)])
+    def test_signal(self, tmp_path: Path, miner_factory, task: str, sig: int) -> None:
         state = tmp_path / "state"
-        m = miner_factory(state, small_sets(state, "checkpoint.every_inner_steps=100000", "api.enabled=false"))
+        m = miner_factory(state, task_sets(task, state, "checkpoint.every_inner_steps=100000", "api.enabled=false"))
         m.wait_for("Outer Step:")
         m.signal(sig)
         assert m.wait(60) == 0, m.text()[-2000:]
@@ -38,11 +39,12 @@ class TestGracefulStop:
         ckpts = sorted((state / "checkpoints").glob("step-*"))
         assert ckpts and ckpts[-1].name == f"step-{last:010d}"
 
-    def test_resume_continues_where_it_stopped(self, tmp_path: Path, miner_factory) -> None:
+    @pytest.mark.parametrize("task", TASKS)
+    def test_resume_continues_where_it_stopped(self, tmp_path: Path, miner_factory, task: str) -> None:
         state = tmp_path / "state"
-        m = miner_factory(state, small_sets(state, "train.max_steps=12", "api.enabled=false"))
+        m = miner_factory(state, task_sets(task, state, "train.max_steps=12", "api.enabled=false"))
         assert m.wait(90) == 0, m.text()[-2000:]
-        m2 = miner_factory(state, small_sets(state, "train.max_steps=20", "api.enabled=false"))
+        m2 = miner_factory(state, task_sets(task, state, "train.max_steps=20", "api.enabled=false"))
         assert m2.wait(90) == 0, m2.text()[-2000:]
         text = m2.text()
         assert "Resumed from checkpoint at outer step 1, inner step 5 (global step 12)" in text
@@ -52,6 +54,9 @@ class TestGracefulStop:
         assert flags and all(e["level"] == "warning" for e in flags)
         assert any(e["event"] == "GPU DIAGNOSTICS" and e["level"] == "info" for e in block)
         assert [s["global_step"] for s in step_lines(text)] == list(range(13, 21))
+        if task == "causal_lm":  # the second start reads the tokenizer and the token cache back
+            assert "tokenizer reused" in text and "token cache reused" in text
+            assert "tokenising the corpus" not in text and "tokenizer trained" not in text
 
     def test_bad_config_exits_2_and_writes_nothing(self, tmp_path: Path, miner_factory) -> None:
         state = tmp_path / "state"
@@ -65,11 +70,15 @@ class TestGracefulStop:
 class TestKillDuringCheckpoint:
     """SIGKILL in the middle of a checkpoint write: the next run starts from the previous good one."""
 
-    def test_kill_while_saving(self, tmp_path: Path, miner_factory) -> None:
+    @pytest.mark.parametrize("task", TASKS)
+    def test_kill_while_saving(self, tmp_path: Path, miner_factory, task: str) -> None:
         state = tmp_path / "state"
-        # A wide model makes each checkpoint a few hundred MB, so a save takes long enough to hit.
-        sets = small_sets(state, "train.hidden_dim=3072", "checkpoint.every_inner_steps=3", "api.enabled=false",
-                          "checkpoint.keep=2", "train.batch_size=16", "train.effective_batch_size=16")
+        # A large model makes each checkpoint a few hundred MB, so a save takes long enough to hit
+        # (the language model's tied embedding is stored once: the alias path is killed too).
+        large = ["lm.preset=small"] if task == "causal_lm" else ["train.hidden_dim=3072", "train.batch_size=16",
+                                                                 "train.effective_batch_size=16"]
+        sets = task_sets(task, state, *large, "checkpoint.every_inner_steps=3", "api.enabled=false",
+                         "checkpoint.keep=2")
         m = miner_factory(state, sets)
         ckpt_dir = state / "checkpoints"
         deadline = time.monotonic() + 120

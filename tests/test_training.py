@@ -79,6 +79,15 @@ class TestSteps:
         for a, p in zip(t2.p.outer.anchor, t2.p.model.parameters(), strict=True):
             assert torch.equal(a, p.detach())
 
+    def test_checkpoint_time_floor(self, tmp_path: Path) -> None:
+        """Periodic checkpoints follow the step schedule, but never sooner than
+        checkpoint.min_interval_seconds after the last one."""
+        for floor, expected in ((0, 3), (3600, 1)):
+            t, reg = make(tmp_path / str(floor), "train.max_steps=6", "checkpoint.every_inner_steps=2",
+                          f"checkpoint.min_interval_seconds={floor}")
+            t.run()
+            assert reg.get_sample_value("minerd_checkpoints_total") == expected, floor
+
     def test_nonfinite_step_is_skipped_and_counted(self, tmp_path: Path) -> None:
         t, reg = make(tmp_path, "train.max_steps=4", "train.max_nonfinite_in_row=100")
         task = t.p.task

@@ -56,6 +56,17 @@ class TestGateTable:
     def test_disabled(self) -> None:
         assert decide(UploadConfig(enabled=False), GateState(0, 51, 1.0)).reason == "disabled"
 
+    def test_time_floor_under_the_schedule(self) -> None:
+        """A scheduled step sooner than upload.min_interval_seconds after the last upload waits,
+        quietly (not an attempt); a forced upload does not wait."""
+        cfg = UploadConfig(min_inner_step=0, every_inner_steps=3, min_interval_seconds=30)
+        soon = decide(cfg, GateState(0, 9, 1.0, last_published=(0, 6), seconds_since_last=12.0))
+        assert (soon.allowed, soon.reason, soon.quiet) == (False, "min_interval", True)
+        assert "12s since the last upload" in soon.message
+        assert decide(cfg, GateState(0, 9, 1.0, last_published=(0, 6), seconds_since_last=31.0)).allowed
+        assert decide(cfg, GateState(0, 9, 1.0, last_published=(0, 6), seconds_since_last=1.0, forced=True)).allowed
+        assert decide(cfg, GateState(0, 9, 1.0)).allowed  # nothing published yet
+
 
 def _model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)

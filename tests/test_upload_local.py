@@ -37,7 +37,7 @@ def _model(width: int = 16) -> tuple[torch.nn.Linear, torch.optim.Optimizer]:
 
 
 def _cfg(**kw: object) -> UploadConfig:
-    return UploadConfig.model_validate({"min_inner_step": 0, "every_inner_steps": 1, "keep": 2} | kw)
+    return UploadConfig.model_validate({"min_inner_step": 0, "every_inner_steps": 1, "keep": 2, "min_interval_seconds": 0} | kw)
 
 
 class TestPublish:
@@ -171,7 +171,7 @@ CHILD = textwrap.dedent(
     from daemon.upload import Uploader
 
     torch.set_num_threads(1)
-    cfg = UploadConfig(min_inner_step=0, every_inner_steps=1, keep=2)
+    cfg = UploadConfig(min_inner_step=0, every_inner_steps=1, keep=2, min_interval_seconds=0)
     up = Uploader.from_config(cfg, sys.argv[1], CollectorRegistry())
     up.start()
     model = torch.nn.Linear(2048, 2048)  # 16 MB of weights, 32 MB of Adam state
@@ -264,7 +264,7 @@ CHILD_BETWEEN_FILES = textwrap.dedent(
 
     torch.set_num_threads(1)
     target = Path(sys.argv[1])
-    cfg = UploadConfig(min_inner_step=0, every_inner_steps=1, keep=2)
+    cfg = UploadConfig(min_inner_step=0, every_inner_steps=1, keep=2, min_interval_seconds=0)
     up = Uploader(cfg, Paused(target), target / ".staging", CollectorRegistry())
     up.start()
     model = torch.nn.Linear(64, 64)

@@ -93,6 +93,7 @@ def _cfg(server: MotoServer, **kw: object) -> UploadConfig:
         "min_inner_step": 0,
         "every_inner_steps": 1,
         "keep": 2,
+        "min_interval_seconds": 0,
     }
     return UploadConfig.model_validate(base | kw)
 

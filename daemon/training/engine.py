@@ -119,6 +119,7 @@ class Trainer:
         self.last_loss: float | None = None
         self.last_eval: dict[str, float] = {}
         self._ckpt_global_step: int | None = None
+        self._ckpt_monotonic: float | None = None  # when this process last wrote a checkpoint
 
     # ---- set-up -----------------------------------------------------------
     def _amp_dtype(self) -> torch.dtype | None:
@@ -192,11 +193,22 @@ class Trainer:
                 "config_hash": self.cfg.digest()}
         path = self.p.store.save(self.c.global_step, self.module.state_dict(), state, meta)
         self._ckpt_global_step = self.c.global_step
+        self._ckpt_monotonic = time.monotonic()
         self.metrics.checkpoints.inc()
         self.state.last_checkpoint_time = time.time()
         self.state.beat()
         log.info("checkpoint saved", path=str(path), reason=reason, global_step=self.c.global_step,
                  seconds=round(time.perf_counter() - t0, 3))
+
+    def _checkpoint_due(self) -> bool:
+        """On the step schedule, and not sooner than ``checkpoint.min_interval_seconds`` after the
+        last one: a schedule in steps made for slow GPU steps would rewrite the whole state every
+        few seconds from a fast job, and a kill loses at most the larger of the two anyway."""
+        ck = self.cfg.checkpoint
+        if self.c.global_step % ck.every_inner_steps != 0:
+            return False
+        last = self._ckpt_monotonic
+        return last is None or time.monotonic() - last >= ck.min_interval_seconds
 
     # ---- the loop ---------------------------------------------------------
     def lr_at(self, global_step: int) -> float:
@@ -227,7 +239,7 @@ class Trainer:
             outcome = self.inner_step()
             if outcome == "abandoned":
                 return "signal"
-            if self.c.global_step % self.cfg.checkpoint.every_inner_steps == 0:
+            if self._checkpoint_due():
                 self.checkpoint("periodic")
         return reason
 

@@ -3,9 +3,13 @@
 Validators reject revisions with too few inner steps, non-finite weights and an
 inner step that does not increase; the miner refuses those itself and says why.
 Checks run in a fixed order so the reason is stable: disabled, not_on_schedule,
-min_inner_step, in_progress, not_newer, nonfinite. The schedule is checked
-before the minimum (as the seed's miner does), so below the minimum only the
-scheduled steps (3, 6, ... 48 with every 3) count as blocked attempts.
+min_interval, min_inner_step, in_progress, not_newer, nonfinite. The schedule is
+checked before the minimum (as subnet-38 miners do), so below the minimum only
+the scheduled steps (3, 6, ... 48 with every 3) count as blocked attempts.
+
+``upload.min_interval_seconds`` is a time floor under the step schedule: a
+schedule made for 15-second GPU steps would publish several revisions a
+second from a fast CPU job, for nothing (validators look at the newest).
 """
 
 from __future__ import annotations
@@ -18,16 +22,17 @@ from daemon.config import UploadConfig
 OK = "ok"
 DISABLED = "disabled"
 NOT_ON_SCHEDULE = "not_on_schedule"
+TOO_SOON = "min_interval"
 MIN_INNER_STEP = "min_inner_step"
 IN_PROGRESS = "in_progress"
 NOT_NEWER = "not_newer"
 NONFINITE = "nonfinite"
 
-REASONS = (DISABLED, NOT_ON_SCHEDULE, MIN_INNER_STEP, IN_PROGRESS, NOT_NEWER, NONFINITE)
-# Not attempts: "not yet" (two steps in three) and "switched off" (every step;
-# said once at start). Counted per reason, neither logged nor counted in
-# minerd_upload_attempts_total.
-QUIET_REASONS = frozenset({NOT_ON_SCHEDULE, DISABLED})
+REASONS = (DISABLED, NOT_ON_SCHEDULE, TOO_SOON, MIN_INNER_STEP, IN_PROGRESS, NOT_NEWER, NONFINITE)
+# Not attempts: "not yet" (two steps in three, or too soon after the last) and
+# "switched off" (every step; said once at start). Counted per reason, neither
+# logged nor counted in minerd_upload_attempts_total.
+QUIET_REASONS = frozenset({NOT_ON_SCHEDULE, TOO_SOON, DISABLED})
 
 
 def revision_name(outer_step: int, inner_step: int) -> str:
@@ -45,6 +50,7 @@ class GateState:
     in_progress: bool = False
     last_published: tuple[int, int] | None = None
     forced: bool = False
+    seconds_since_last: float | None = None  # since the last revision was published
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,13 @@ def decide(cfg: UploadConfig, state: GateState) -> GateDecision:
         return _blocked(
             NOT_ON_SCHEDULE,
             f"UPLOAD SKIPPED: inner_step ({step}) is not a multiple of {cfg.every_inner_steps}.",
+        )
+    since = state.seconds_since_last
+    if not state.forced and since is not None and since < cfg.min_interval_seconds:
+        return _blocked(
+            TOO_SOON,
+            f"UPLOAD SKIPPED: {since:.0f}s since the last upload, under upload.min_interval_seconds "
+            f"({cfg.min_interval_seconds:g}s).",
         )
     if step < cfg.min_inner_step:
         return _blocked(

@@ -206,6 +206,7 @@ class Uploader:
                 in_progress=self._in_progress is not None,
                 last_published=self._last_published,
                 forced=forced,
+                seconds_since_last=None if self._last_time is None else self._clock() - self._last_time,
             )
         decision = decide(self.cfg, state)
         # The parameter scan is the only per-tensor work of the gate: only when all
