@@ -92,7 +92,7 @@ def diagnose(
         for problem in exc.problems:
             _err(problem)
         raise typer.Exit(EXIT_USAGE) from None
-    diag = diagnostics.collect(cfg, next(model.parameters()).device, launch.world_size)
+    diag = diagnostics.collect(cfg, next(model.parameters()).device, launch.world_size, model)
     if json_out:
         typer.echo(json.dumps(diag.model_dump(), indent=2))
     else:

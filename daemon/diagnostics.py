@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from pydantic import BaseModel
+from torch import nn
 
 from daemon.config import Config
 
@@ -27,6 +28,8 @@ class Diagnostics(BaseModel):
     gpu_total_memory_gb: float | None
     gpu_memory_allocated_gb: float | None
     model_device: str
+    model_class: str | None = None  # the configured task's model, e.g. LlamaForCausalLM
+    model_parameters: int | None = None
     configured_device: str
     batch_size: int
     effective_batch_size: int
@@ -41,7 +44,7 @@ def accumulation_steps(cfg: Config, world_size: int) -> int:
     return cfg.train.effective_batch_size // (cfg.train.batch_size * world_size)
 
 
-def collect(cfg: Config, model_device: torch.device, world_size: int) -> Diagnostics:
+def collect(cfg: Config, model_device: torch.device, world_size: int, model: nn.Module | None = None) -> Diagnostics:
     cuda = torch.cuda.is_available()
     count = torch.cuda.device_count() if cuda else 0
     current = torch.cuda.current_device() if cuda else None
@@ -80,6 +83,8 @@ def collect(cfg: Config, model_device: torch.device, world_size: int) -> Diagnos
         gpu_total_memory_gb=round(total, 2) if total is not None else None,
         gpu_memory_allocated_gb=round(allocated, 2) if allocated is not None else None,
         model_device=str(model_device),
+        model_class=type(model).__name__ if model is not None else None,
+        model_parameters=sum(p.numel() for p in model.parameters()) if model is not None else None,
         configured_device=cfg.train.device,
         batch_size=cfg.train.batch_size,
         effective_batch_size=cfg.train.effective_batch_size,
@@ -106,6 +111,8 @@ def render(d: Diagnostics) -> list[str]:
         f"GPU memory allocated: {gb(d.gpu_memory_allocated_gb)}",
         f"Model device: {d.model_device}",
     ]
+    if d.model_class is not None and d.model_parameters is not None:
+        lines.append(f"Model: {d.model_class} ({d.model_parameters / 1e6:.2f}M parameters)")
     if d.model_device.startswith("cuda"):
         lines.append(f"Model correctly on GPU: {d.model_device}")
     elif d.configured_device == "cpu":

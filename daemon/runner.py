@@ -64,7 +64,8 @@ def run(cfg: Config) -> int:
         trainer = built.trainer
         for component in built.components:  # the task's (embeddings, mining), then the uploader
             life.start(component)
-        diag = diagnostics.collect(cfg, device, launch.world_size)
+        model = trainer.module
+        diag = diagnostics.collect(cfg, next(model.parameters()).device, launch.world_size, model)
         state.diagnostics = diag.model_dump()
         for line in diagnostics.render(diag):
             # Red flags at warning level: a JSON log filtered on level must not miss them.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -149,3 +150,13 @@ class TestCli:
     def test_usage_error_is_one_line(self, tmp_path: Path) -> None:
         r = self.run("run", "--no-such-flag", cwd=tmp_path)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+    @pytest.mark.parametrize(("task", "model_class"), [("causal_lm", "LlamaForCausalLM"),
+                                                       ("twotower", "TwoTowerModel")])
+    def test_diagnose_builds_the_configured_tasks_model(self, tmp_path: Path, task: str, model_class: str) -> None:
+        r = self.run("diagnose", "--json", "--set", f"train.task={task}", "--set", f"paths.state_dir={tmp_path / 's'}",
+                     cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-2000:]
+        diag = json.loads(r.stdout)
+        assert diag["model_class"] == model_class and diag["model_parameters"] > 0
+        assert not (tmp_path / "s").exists()  # diagnose writes nothing
