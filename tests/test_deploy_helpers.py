@@ -46,6 +46,7 @@ class StandInExporter:
                 "minerd_learning_rate", "minerd_separation_margin", "minerd_last_step_timestamp_seconds",
                 "minerd_model_on_accelerator", "minerd_mining_fifo_depth",
                 "minerd_last_upload_timestamp_seconds", "minerd_last_checkpoint_timestamp_seconds",
+                "minerd_tokens_per_second", "minerd_mfu_ratio", "minerd_eval_loss", "minerd_eval_bits_per_byte",
             )
         }  # fmt: skip
         self.per_device = {
@@ -60,7 +61,7 @@ class StandInExporter:
             for n in (
                 "minerd_inner_steps", "minerd_samples", "minerd_data_wait_seconds", "minerd_nonfinite_steps",
                 "minerd_slow_steps", "minerd_mining_index_refreshes", "minerd_embedding_disk_syncs",
-                "minerd_upload_bytes", "minerd_checkpoints", "minerd_mining_errors",
+                "minerd_upload_bytes", "minerd_checkpoints", "minerd_mining_errors", "minerd_tokens",
             )
         }  # fmt: skip
         self.queue = Gauge("minerd_mining_queue_depth", "", ["queue"], registry=r)
@@ -86,7 +87,8 @@ class StandInExporter:
             "minerd_loss": 3.4 / (1 + i), "minerd_learning_rate": 2.1e-5, "minerd_separation_margin": 0.05,
             "minerd_last_step_timestamp_seconds": now, "minerd_model_on_accelerator": 1,
             "minerd_mining_fifo_depth": 3, "minerd_last_upload_timestamp_seconds": now - 30,
-            "minerd_last_checkpoint_timestamp_seconds": now - 10,
+            "minerd_last_checkpoint_timestamp_seconds": now - 10, "minerd_tokens_per_second": 2000.0,
+            "minerd_mfu_ratio": 0.41, "minerd_eval_loss": 5.0 - i / 100, "minerd_eval_bits_per_byte": 2.0 - i / 250,
         }.items():  # fmt: skip
             self.gauges[name].set(value)
         for name, value in (("allocated", 18e9), ("reserved", 20e9), ("total", 80e9)):

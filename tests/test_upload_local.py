@@ -37,7 +37,8 @@ def _model(width: int = 16) -> tuple[torch.nn.Linear, torch.optim.Optimizer]:
 
 
 def _cfg(**kw: object) -> UploadConfig:
-    return UploadConfig.model_validate({"min_inner_step": 0, "every_inner_steps": 1, "keep": 2, "min_interval_seconds": 0} | kw)
+    base = {"min_inner_step": 0, "every_inner_steps": 1, "keep": 2, "min_interval_seconds": 0}
+    return UploadConfig.model_validate(base | kw)
 
 
 class TestPublish:
