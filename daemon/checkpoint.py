@@ -1,12 +1,16 @@
 """Local checkpoints that survive kill -9.
 
-A checkpoint is a directory ``step-<global step>``: ``model.safetensors``,
-``train_state.pt`` (optimizers, counters, data position, RNG states) and
-``manifest.json`` with the size and sha256 of each file. It is written
+A checkpoint is a directory ``step-<global step>``: ``model.safetensors``, the
+training state (optimizers, counters, data position, RNG states) as
+``train_state.safetensors`` plus ``train_state.json`` (``statefile.py``: nothing
+in a checkpoint runs code when read), and ``manifest.json`` with the size and
+sha256 of each file. It is written
 whole under a temporary name, every file fsynced, then renamed into place:
 a reader (the next start) sees a complete checkpoint or none. Loading
-verifies the manifest; a truncated or corrupt checkpoint is reported in one
-line and the previous one is used.
+verifies the manifest, which must list exactly the files of a checkpoint; a
+truncated, corrupt or malformed checkpoint is reported in one line and the
+previous one is used. Checkpoints of earlier versions (``train_state.pt``) are
+still read, with torch's weights-only loader.
 """
 
 from __future__ import annotations
@@ -22,16 +26,22 @@ from typing import Any
 
 import structlog
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from daemon import atomic
+from daemon import atomic, statefile
 from daemon.tensors import aliases, with_aliases
 
 log = structlog.get_logger(__name__)
 
 MODEL_FILE = "model.safetensors"
-STATE_FILE = "train_state.pt"
+STATE_TENSORS = "train_state.safetensors"
+STATE_SKELETON = "train_state.json"
+LEGACY_STATE_FILE = "train_state.pt"  # written by minerd 0.1
+FILE_SETS = (
+    frozenset({MODEL_FILE, STATE_TENSORS, STATE_SKELETON}),
+    frozenset({MODEL_FILE, LEGACY_STATE_FILE}),
+)
 MANIFEST = "manifest.json"
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
@@ -100,9 +110,9 @@ class CheckpointStore:
             tied = aliases(model)  # found before the copy to the host, which would untie them
             tensors = {k: v.detach().cpu().contiguous() for k, v in model.items() if k not in tied}
             save_file(tensors, str(tmp / MODEL_FILE), metadata={"aliases": json.dumps(tied, sort_keys=True)})
-            torch.save(state, tmp / STATE_FILE)
+            statefile.save(state, tmp / STATE_TENSORS, tmp / STATE_SKELETON)
             files = {}
-            for name in (MODEL_FILE, STATE_FILE):
+            for name in (MODEL_FILE, STATE_TENSORS, STATE_SKELETON):
                 _fsync_file(tmp / name)
                 files[name] = {"size": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
             manifest = {"global_step": global_step, "created_at": time.time(), "files": files, **meta}
@@ -126,7 +136,14 @@ class CheckpointStore:
             files = manifest["files"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointCorrupt(f"{path / MANIFEST}: unreadable manifest ({exc})") from None
+        # Every file checked, none skipped: a manifest listing fewer would wave corrupt weights through.
+        if not isinstance(files, dict) or frozenset(files) not in FILE_SETS:
+            shown = sorted(files) if isinstance(files, dict) else type(files).__name__
+            raise CheckpointCorrupt(f"{path / MANIFEST}: does not list the files of a checkpoint (got {shown})")
         for name, want in files.items():
+            if not (isinstance(want, dict) and isinstance(want.get("size"), int)
+                    and isinstance(want.get("sha256"), str)):
+                raise CheckpointCorrupt(f"{path / MANIFEST}: the entry of {name} lacks size or sha256")
             f = path / name
             try:
                 size = f.stat().st_size
@@ -145,9 +162,14 @@ class CheckpointStore:
             with safe_open(str(path / MODEL_FILE), framework="pt") as fh:
                 tied = json.loads((fh.metadata() or {}).get("aliases", "{}"))
             model = with_aliases(model, tied)
-            state = torch.load(path / STATE_FILE, map_location=map_location, weights_only=True)
-        except (SafetensorError, OSError, RuntimeError, EOFError, ValueError, KeyError) as exc:
-            raise CheckpointCorrupt(f"{path}: cannot load ({exc})") from None
+            if STATE_SKELETON in meta["files"]:
+                state = statefile.load(path / STATE_TENSORS, path / STATE_SKELETON, map_location)
+            else:
+                state = torch.load(path / LEGACY_STATE_FILE, map_location=map_location, weights_only=True)
+            if not isinstance(state, dict):
+                raise ValueError(f"the training state is a {type(state).__name__}, not a mapping")
+        except Exception as exc:
+            raise CheckpointCorrupt(f"{path}: cannot load ({type(exc).__name__}: {exc})") from None
         return Checkpoint(path, model, state, meta)
 
     def load_latest(self, map_location: str | torch.device = "cpu") -> Checkpoint | None:

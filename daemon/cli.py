@@ -141,6 +141,11 @@ def bundle(
     from pathlib import Path
 
     from daemon.bundle import build_bundle, default_out_path, write_bundle
+    from daemon.urls import http_url_problem
+
+    if url and (why := http_url_problem(url)):
+        _err(f"minerd: error: --url {why} (got {url!r})")
+        raise typer.Exit(EXIT_USAGE)
 
     origin = f"Resolved from {config or 'the built-in defaults'} < MINERD_* environment < --set, as this " \
              "command sees them (a miner started by pm2/systemd may have had another environment)."

@@ -1,7 +1,7 @@
 """``minerd status [--url URL] [--json]``: read ``/status`` of a running miner.
 
 urllib, not httpx: httpx is a development dependency only. Exit codes: 0
-printed, 1 unreachable (one line on stderr, no traceback).
+printed, 1 unreachable, 2 not a usable URL (one line on stderr, no traceback).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import sys
 import urllib.error
 import urllib.request
 from typing import Any, TextIO
+
+from daemon.urls import http_url_problem
 
 DEFAULT_URL = "http://127.0.0.1:9108"
 
@@ -118,6 +120,10 @@ def run_status(
     """What ``minerd status`` does; returns the exit code."""
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
+    why = http_url_problem(status_url(url))
+    if why is not None:
+        err.write(f"minerd status: --url {why} (got {url!r})\n")
+        return 2
     try:
         data = fetch_status(url, timeout=timeout)
     except (OSError, ValueError) as exc:

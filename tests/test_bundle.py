@@ -237,3 +237,35 @@ def test_render_keeps_one_line_per_record() -> None:
     line = parse_line("x", '2026-11-22 04:47:00.100 +00:00: {"event": "a\\nb", "level": "error", "k": 1}')
     assert line.time == "2026-11-22 04:47:00.100000"
     assert "\n" not in line.render() and "[error] a" in line.render() and "k=1" in line.render()
+
+
+class TestRedaction:
+    """Every secret-looking value in the gathered text is masked; look-alike words are not."""
+
+    @pytest.mark.parametrize(
+        ("text", "secret"),
+        [
+            ("MINIO_SECRET_KEY=minio-s3cret-1", "minio-s3cret-1"),
+            ("R2_SECRET_KEY: r2-s3cret-2", "r2-s3cret-2"),
+            ("private_key: pk-s3cret-3", "pk-s3cret-3"),
+            ("credentials=cred-s3cret-4", "cred-s3cret-4"),
+            ("auth=auth-s3cret-5", "auth-s3cret-5"),
+            ("Cookie: session=sess-s3cret-6", "sess-s3cret-6"),
+            ("endpoint https://user:tok-s3cret-7@minio.local:9000/bucket", "tok-s3cret-7"),
+            ("endpoint https://user:pa/ss-s3cret-8@minio.local", "ss-s3cret-8"),
+            ("endpoint https://user:p@ss-s3cret-9@minio.local", "ss-s3cret-9"),
+            ("git https://ghp-s3cret-10@github.com/x", "ghp-s3cret-10"),
+            ('{"api_key": "k-s3cret-11"}', "k-s3cret-11"),
+        ],
+    )
+    def test_masked(self, text: str, secret: str) -> None:
+        from daemon.bundle.redact import scrub
+
+        out = scrub(text, [])
+        assert secret not in out and "********" in out, out
+
+    def test_look_alikes_stay(self) -> None:
+        from daemon.bundle.redact import scrub
+
+        text = "author=Jane secretary=Bob password: null tokens_per_s=1950.2"
+        assert scrub(text, []) == text

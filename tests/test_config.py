@@ -109,7 +109,7 @@ class TestProblems:
         d = tmp_path / "adir.yaml"
         d.mkdir()
         (line,) = problems(path=str(d))
-        assert line.startswith("config error: --config: cannot read file")
+        assert line.startswith("config error: --config: not a regular file")
 
     def test_malformed_yaml_has_line_number(self, tmp_path: Path) -> None:
         f = tmp_path / "bad.yaml"
@@ -151,6 +151,18 @@ class TestCli:
         r = self.run("run", "--no-such-flag", cwd=tmp_path)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
+    @pytest.mark.parametrize(
+        "args",
+        [("status", "--url", "not a url"), ("status", "--url", "http://bad host"),
+         ("status", "--url", "ftp://127.0.0.1:21"), ("bundle", "--url", "http://bad host")],
+    )
+    def test_a_bad_url_is_one_line_and_exit_2(self, tmp_path: Path, args: tuple[str, ...]) -> None:
+        r = self.run(*args, "--out" if args[0] == "bundle" else "--json", *(["b.md"] if args[0] == "bundle" else []),
+                     cwd=tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert len(r.stderr.strip().splitlines()) == 1 and "--url" in r.stderr
+        assert not (tmp_path / "b.md").exists()
+
     @pytest.mark.parametrize(("task", "model_class"), [("causal_lm", "LlamaForCausalLM"),
                                                        ("twotower", "TwoTowerModel")])
     def test_diagnose_builds_the_configured_tasks_model(self, tmp_path: Path, task: str, model_class: str) -> None:
@@ -160,3 +172,87 @@ class TestCli:
         diag = json.loads(r.stdout)
         assert diag["model_class"] == model_class and diag["model_parameters"] > 0
         assert not (tmp_path / "s").exists()  # diagnose writes nothing
+
+
+class TestHostileInput:
+    """Values that used to pass validation and fail later, or to leak or blow up, are refused
+    at `config validate` with one bounded line, and secrets never echo."""
+
+    @pytest.mark.parametrize("token", ["ab #cd", "#x", "&x", "null", "~", "123456", "  spaced  ", "a: b"])
+    def test_string_and_secret_values_are_taken_raw(self, token: str) -> None:
+        from_set = load_config(sets=[f"api.token={token}"], environ={})
+        from_env = load_config(environ={"MINERD_API__TOKEN": token})
+        assert from_set.api.token is not None and from_env.api.token is not None
+        assert from_set.api.token.get_secret_value() == token == from_env.api.token.get_secret_value()
+        assert load_config(sets=[f"paths.state_dir={token}"], environ={}).paths.state_dir == token
+
+    def test_other_values_are_still_typed(self) -> None:
+        cfg = load_config(sets=["train.max_steps=5", "mining.enabled=true", "train.amp=off", "train.task=twotower"],
+                          environ={})
+        assert cfg.train.max_steps == 5 and cfg.mining.enabled is True and cfg.train.amp == "off"
+
+    def test_a_mistyped_secret_key_does_not_echo_its_value(self) -> None:
+        (line,) = problems("api.tokn=SECRET-VALUE")
+        assert "SECRET-VALUE" not in line and "did you mean 'api.token'?" in line
+        (line,) = problems("upload.aws_secret=xyz")
+        assert "xyz" not in line
+
+    def test_a_password_in_the_endpoint_is_masked(self) -> None:
+        cfg = load_config(sets=["upload.backend=s3", "upload.target=s3://b/p",
+                                "upload.endpoint_url=https://user:pa/ss@minio.local:9000"], environ={})
+        shown = to_yaml(cfg)
+        assert "pa/ss" not in shown and "user:********@minio.local:9000" in shown
+
+    def test_yaml_aliases_are_refused_and_lines_are_bounded(self, tmp_path: Path) -> None:
+        bomb = tmp_path / "bomb.yaml"
+        lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+        for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
+            lines.append(f"{name}: &{name} [{','.join([f'*{prev}'] * 9)}]")
+        bomb.write_text("\n".join(lines) + "\n")
+        assert len(bomb.read_bytes()) < 1000
+        (line,) = problems(path=str(bomb))
+        assert line == f"config error: {bomb}:2: malformed YAML: aliases (*name) are not allowed in a minerd config"
+        (line,) = problems(f"train.device={'x' * 100_000}")
+        assert len(line) < 300 and "(100002 characters)" in line
+
+    @pytest.mark.parametrize("path", ["/dev/zero", "/dev/urandom", "."])
+    def test_the_config_must_be_a_regular_file(self, path: str) -> None:
+        assert problems(path=path) == [f"config error: --config: not a regular file (got '{path}')"]
+
+    def test_an_oversized_config_file(self, tmp_path: Path) -> None:
+        big = tmp_path / "big.yaml"
+        big.write_text("# " + "x" * (2 << 20) + "\n")
+        (line,) = problems(path=str(big))
+        assert "larger than 1048576 bytes" in line
+
+    @pytest.mark.parametrize(
+        ("setting", "expected"),
+        [
+            ("train.seed=-1", "train.seed: input should be greater than or equal to 0"),
+            ("train.seed=18446744073709551616", "train.seed: input should be less than or equal to 4294967295"),
+            ("shutdown.deadline_seconds=.inf", "shutdown.deadline_seconds: input should be a finite number"),
+            ("watchdog.stall_seconds=.nan", "watchdog.stall_seconds: input should be a finite number"),
+            ("shutdown.deadline_seconds=1e300", "shutdown.deadline_seconds: input should be less than or equal to"),
+            ("api.host=bad host", "api.host: must be an IP address or a host name"),
+            ("upload.target=s3://bucket/prefix", "upload.target: is a URL: set upload.backend=s3 for it"),
+        ],
+    )
+    def test_values_that_would_fail_at_run_time(self, setting: str, expected: str) -> None:
+        (line,) = problems(setting)
+        assert line.startswith(f"config error: {expected}"), line
+
+    @pytest.mark.parametrize("host", ["127.0.0.1", "::1", "[::1]", "0.0.0.0", "localhost", "miner-1.example.org"])
+    def test_good_hosts(self, host: str) -> None:
+        assert load_config(sets=[f"api.host={host}"], environ={}).api.host == host
+
+    def test_the_token_from_a_file(self, tmp_path: Path) -> None:
+        f = tmp_path / "api-token"
+        f.write_text("s3cret #with &odd ~chars\n")
+        cfg = load_config(sets=[f"api.token_file={f}"], environ={})
+        assert cfg.api.token is not None and cfg.api.token.get_secret_value() == "s3cret #with &odd ~chars"
+        assert "s3cret" not in to_yaml(cfg)
+        assert load_config(sets=[f"api.token_file={tmp_path / 'absent'}"], environ={}).api.token is None
+        (line,) = problems(f"api.token_file={f}", "api.token=x")
+        assert "set api.token or api.token_file, not both" in line
+        (line,) = problems(f"api.token_file={tmp_path}")
+        assert "must be a regular file" in line

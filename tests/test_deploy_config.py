@@ -289,6 +289,23 @@ class TestSystemdUnit:
         for key in ("NoNewPrivileges", "PrivateTmp", "ProtectHome"):
             assert service[key] == "yes", key
         assert "PrivateDevices" not in service, "PrivateDevices hides /dev/nvidia*"
+        assert service["CapabilityBoundingSet"] == "" and service["ProtectProc"] == "invisible"
+        filters = [v for k, v in s if k == "SystemCallFilter"]
+        assert service["ProcSubset"] == "pid" and filters == ["@system-service", "~@privileged"]
+        # The token as a systemd credential, read by the miner from the credentials directory.
+        assert service["LoadCredential"] == "api-token:/etc/minerd/api-token"
+        assert env["MINERD_API__TOKEN_FILE"] == "%d/api-token" and "token_file" in config_fields("api")
+
+    def test_security_exposure_is_low(self, tmp_path: Path) -> None:
+        """systemd's own review scores the unit's exposure; 5.7 (MEDIUM) before the system-call
+        filter, the empty capability set and the /proc restrictions."""
+        analyze = need_tool("systemd-analyze")
+        unit = tmp_path / "minerd.service"
+        unit.write_text(UNIT.read_text())
+        out = run([analyze, "security", "--offline=yes", "--no-pager", str(unit)])
+        match = re.search(r"Overall exposure level for minerd.service: (\d+\.\d+)", out.stdout + out.stderr)
+        assert match, out.stdout[-2000:] + out.stderr[-2000:]
+        assert float(match.group(1)) <= 2.5, out.stdout[-3000:]
 
     def test_env_example_names_only_real_config_keys(self) -> None:
         text = (DEPLOY / "systemd" / "minerd.env.example").read_text()

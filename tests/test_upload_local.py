@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -161,6 +163,69 @@ class TestVerify:
         assert any(p.endswith("optimizer.pt: missing") for p in problems)
         (target / "LATEST").write_text("garbage\n")
         assert "does not name a revision" in verify_target(str(target))[0]
+
+    def _rewrite_manifest(self, rev: Path, change: Callable[[dict], None]) -> None:
+        manifest = json.loads((rev / "metadata.json").read_text())
+        change(manifest)
+        (rev / "metadata.json").write_text(json.dumps(manifest))
+
+    def test_a_manifest_naming_a_path_outside_the_revision(self, tmp_path: Path) -> None:
+        target = self._published(tmp_path)
+        outside = tmp_path / "outside.txt"
+        outside.write_text("not part of any revision\n")
+        data = outside.read_bytes()
+        entry = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        self._rewrite_manifest(target / "rev-0-3", lambda m: m["files"].update({"../../outside.txt": entry}))
+        (problem,) = verify_target(str(target))
+        assert problem.endswith("names a file outside the revision ('../../outside.txt')")
+
+    def test_a_model_that_is_not_safetensors(self, tmp_path: Path) -> None:
+        target = self._published(tmp_path)
+        rev = target / "rev-0-3"
+        data = b"this is a pickle, not safetensors" * 10
+        (rev / "model.safetensors").write_bytes(data)
+        entry = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        self._rewrite_manifest(rev, lambda m: m["files"].update({"model.safetensors": entry}))
+        (problem,) = verify_target(str(target))
+        assert "model.safetensors: not a safetensors file" in problem
+
+    def test_revision_names_take_ascii_digits_only(self, tmp_path: Path) -> None:
+        target = self._published(tmp_path)
+        (target / "rev-0-3").rename(target / "rev-0-\u0663")  # ARABIC-INDIC DIGIT THREE
+        (target / "LATEST").write_text("rev-0-\u0663\n")
+        (problem,) = verify_target(str(target))
+        assert "does not name a revision" in problem
+
+    @pytest.mark.parametrize("what", ["LATEST", "file"])
+    def test_a_directory_where_a_file_belongs_is_one_line(self, tmp_path: Path, what: str) -> None:
+        target = self._published(tmp_path)
+        victim = target / "LATEST" if what == "LATEST" else target / "rev-0-3" / "optimizer.pt"
+        victim.unlink()
+        victim.mkdir()
+        (problem,) = verify_target(str(target))
+        assert "unreadable" in problem and "Is a directory" in problem
+
+
+class TestStaging:
+    """The publisher's staging folder is its own: a symbolic link there is replaced, never followed."""
+
+    def test_a_symlinked_staging_folder_is_not_followed(self, tmp_path: Path) -> None:
+        victim = tmp_path / "victim"
+        victim.mkdir()
+        (victim / "precious.txt").write_text("keep me\n")
+        (victim / "rev-0-3").mkdir()
+        (victim / "rev-0-3" / "also-precious.txt").write_text("keep me too\n")
+        staging = tmp_path / "uploads" / ".staging"
+        staging.parent.mkdir()
+        staging.symlink_to(victim, target_is_directory=True)
+        m, opt = _model()
+        up = Uploader.from_config(_cfg(), tmp_path, CollectorRegistry())
+        up.start()
+        assert not staging.is_symlink() and staging.is_dir()
+        up.on_inner_step(0, 3, 0.5, m, opt)
+        assert up.wait_idle(30) and up.stop(10)
+        assert sorted(p.name for p in victim.rglob("*")) == ["also-precious.txt", "precious.txt", "rev-0-3"]
+        assert verify_target(str(tmp_path / "uploads")) == []
 
 
 CHILD = textwrap.dedent(

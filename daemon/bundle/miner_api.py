@@ -5,6 +5,7 @@ Never raises: the miner may well not be running, and the bundle must still be wr
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -37,5 +38,5 @@ def fetch_json(url: str, timeout: float = API_TIMEOUT) -> tuple[Any, str | None]
         return None, f"{url} answered HTTP {exc.code}"
     except urllib.error.URLError as exc:
         return None, f"{url}: {exc.reason}"
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, http.client.HTTPException) as exc:
         return None, f"{url}: {exc}"

@@ -13,16 +13,21 @@ import re
 from collections.abc import Iterable
 
 from daemon.config import Config
+from daemon.config.secrets import SECRET_KEY_WORDS
 
 MASK = "********"
 
+# A secret-looking key is one of the words, whole or as a part of a name between separators
+# (R2_SECRET_KEY), never the start of a longer word (secretary, author).
 _SECRET_PATTERNS = (
     re.compile(r"(?i)(bearer\s+)[^\s\"',}]+"),
     re.compile(
-        r"(?i)((?:token|secret|password|passwd|api[_-]?key|access[_-]?key)[\"']?\s*[:=]\s*[\"']?)"
+        rf"(?i)((?<![A-Za-z0-9])(?:[A-Za-z0-9]+[_.-])*(?:{SECRET_KEY_WORDS})(?:[_.-][A-Za-z0-9]+)*[\"']?\s*[:=]\s*[\"']?)"
         r"(?!null\b|None\b|\*)[^\s\"',}]+"
     ),
-    re.compile(r"(://[^/\s:@]+:)[^@\s/]+(@)"),  # user:password@host in URLs
+    # Credentials in URLs, to the last "@" of the URL: a password may hold "/" or "@".
+    re.compile(r"(://[^/\s:@]+:)\S*(@)"),
+    re.compile(r"(://)[^/\s:@]+(@)"),  # a bare token as the user part
 )
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "MINERD_API__TOKEN")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -243,6 +244,9 @@ def _check_manifest(
         return problems
     for fname, entry in sorted(files.items()):
         fpath = f"{where}: {name}/{fname}"
+        if not FILE_NAME.fullmatch(fname):
+            problems.append(f"{mpath}: names a file outside the revision ({fname[:80]!r})")
+            continue
         if not isinstance(entry, dict) or "size" not in entry or "sha256" not in entry:
             problems.append(f"{fpath}: manifest entry lacks size or sha256")
             continue
@@ -255,4 +259,39 @@ def _check_manifest(
             problems.append(f"{fpath}: size {size} != manifest {entry['size']}")
         if sha != entry["sha256"]:
             problems.append(f"{fpath}: sha256 {sha[:16]}... != manifest {str(entry['sha256'])[:16]}...")
+        elif fname.endswith(".safetensors") and (why := safetensors_problem(storage, f"{name}/{fname}", size)):
+            problems.append(f"{fpath}: not a safetensors file: {why}")
     return problems
+
+
+# A plain file name inside the revision folder: no path, nothing hidden.
+FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+MAX_HEADER = 100 << 20  # safetensors caps its JSON header at 100 MB
+
+
+def safetensors_problem(storage: Storage, key: str, size: int) -> str | None:
+    """Why the object is not a well-formed safetensors file (read from its header alone), or None."""
+    head = storage.head_bytes(key, 8)
+    if head is None or len(head) < 8:
+        return "shorter than its 8-byte header length"
+    n = int.from_bytes(head, "little")
+    if n > MAX_HEADER or 8 + n > size:
+        return f"header length {n} does not fit the file ({size} bytes)"
+    raw = storage.head_bytes(key, 8 + n) or b""
+    try:
+        header = json.loads(raw[8:])
+    except ValueError:
+        return "its header is not JSON"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    end = 0
+    for tensor, spec in header.items():
+        if tensor == "__metadata__":
+            continue
+        offsets = spec.get("data_offsets") if isinstance(spec, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            return f"tensor {tensor[:60]!r} has no data offsets"
+        end = max(end, offsets[1])
+    if 8 + n + end != size:
+        return f"its tensors end at byte {8 + n + end}, the file has {size}"
+    return None

@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from daemon import atomic
+from daemon.urls import redact_url
 
 POINTER = "LATEST"
 MANIFEST = "metadata.json"
-REVISION_RE = re.compile(r"^rev-(\d+)-(\d+)$")
+# ASCII digits only: \d also matches other scripts' digits, which int() reads but no validator would.
+REVISION_RE = re.compile(r"^rev-([0-9]+)-([0-9]+)$")
 _CHUNK = 1 << 20
 
 
@@ -32,8 +34,17 @@ class StorageError(Exception):
 
 def revision_key(name: str) -> tuple[int, int] | None:
     """(outer, inner) of a revision name, or None if it is not one."""
-    m = REVISION_RE.match(name)
+    m = REVISION_RE.fullmatch(name)
     return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def check_key(key: str) -> str:
+    """``key`` if it is a plain relative path inside a target; StorageError otherwise. A
+    manifest read from a target is untrusted: it must not name ``../../etc/hostname``."""
+    parts = key.split("/")
+    if not key or key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in parts):
+        raise StorageError(f"not a path inside the target: {key[:80]!r}")
+    return key
 
 
 class Storage(Protocol):
@@ -51,6 +62,10 @@ class Storage(Protocol):
 
     def get_bytes(self, key: str) -> bytes | None:
         """The object's bytes, or None when it does not exist."""
+        ...
+
+    def head_bytes(self, key: str, n: int) -> bytes | None:
+        """The object's first ``n`` bytes (fewer if it is shorter), or None when it does not exist."""
         ...
 
     def digest(self, key: str) -> tuple[int, str] | None:
@@ -75,7 +90,7 @@ class LocalStorage:
         return str(self.root)
 
     def _path(self, key: str) -> Path:
-        return self.root.joinpath(*key.split("/"))
+        return self.root.joinpath(*check_key(key).split("/"))
 
     def put_file(self, key: str, src: Path) -> None:
         dst = self._path(key)
@@ -109,6 +124,17 @@ class LocalStorage:
             return self._path(key).read_bytes()
         except FileNotFoundError:
             return None
+        except OSError as exc:  # a directory, no permission: one line, not a traceback
+            raise StorageError(f"read {key}: {exc.strerror or exc}") from None
+
+    def head_bytes(self, key: str, n: int) -> bytes | None:
+        try:
+            with open(self._path(key), "rb") as fh:
+                return fh.read(n)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"read {key}: {exc.strerror or exc}") from None
 
     def digest(self, key: str) -> tuple[int, str] | None:
         try:
@@ -117,11 +143,13 @@ class LocalStorage:
                 return fh.tell(), h.hexdigest()
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            raise StorageError(f"read {key}: {exc.strerror or exc}") from None
 
     def list_revisions(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return [p.name for p in self.root.iterdir() if p.is_dir() and REVISION_RE.match(p.name)]
+        return [p.name for p in self.root.iterdir() if p.is_dir() and REVISION_RE.fullmatch(p.name)]
 
     def delete_revision(self, name: str) -> None:
         shutil.rmtree(self._path(name), ignore_errors=True)
@@ -176,14 +204,20 @@ class S3Storage:
         self._transfer = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20)
 
     def describe(self) -> str:
+        """Where revisions go, as logs, /status and the bundle show it: without a password."""
         where = f"s3://{self.bucket}/{self.prefix}"
-        return f"{where} at {self.endpoint_url}" if self.endpoint_url else where
+        return f"{where} at {redact_url(self.endpoint_url)}" if self.endpoint_url else where
 
     def _key(self, key: str) -> str:
+        if key:
+            check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _wrap(self, what: str, exc: BaseException) -> StorageError:
-        return StorageError(f"{what}: {type(exc).__name__}: {exc}")
+        text = str(exc)
+        if self.endpoint_url:  # botocore's messages quote the endpoint URL, password and all
+            text = text.replace(self.endpoint_url, redact_url(self.endpoint_url))
+        return StorageError(f"{what}: {type(exc).__name__}: {text}")
 
     def _missing(self, exc: BaseException) -> bool:
         if not isinstance(exc, self._client_error):
@@ -213,6 +247,15 @@ class S3Storage:
                 return None
             raise self._wrap(f"get {key}", exc) from None
 
+    def head_bytes(self, key: str, n: int) -> bytes | None:
+        try:
+            body = self._client.get_object(Bucket=self.bucket, Key=self._key(key), Range=f"bytes=0-{n - 1}")["Body"]
+            return bytes(body.read())
+        except self._errors as exc:
+            if self._missing(exc):
+                return None
+            raise self._wrap(f"get {key}", exc) from None
+
     def digest(self, key: str) -> tuple[int, str] | None:
         try:
             body = self._client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
@@ -236,7 +279,7 @@ class S3Storage:
             for page in pages:
                 for cp in page.get("CommonPrefixes", []):
                     name = cp["Prefix"][len(base) :].strip("/")
-                    if REVISION_RE.match(name):
+                    if REVISION_RE.fullmatch(name):
                         names.append(name)
         except self._errors as exc:
             raise self._wrap("list revisions", exc) from None

@@ -134,7 +134,7 @@ class Uploader:
         if not self.cfg.enabled:
             log.warning("UPLOAD DISABLED: upload.enabled is false; nothing will be published.")
             return
-        shutil.rmtree(self.staging_dir, ignore_errors=True)
+        _own_empty_dir(self.staging_dir)
         try:
             name = read_pointer(self.storage)
             key = revision_key(name) if name else None
@@ -320,6 +320,9 @@ class Uploader:
         t0 = time.perf_counter()
         folder = self.staging_dir / name
         try:
+            if self.staging_dir.is_symlink():  # swapped for a link since start
+                _own_empty_dir(self.staging_dir)
+            _own_empty_dir(folder)
             files, manifest = write_revision(snap, folder, self.version, self.config_hash, self.layout)
             nbytes = sum(int(e["size"]) for e in manifest["files"].values())
             tries = self.cfg.retries + 1
@@ -406,3 +409,14 @@ class Uploader:
                     self.storage.delete_revision(old)
         except (OSError, StorageError) as exc:
             log.warning(f"upload: pruning old revisions failed: {exc}", revision=snap.name)
+
+
+def _own_empty_dir(path: Path) -> None:
+    """Make ``path`` an empty directory of our own. The publisher writes into staging and then
+    deletes from it: a symbolic link there (stray or planted) is removed, never followed."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        log.warning("upload staging path was not a plain directory; replacing it", path=str(path))
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True, exist_ok=True)

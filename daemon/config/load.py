@@ -1,0 +1,215 @@
+"""Resolving the sources into a validated Config, or every problem as one line.
+
+Sources, later wins: the YAML file < ``MINERD_<SECTION>__<KEY>`` environment
+variables < ``--set section.key=value`` (``sources.py``). Unknown keys get a
+did-you-mean; then the chosen task's defaults fill the keys no source set;
+then each section validates its keys; then the rules that span sections, and
+the task's own. Nothing here touches the state directory, so a bad config never
+leaves anything behind.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import stat
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, SecretStr, ValidationError
+
+from daemon.config.errors import ConfigError, problem
+from daemon.config.secrets import is_secret_key
+from daemon.config.sections import Config, TrainConfig, _CrossFieldError
+from daemon.config.sources import from_env, from_sets, read_file, resolve, set_path
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _unknown_keys(tree: Mapping[str, Any], model: type[BaseModel], prefix: str) -> list[str]:
+    """Unknown keys with a did-you-mean, found before pydantic so the hint is ours."""
+    problems = []
+    fields = model.model_fields
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            # A mistyped secret key (api.tokn) holds a secret all the same.
+            secret = bool(close) and is_secret_key(f"{prefix}{close[0]}")
+            problems.append(problem(path, f"unknown key{hint}", value, secret=secret))
+            continue
+        sub = fields[key].annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            if isinstance(value, Mapping):
+                problems.extend(_unknown_keys(value, sub, f"{path}."))
+            else:
+                problems.append(problem(path, "must be a mapping of keys", value))
+    return problems
+
+
+def _lookup(tree: Mapping[str, Any], loc: tuple[Any, ...]) -> Any:
+    node: Any = tree
+    for part in loc:
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        else:
+            return None
+    return node
+
+
+def _validation_lines(exc: ValidationError, tree: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if isinstance(p, str | int))
+        ctx = err.get("ctx") or {}
+        cross = ctx.get("error")
+        if isinstance(cross, _CrossFieldError):
+            path = ".".join(str(p) for p in loc) + f".{cross.key}"
+            lines.append(problem(path, cross.message, cross.value))
+            continue
+        path = ".".join(str(p) for p in loc)
+        msg = err["msg"].removeprefix("Value error, ")  # a validator's own message reads as the others do
+        msg = msg[0].lower() + msg[1:]
+        lines.append(problem(path, msg, _lookup(tree, loc) if loc else err.get("input")))
+    return lines
+
+
+def world_size_from_env(environ: Mapping[str, str] | None = None) -> int:
+    env = os.environ if environ is None else environ
+    try:
+        return max(1, int(env.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def semantic_problems(cfg: Config, world_size: int) -> list[str]:
+    """Rules that span sections or depend on the launch (world size), then the task's own."""
+    from daemon.tasks import TASKS  # the registry's entries import this module
+
+    problems = []
+    t = cfg.train
+    per_step = t.batch_size * world_size
+    if t.effective_batch_size % per_step != 0:
+        problems.append(
+            problem(
+                "train.effective_batch_size",
+                f"must be a multiple of train.batch_size x world size "
+                f"({t.batch_size} x {world_size} = {per_step})",
+                t.effective_batch_size,
+            )
+        )
+    if t.device not in ("auto", "cpu", "cuda") and not t.device.startswith("cuda:"):
+        problems.append(problem("train.device", "must be auto, cpu, cuda or cuda:N", t.device))
+    up = cfg.upload
+    if up.enabled and up.backend == "s3" and not up.target.startswith("s3://"):
+        problems.append(problem("upload.target", "must be s3://bucket/prefix with upload.backend=s3", up.target))
+    if up.enabled and up.backend == "local" and "://" in up.target:
+        # The local backend would have made a folder named "s3:" in the working directory.
+        problems.append(problem("upload.target", "is a URL: set upload.backend=s3 for it, or give a directory",
+                                up.target))
+    entry = TASKS.get(t.task)
+    if entry is None:
+        problems.append(problem("train.task", f"unknown task; one of {', '.join(TASKS)}", t.task))
+    else:
+        problems.extend(entry.validate(cfg, world_size))
+    return problems
+
+
+def _has(tree: Mapping[str, Any], parts: list[str]) -> bool:
+    node: Any = tree
+    for part in parts:
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _with_task_defaults(tree: dict[str, Any]) -> dict[str, Any]:
+    """Fill the keys the chosen task sets by default, where no source set them.
+
+    A task's defaults are where its needs differ from the other's (the two-tower job turns
+    mining on; the language model trains shorter batches of sequences). A key set in the
+    file, the environment or ``--set`` always wins, and ``config show`` prints the result.
+    """
+    from daemon.tasks import TASKS
+
+    train = tree.get("train")
+    task = train.get("task") if isinstance(train, Mapping) else None
+    entry = TASKS.get(task if isinstance(task, str) else TrainConfig.model_fields["task"].default)
+    if entry is None:
+        return tree  # reported by semantic_problems
+    defaults: dict[str, Any] = {}
+    for dotted, value in entry.defaults.items():
+        parts = dotted.split(".")
+        if not _has(tree, parts):
+            set_path(defaults, dotted, value, "task defaults", [])
+    return _merge(defaults, tree)
+
+
+def load_config(
+    path: str | None = None,
+    sets: Iterable[str] = (),
+    environ: Mapping[str, str] | None = None,
+    world_size: int | None = None,
+) -> Config:
+    """Resolve file < env < --set into a validated Config, or raise ConfigError."""
+    env = os.environ if environ is None else environ
+    problems: list[str] = []
+    tree: dict[str, Any] = read_file(path) if path else {}
+    tree = _merge(tree, from_env(env, problems))
+    tree = _merge(tree, from_sets(sets, problems))
+    tree = resolve(tree, Config)
+    problems.extend(_unknown_keys(tree, Config, ""))
+    if not problems:
+        tree = _with_task_defaults(tree)
+    if problems:
+        raise ConfigError(problems)
+    try:
+        cfg = Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_validation_lines(exc, tree)) from None
+    problems = semantic_problems(cfg, world_size if world_size is not None else world_size_from_env(env))
+    if problems:
+        raise ConfigError(problems)
+    if cfg.api.token_file:
+        cfg.api.token = read_token_file(cfg.api.token_file, cfg.api.token is not None)
+    return cfg
+
+
+MAX_TOKEN_BYTES = 4096
+
+
+def read_token_file(path: str, token_set_too: bool) -> SecretStr | None:
+    """The token in ``api.token_file``: the file's text without its trailing newline. A missing
+    file is no token (a systemd credential that was not created: control routes stay 403)."""
+    key = "api.token_file"
+    if token_set_too:
+        raise ConfigError([problem(key, "set api.token or api.token_file, not both", path)])
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError([problem(key, f"cannot read it: {exc.strerror or exc}", path)]) from None
+    if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_TOKEN_BYTES:
+        raise ConfigError([problem(key, f"must be a regular file of at most {MAX_TOKEN_BYTES} bytes", path)])
+    try:
+        text = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([problem(key, f"cannot read it: {exc}", path)]) from None
+    return SecretStr(text) if text else None
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.public_dict(), sort_keys=False)
