@@ -162,7 +162,8 @@ def create_app(
         summary="200 from the first inner step until shutdown begins",
     )
     async def readyz() -> Any:
-        body = Readiness(ready=state.ready, phase=state.phase, first_step_done=state.first_step_done)
+        body = Readiness(ready=state.ready, phase=state.phase, first_step_done=state.first_step_done,
+                         reason=state.not_ready_reason)
         return body if body.ready else JSONResponse(body.model_dump(), status_code=503)
 
     @app.get("/status", response_model=Status, summary="Progress, loss, components and uptime")

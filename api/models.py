@@ -29,6 +29,7 @@ class Readiness(BaseModel):
     ready: bool
     phase: str
     first_step_done: bool
+    reason: str | None = Field(None, description="why not ready, when the miner knows (e.g. a full disk)")
 
 
 class Status(BaseModel):

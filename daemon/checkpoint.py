@@ -27,9 +27,10 @@ from typing import Any
 import structlog
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from daemon import atomic, statefile
+from daemon.disk import save_safetensors
 from daemon.tensors import aliases, with_aliases
 
 log = structlog.get_logger(__name__)
@@ -109,7 +110,7 @@ class CheckpointStore:
         try:
             tied = aliases(model)  # found before the copy to the host, which would untie them
             tensors = {k: v.detach().cpu().contiguous() for k, v in model.items() if k not in tied}
-            save_file(tensors, str(tmp / MODEL_FILE), metadata={"aliases": json.dumps(tied, sort_keys=True)})
+            save_safetensors(tensors, tmp / MODEL_FILE, metadata={"aliases": json.dumps(tied, sort_keys=True)})
             statefile.save(state, tmp / STATE_TENSORS, tmp / STATE_SKELETON)
             files = {}
             for name in (MODEL_FILE, STATE_TENSORS, STATE_SKELETON):

@@ -14,9 +14,10 @@ from prometheus_client import CollectorRegistry
 
 from api.app import create_app
 from api.server import ApiServer
-from daemon import diagnostics
+from daemon import diagnostics, disk
 from daemon.config import Config, ConfigError
 from daemon.distributed import Launch, destroy_process_group, init_process_group
+from daemon.embeddings import EmbeddingStoreCorrupt
 from daemon.gpu import GpuProbe
 from daemon.lifecycle import Component, Lifecycle
 from daemon.logsetup import bind_process_fields, configure_logging
@@ -31,6 +32,9 @@ from daemon.watchdog import Watchdog
 log = structlog.get_logger("minerd")
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+# Room the start-up needs before anything is built: the tokenizer and the token cache of the
+# default corpus take under 20 MB; a checkpoint's own room is checked once the model exists.
+MIN_FREE_TO_BUILD = 64 << 20
 
 
 def run(cfg: Config) -> int:
@@ -42,6 +46,7 @@ def run(cfg: Config) -> int:
                        local_rank=launch.local_rank)
     registry = CollectorRegistry()
     metrics = build_core_metrics(registry, state, GpuProbe())
+    on_disk_full = disk.DiskFullReporter(disk.DiskMetrics(registry, cfg.state_dir))
     life = Lifecycle()
     # Under torchrun only local rank 0 talks to systemd (one READY, one watchdog).
     notifier = SdNotifier() if launch.local_rank == 0 else SdNotifier(environ={})
@@ -60,7 +65,10 @@ def run(cfg: Config) -> int:
         notifier.attach(state)
         for component in _early_components(cfg, state, registry, launch, notifier):
             life.start(component)
-        built = build_run(cfg, state, metrics, registry, shutdown, launch, device)
+        _wait_for_room(cfg, state, shutdown, MIN_FREE_TO_BUILD, "the tokenizer and data caches")
+        built = build_run(cfg, state, metrics, registry, shutdown, launch, device, on_disk_full=on_disk_full)
+        if launch.is_main:
+            _wait_for_room(cfg, state, shutdown, built.trainer.checkpoint_bytes(), "one checkpoint")
         trainer = built.trainer
         for component in built.components:  # the task's (embeddings, mining), then the uploader
             life.start(component)
@@ -88,9 +96,20 @@ def run(cfg: Config) -> int:
     except StorageError as exc:
         log.error(f"upload error: {exc}")
         code = EXIT_CONFIG
-    except Exception:
-        log.exception("unrecoverable error; exiting so the supervisor restarts minerd",
-                      global_step=state.global_step)
+    except _StoppedWhileWaiting:
+        log.info("stop requested while waiting for disk space")
+    except EmbeddingStoreCorrupt as exc:
+        # A file on disk is broken: restarting would read it again and fail again (exit 2 is not
+        # restarted by the pm2 and systemd files shipped here).
+        log.error(f"corrupt state: {exc}; restore the state directory from a backup, or remove its "
+                  "embeddings/ and checkpoints/ folders to train the ID embeddings afresh")
+        code = EXIT_CONFIG
+    except Exception as exc:
+        if disk.is_full(exc):  # writing the caches at start-up; the next start waits for room first
+            on_disk_full("start-up data", cfg.state_dir, exc)
+        else:
+            log.exception("unrecoverable error; exiting so the supervisor restarts minerd",
+                          global_step=state.global_step)
         code = EXIT_FAILURE
     finally:
         state.phase = "stopping"
@@ -107,6 +126,21 @@ def run(cfg: Config) -> int:
         shutdown.finished()
     log.info("minerd stopped", exit_code=code)
     return code
+
+
+class _StoppedWhileWaiting(Exception):
+    pass
+
+
+def _wait_for_room(cfg: Config, state: MinerState, shutdown: Shutdown, needed: int, why: str) -> None:
+    """Wait, not ready and still beating (a wait is not a stall), until ``needed`` bytes are free."""
+
+    def waiting(reason: str | None) -> None:
+        state.not_ready_reason = reason
+        state.beat()
+
+    if not disk.wait_for_room(cfg.state_dir, needed, why, lambda: shutdown.requested, waiting):
+        raise _StoppedWhileWaiting
 
 
 def _early_components(

@@ -61,6 +61,8 @@ class MinerState:
     last_progress_monotonic: float = field(default_factory=time.monotonic)
     last_progress_wall: float = field(default_factory=time.time)
     last_checkpoint_time: float | None = None
+    checkpoint_bytes: int | None = None  # size of the last checkpoint written
+    not_ready_reason: str | None = None  # e.g. waiting for disk space; /readyz says it
     diagnostics: dict[str, Any] = field(default_factory=dict)
     controls: Controls = field(default_factory=Controls)
     # Sections of /status owned by components (mining, embeddings, upload),
@@ -86,7 +88,7 @@ class MinerState:
 
     @property
     def ready(self) -> bool:
-        return self.first_step_done and self.phase == "training"
+        return self.first_step_done and self.phase == "training" and self.not_ready_reason is None
 
     def section(self, name: str) -> dict[str, Any] | None:
         provider = self.sections.get(name)

@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from daemon.disk import save_safetensors
 
 FORMAT = 1
 
@@ -80,7 +82,7 @@ def unpack(tensors: dict[str, torch.Tensor], skeleton: dict[str, Any]) -> Any:
 def save(tree: Any, tensors_path: Path, skeleton_path: Path) -> None:
     """Write both files (the caller fsyncs and renames them into place)."""
     tensors, skeleton = pack(tree)
-    save_file(tensors, str(tensors_path))
+    save_safetensors(tensors, tensors_path)
     skeleton_path.write_text(json.dumps(skeleton, separators=(",", ":")))
 
 

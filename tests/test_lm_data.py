@@ -182,3 +182,19 @@ class TestTokenCache:
         with pytest.raises(ConfigError):
             tokens.load_or_build(corpus.discover([str(tmp_path / "corpus")]), tok, lm, tmp_path / "data")
         assert not (tmp_path / "data").exists()
+
+    def test_a_flipped_byte_is_caught_and_the_cache_rebuilt(self, tmp_path: Path) -> None:
+        lm = lm_cfg()
+        sources = corpus.discover(LM_CORPUS)
+        tok = tokenizer.load_or_train(lm, sources, tmp_path / "lm")
+        built = tokens.load_or_build(sources, tok, lm, tmp_path / "data")
+        path = built.folder / "train.tokens"
+        original = int(built.train[500])
+        data = bytearray(path.read_bytes())
+        data[1001] ^= 0xFF  # same size: only the checksum sees it
+        path.write_bytes(bytes(data))
+        with capture_logs() as logs:
+            again = tokens.load_or_build(sources, tok, lm, tmp_path / "data")
+        events = [e["event"] for e in logs]
+        assert "token cache does not match its checksum; tokenising again" in events
+        assert "token cache written" in events and int(again.train[500]) == original

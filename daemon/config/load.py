@@ -111,6 +111,9 @@ def semantic_problems(cfg: Config, world_size: int) -> list[str]:
         )
     if t.device not in ("auto", "cpu", "cuda") and not t.device.startswith("cuda:"):
         problems.append(problem("train.device", "must be auto, cpu, cuda or cuda:N", t.device))
+    state_dir_problem = _state_dir_problem(cfg.state_dir)
+    if state_dir_problem:
+        problems.append(problem("paths.state_dir", state_dir_problem, cfg.paths.state_dir))
     up = cfg.upload
     if up.enabled and up.backend == "s3" and not up.target.startswith("s3://"):
         problems.append(problem("upload.target", "must be s3://bucket/prefix with upload.backend=s3", up.target))
@@ -124,6 +127,20 @@ def semantic_problems(cfg: Config, world_size: int) -> list[str]:
     else:
         problems.extend(entry.validate(cfg, world_size))
     return problems
+
+
+def _state_dir_problem(path: Path) -> str | None:
+    """Why the miner could not keep its state under ``path`` (read-only checks), or None."""
+    if path.exists():
+        if not path.is_dir():
+            return "exists and is not a directory"
+        return None if os.access(path, os.W_OK | os.X_OK) else "is not writable by this user"
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        return f"cannot be created: {parent} is not a directory"
+    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot be created: {parent} is not writable by this user"
+    return None
 
 
 def _has(tree: Mapping[str, Any], parts: list[str]) -> bool:

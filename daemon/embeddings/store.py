@@ -47,6 +47,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -54,6 +55,7 @@ import numpy as np
 import structlog
 import torch
 
+from daemon import disk
 from daemon.embeddings.chunkfile import EmbeddingStoreCorrupt
 from daemon.embeddings.tiers import _MB, TieredChunkCache
 
@@ -111,7 +113,11 @@ class EmbeddingStore(TieredChunkCache):
         generation: int | None = None,
         keep_checkpoints: int = 3,
         registry: CollectorRegistry | None = None,
+        on_disk_full: Callable[[str, Path, BaseException], None] | None = None,
     ) -> None:
+        # Told when an automatic sync finds the disk full; the dirty chunks stay in memory and
+        # the next sync writes them (the checkpoint's, at the latest).
+        self._on_disk_full = on_disk_full
         self._id_sorted: np.ndarray | None = None
         self._id_rows: np.ndarray | None = None
         self._ids_digest = ""
@@ -215,6 +221,7 @@ class EmbeddingStore(TieredChunkCache):
         generation: int | None = None,
         seed: int = 0,
         keep_checkpoints: int = 3,
+        on_disk_full: Callable[[str, Path, BaseException], None] | None = None,
     ) -> EmbeddingStore:
         """Build from the ``embeddings`` config section; ``dir`` empty means ``<state_dir>/embeddings``."""
         return cls(
@@ -232,6 +239,7 @@ class EmbeddingStore(TieredChunkCache):
             generation=generation,
             keep_checkpoints=keep_checkpoints,
             registry=registry,
+            on_disk_full=on_disk_full,
         )
 
     # ------------------------------------------------------------------ public API
@@ -275,7 +283,13 @@ class EmbeddingStore(TieredChunkCache):
                 self._scatter(idx, vals)
             self._updates_since_sync += 1
             if self.auto_sync and self._updates_since_sync >= self.sync_batch_size:
-                self._sync()
+                try:
+                    self._sync()
+                except OSError as exc:
+                    if self._on_disk_full is None or not disk.is_full(exc):
+                        raise
+                    self._updates_since_sync = 0  # tried again after another batch of updates
+                    self._on_disk_full("embedding chunks", Path(self.dir or "."), exc)
 
     def enable_auto_sync(self, flag: bool) -> None:
         """With auto sync off, dirty chunks reach disk only on sync, eviction, checkpoint or close."""

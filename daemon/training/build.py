@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter
 from daemon.checkpoint import CheckpointStore
 from daemon.config import Config, ConfigError
 from daemon.diagnostics import accumulation_steps
+from daemon.disk import DiskFullReporter
 from daemon.distributed import CommCounter, Launch, averaging_reduce, broadcast_params, wrap_ddp
 from daemon.gpu import peak_flops
 from daemon.lifecycle import Component
@@ -97,10 +98,14 @@ def build_run(
     stop: StopSignal,
     launch: Launch,
     device: torch.device,
+    on_disk_full: DiskFullReporter | None = None,
 ) -> Run:
+    """``on_disk_full`` reports writes a full disk refused (``daemon/disk.py``); it goes to every
+    part that writes: checkpoints, the uploader, the task's own stores."""
+    on_full = on_disk_full or DiskFullReporter()
     entry = TASKS[cfg.train.task]
     torch.manual_seed(cfg.train.seed)
-    parts = entry.build(BuildContext(cfg, state, registry, launch, device))
+    parts = entry.build(BuildContext(cfg, state, registry, launch, device, on_full))
     model = parts.model
     state.model_on_accelerator = next(model.parameters()).device.type == "cuda"
     state.sections.update(parts.sections)
@@ -125,7 +130,7 @@ def build_run(
     components = list(parts.components)
     if cfg.upload.enabled and launch.is_main:
         uploader = Uploader.from_config(cfg.upload, cfg.state_dir, registry, config_hash=cfg.digest(),
-                                        layout=parts.layout)
+                                        layout=parts.layout, on_disk_full=on_full)
         components.append(uploader)
         state.sections["upload"] = uploader.status
         hooks.append(UploadHook(uploader, state))
@@ -154,6 +159,7 @@ def build_run(
             is_main=launch.is_main,
             comm=comm,
             throughput=throughput,
+            on_disk_full=on_full,
         ),
         state,
         metrics,

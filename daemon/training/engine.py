@@ -25,6 +25,7 @@ import structlog
 import torch
 from torch import nn
 
+from daemon import disk
 from daemon.checkpoint import Checkpoint, CheckpointStore
 from daemon.config import Config
 from daemon.distributed import CommCounter, any_rank
@@ -102,6 +103,7 @@ class Parts:
     is_main: bool = True  # rank 0: writes checkpoints, evaluates
     comm: CommCounter = field(default_factory=CommCounter)
     throughput: Throughput = field(default_factory=Throughput)
+    on_disk_full: disk.DiskFullReporter = field(default_factory=disk.DiskFullReporter)
 
 
 class Trainer:
@@ -174,8 +176,26 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------
     def checkpoint(self, reason: str) -> None:
+        """Write a checkpoint; a full disk skips it (the previous one stays) until the next one."""
         if self.p.store is None or not self.p.is_main or self._ckpt_global_step == self.c.global_step:
             return
+        try:
+            self._write_checkpoint(reason)
+        except OSError as exc:
+            if not disk.is_full(exc):
+                raise
+            self.p.on_disk_full("checkpoint", self.p.store.root, exc)
+
+    def checkpoint_bytes(self) -> int:
+        """Room one checkpoint takes: the newest one's size, else five copies of the weights
+        (weights, two Adam moments, the outer step's anchor and momentum)."""
+        newest = self.p.store.checkpoints()[:1] if self.p.store is not None else []
+        if newest:
+            return sum(f.stat().st_size for f in newest[0].iterdir() if f.is_file())
+        return 5 * sum(t.numel() * t.element_size() for t in self.module.state_dict().values())
+
+    def _write_checkpoint(self, reason: str) -> None:
+        assert self.p.store is not None
         t0 = time.perf_counter()
         state = {
             "optimizer": self.p.optimizer.state_dict(),
@@ -192,6 +212,7 @@ class Trainer:
         meta = {"outer_step": self.c.outer_step, "inner_step": self.c.inner_step, "reason": reason,
                 "config_hash": self.cfg.digest()}
         path = self.p.store.save(self.c.global_step, self.module.state_dict(), state, meta)
+        self.state.checkpoint_bytes = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
         self._ckpt_global_step = self.c.global_step
         self._ckpt_monotonic = time.monotonic()
         self.metrics.checkpoints.inc()

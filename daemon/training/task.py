@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from torch import nn
 
 from daemon.config import Config
+from daemon.disk import DiskFullReporter
 from daemon.distributed import Launch
 from daemon.lifecycle import Component
 from daemon.state import MinerState
@@ -99,6 +100,7 @@ class BuildContext:
     registry: CollectorRegistry
     launch: Launch
     device: torch.device
+    on_disk_full: DiskFullReporter = field(default_factory=DiskFullReporter)
 
     def sampler(self, num_items: int) -> EpochSampler:
         t = self.cfg.train

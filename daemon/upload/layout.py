@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from safetensors.torch import save_file
 
 from daemon import atomic
+from daemon.disk import save_safetensors
 
 MODEL_FILE = "model.safetensors"
 
@@ -35,4 +35,4 @@ class WeightsLayout:
 
 def write_safetensors(weights: dict[str, torch.Tensor], path: Path) -> None:
     # "format: pt" is what transformers' loader checks before it reads a file.
-    atomic.write_with(path, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
+    atomic.write_with(path, lambda tmp: save_safetensors(weights, tmp, metadata={"format": "pt"}))

@@ -25,8 +25,9 @@ import structlog
 import torch
 from prometheus_client import CollectorRegistry
 
-from daemon import __version__
+from daemon import __version__, disk
 from daemon.config import UploadConfig
+from daemon.disk import DiskFullReporter
 from daemon.upload.gate import GateDecision, GateState, decide
 from daemon.upload.layout import RevisionLayout, WeightsLayout
 from daemon.upload.metrics import UploadMetrics, UploadStateCollector
@@ -71,9 +72,11 @@ class Uploader:
         backoff_base: float = 1.0,
         backoff_max: float = 60.0,
         layout: RevisionLayout | None = None,
+        on_disk_full: DiskFullReporter | None = None,
     ) -> None:
         self.cfg = cfg
         self.layout = layout or WeightsLayout()
+        self._on_disk_full = on_disk_full or DiskFullReporter()
         self.storage = storage
         self.staging_dir = Path(staging_dir)
         self.version = version
@@ -330,6 +333,10 @@ class Uploader:
                 try:
                     self._store(name, files, manifest)
                 except (OSError, StorageError) as exc:
+                    if disk.is_full(exc):  # a full local target: the next allowed step tries again
+                        self._on_disk_full("upload revision", Path(self.storage.describe()), exc)
+                        self._failed(name, attempt, exc)
+                        return
                     if attempt == tries:
                         self._failed(name, attempt, exc)
                         return
@@ -345,6 +352,8 @@ class Uploader:
                 self._succeeded(snap, nbytes, time.perf_counter() - t0, attempt)
                 return
         except OSError as exc:  # serialising into staging: disk full, permissions
+            if disk.is_full(exc):
+                self._on_disk_full("upload revision", self.staging_dir, exc)
             self._failed(name, 0, exc)
         finally:
             shutil.rmtree(folder, ignore_errors=True)

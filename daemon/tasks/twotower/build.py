@@ -15,7 +15,7 @@ def build(ctx: BuildContext) -> TaskParts:
     model = build_model(cfg).to(device)
     sampler = ctx.sampler(int(corpus.doc_feats.shape[0]))
     embeddings = (
-        build_embeddings(cfg, sampler.num_items, ctx.registry, ctx.launch.world_size)
+        build_embeddings(cfg, sampler.num_items, ctx.registry, ctx.launch.world_size, ctx.on_disk_full)
         if cfg.embeddings.enabled else None
     )
     mining = build_mining(cfg, corpus, model, sampler, device, ctx.registry) if cfg.mining.enabled else None

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from prometheus_client import CollectorRegistry
 
 from daemon.config import Config
+from daemon.disk import DiskFullReporter
 from daemon.embeddings import EmbeddingStore, SparseRowAdam
 
 if TYPE_CHECKING:
@@ -127,7 +128,7 @@ class EmbeddingHook:
 
 
 def build_embeddings(
-    cfg: Config, num_items: int, registry: CollectorRegistry, world_size: int
+    cfg: Config, num_items: int, registry: CollectorRegistry, world_size: int, on_disk_full: DiskFullReporter
 ) -> EmbeddingHook:
     """The store and its hook: the task's ``doc_extra``, a step hook, stateful, a component.
 
@@ -136,6 +137,6 @@ def build_embeddings(
     dim = cfg.train.embed_dim  # added to the document tower's output
     store = EmbeddingStore.from_config(
         cfg.embeddings, num_items, dim, cfg.state_dir, registry, seed=cfg.train.seed,
-        keep_checkpoints=cfg.checkpoint.keep,
+        keep_checkpoints=cfg.checkpoint.keep, on_disk_full=on_disk_full,
     )
     return EmbeddingHook(store, lr=cfg.train.lr, world_size=world_size)

@@ -23,11 +23,12 @@ import structlog
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load, save_file
+from safetensors.torch import load
 from torch import nn
 
 from daemon import atomic
 from daemon.config import Config
+from daemon.disk import save_safetensors
 from daemon.training.task import BatchPos, EvalPoint, EvalResult
 
 log = structlog.get_logger(__name__)
@@ -113,7 +114,7 @@ def load_or_generate(cfg: Config, data_dir: Path) -> Corpus:
         "eval_targets": corpus.eval_targets,
         "cluster_of": corpus.cluster_of,
     }
-    atomic.write_with(path, lambda tmp: save_file(tensors, tmp, metadata={"params": json.dumps(params)}))
+    atomic.write_with(path, lambda tmp: save_safetensors(tensors, tmp, metadata={"params": json.dumps(params)}))
     return corpus
 
 
