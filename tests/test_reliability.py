@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ROOT, MinerProcess, free_port, small_sets
+from tests.conftest import LM_CORPUS, ROOT, MinerProcess, free_port, small_lm_sets, small_sets
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability]
 
@@ -160,3 +160,146 @@ class TestDiskFull:
             wait_until(lambda: get(f"{url}/readyz")[0] == 200, 90, "ready once there is room", m)
             m.signal(2)
             assert m.wait(60) == 0, m.text()[-3000:]
+
+
+def run_to_end(miner_factory, state: Path, sets: list[str], timeout: float = 120) -> MinerProcess:  # type: ignore[no-untyped-def]
+    m = miner_factory(state, sets)
+    m.wait(timeout)
+    return m
+
+
+def flip_byte(path: Path, at: int | None = None) -> None:
+    data = bytearray(path.read_bytes())
+    i = len(data) // 2 if at is None else at
+    data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def one_line(m: MinerProcess, needle: str) -> dict:
+    found = [e for e in events(m) if needle in str(e.get("event", ""))]
+    assert len(found) == 1, m.text()[-3000:]
+    return found[0]
+
+
+class TestCorruption:
+    """A broken file costs one line: the run goes on from what is intact, or stops with exit 2
+    naming the file and what to do. Never exit 1, which a supervisor answers with a restart loop."""
+
+    def _tt(self, state: Path, *extra: str) -> list[str]:
+        return small_sets(state, "api.enabled=false", "checkpoint.every_inner_steps=5", *extra)
+
+    # The training state and other manifest shapes: tests/test_checkpoint.py, without a process.
+    @pytest.mark.parametrize("what", ["weights", "manifest"])
+    def test_the_newest_checkpoint(self, tmp_path: Path, miner_factory, what: str) -> None:
+        state = tmp_path / "state"
+        assert run_to_end(miner_factory, state, self._tt(state, "train.max_steps=10")).proc.returncode == 0
+        newest = state / "checkpoints" / "step-0000000010"
+        if what == "weights":
+            flip_byte(newest / "model.safetensors")
+        elif what == "training state":
+            flip_byte(newest / "train_state.safetensors")
+        else:
+            (newest / "manifest.json").write_text('{"files": {}, "global_step": 10}')
+        m = run_to_end(miner_factory, state, self._tt(state, "train.max_steps=12"))
+        assert m.proc.returncode == 0, m.text()[-3000:]
+        line = one_line(m, "checkpoint corrupt, using the previous one")
+        assert "step-0000000010" in line["event"] and line["level"] == "error"
+        assert "(global step 5)" in m.text()
+
+    def test_an_embedding_chunk(self, tmp_path: Path, miner_factory) -> None:
+        state = tmp_path / "state"
+        disk_mode = ("embeddings.storage_mode=disk", "embeddings.chunk_size=256", "embeddings.cache_l1_mb=0.01",
+                     "embeddings.cache_l2_mb=0.01")
+        assert run_to_end(miner_factory, state, self._tt(state, "train.max_steps=10", *disk_mode)).proc.returncode == 0
+        chunks = list((state / "embeddings").glob("chunk-*.emb"))
+        assert chunks
+        for chunk in chunks:
+            flip_byte(chunk)
+        m = run_to_end(miner_factory, state, self._tt(state, "train.max_steps=40", *disk_mode))
+        assert m.proc.returncode == 2, m.text()[-3000:]
+        line = one_line(m, "corrupt state:")
+        assert "embedding chunk" in line["event"] and "restore the state directory" in line["event"]
+        assert "Traceback" not in m.text()
+
+    def test_the_upload_pointer(self, tmp_path: Path, miner_factory) -> None:
+        state = tmp_path / "state"
+        up = ("upload.enabled=true", "upload.min_inner_step=2", "upload.every_inner_steps=2")
+        assert run_to_end(miner_factory, state, self._tt(state, "train.max_steps=6", *up)).proc.returncode == 0
+        (state / "uploads" / "LATEST").write_bytes(b"\x00garbage\xff\n")
+        m = run_to_end(miner_factory, state, self._tt(state, "train.max_steps=10", *up))
+        assert m.proc.returncode == 0, m.text()[-3000:]
+        assert (state / "uploads" / "LATEST").read_text().strip() == "rev-1-2"  # step 9, the last on schedule
+        verify = subprocess.run([sys.executable, "-m", "daemon", "verify-upload", str(state / "uploads")],
+                                capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert verify.returncode == 0, verify.stderr
+
+    def test_a_state_directory_that_is_a_file(self, tmp_path: Path, miner_factory) -> None:
+        state = tmp_path / "state"
+        state.write_text("not a directory\n")
+        m = run_to_end(miner_factory, state, self._tt(state, "train.max_steps=3"))
+        assert m.proc.returncode == 2
+        lines = [x for x in m.text().splitlines() if x.strip()]
+        assert lines == [f"config error: paths.state_dir: exists and is not a directory (got '{state}')"]
+
+    def test_the_token_cache_and_the_corpus(self, tmp_path: Path, miner_factory) -> None:
+        corpus = tmp_path / "corpus"
+        corpus.mkdir()
+        for src in Path(LM_CORPUS[0]).glob("*.py"):
+            (corpus / src.name).write_bytes(src.read_bytes())
+        state = tmp_path / "state"
+        sets = small_lm_sets(state, f"lm.corpus={corpus}", "lm.eval_fraction=0.2", "api.enabled=false")
+        assert run_to_end(miner_factory, state, [*sets, "train.max_steps=3"]).proc.returncode == 0
+        # A flipped byte in the token cache: caught by its checksum, tokenised again.
+        (tokens_file,) = state.glob("data/lm-tokens-*/train.tokens")
+        flip_byte(tokens_file, at=1001)
+        m = run_to_end(miner_factory, state, [*sets, "train.max_steps=6"])
+        assert m.proc.returncode == 0, m.text()[-3000:]
+        one_line(m, "token cache does not match its checksum")
+        # A corpus file overwritten with binary junk: a new fingerprint, a new cache, same tokenizer.
+        victim = sorted(corpus.glob("*.py"))[0]
+        victim.write_bytes(os.urandom(4096))
+        m = run_to_end(miner_factory, state, [*sets, "train.max_steps=9"])
+        assert m.proc.returncode == 0, m.text()[-3000:]
+        assert "tokenizer reused" in m.text() and "token cache written" in m.text()
+        assert len(list(state.glob("data/lm-tokens-*"))) == 1  # the old cache removed
+
+
+@pytest.mark.slow
+class TestKill9:
+    """kill -9 at random points: every checkpoint and revision on disk stays whole, and a
+    restart resumes having lost at most one checkpoint interval."""
+
+    KILLS = 5
+
+    def test_random_kills(self, tmp_path: Path, miner_factory) -> None:
+        import random
+
+        rng = random.Random(1234)
+        state = tmp_path / "state"
+        every = 3
+        sets = small_sets(state, "api.enabled=false", f"checkpoint.every_inner_steps={every}", "upload.enabled=true",
+                          "upload.min_inner_step=2", "upload.every_inner_steps=2", "train.max_steps=100000")
+        last_seen = 0
+        for kill in range(self.KILLS):
+            m = miner_factory(state, sets)
+            m.wait_for("Outer Step:", timeout=120)
+            if kill:
+                resumed = [e for e in events(m) if str(e.get("event", "")).startswith("Resumed from checkpoint")]
+                assert resumed, m.text()[-3000:]
+                step = int(str(resumed[0]["event"]).rsplit("global step ", 1)[1].rstrip(")"))
+                # At most one checkpoint interval lost (a save can be under way when the kill lands).
+                assert step >= last_seen - 2 * every, (step, last_seen)
+            time.sleep(rng.uniform(0.2, 2.5))
+            m.kill()
+            steps = [e["global_step"] for e in events(m) if "Outer Step:" in str(e.get("event", ""))]
+            last_seen = max(steps) if steps else last_seen
+            # Every complete checkpoint verifies; no half-written one is visible.
+            from daemon.checkpoint import CheckpointStore
+
+            store = CheckpointStore(state / "checkpoints", keep=3)
+            for ckpt in store.checkpoints():
+                store.verify(ckpt)
+            if (state / "uploads" / "LATEST").exists():
+                verify = subprocess.run([sys.executable, "-m", "daemon", "verify-upload", str(state / "uploads")],
+                                        capture_output=True, text=True, timeout=120, cwd=ROOT)
+                assert verify.returncode == 0, verify.stderr
