@@ -21,6 +21,7 @@ Decisions the route table leaves open:
 # dependency annotations of the closures below, which name local objects.
 import hmac
 import math
+import time
 from typing import Annotated, Any
 
 import structlog
@@ -29,6 +30,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from api.limits import LoadShedder
 from api.models import ControlAccepted, ControlAction, Liveness, Problem, Readiness, Status
 from daemon import __version__
 from daemon.config import ApiConfig, WatchdogConfig
@@ -38,6 +40,7 @@ from daemon.state import MinerState
 log = structlog.get_logger(__name__)
 
 SECTIONS = ("upload", "mining", "embeddings")
+METRICS_TTL = 0.5
 
 
 def _finite(value: float | None) -> float | None:
@@ -137,6 +140,7 @@ def create_app(
         version=__version__,
         description="Health, status, diagnostics, Prometheus metrics and controls of a running miner.",
     )
+    app.add_middleware(LoadShedder, rate=api_cfg.requests_per_second, on_shed=state.count_shed_request)
 
     @app.get(
         "/livez",
@@ -181,13 +185,20 @@ def create_app(
             return JSONResponse({"detail": "diagnostics not collected yet"}, status_code=503)
         return Diagnostics.model_validate(state.diagnostics)
 
+    rendered: dict[str, Any] = {"at": -1.0, "body": b""}
+
     @app.get(
         "/metrics",
         response_class=PlainTextResponse,
         summary="Prometheus text exposition of the miner's registry",
     )
     async def metrics() -> Response:
-        return Response(content=generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        # Rendered at most every METRICS_TTL seconds: scrapers come every few seconds, and a
+        # burst of them then costs one rendering, not one each.
+        now = time.monotonic()
+        if now - rendered["at"] >= METRICS_TTL:
+            rendered["body"], rendered["at"] = generate_latest(registry), now
+        return Response(content=rendered["body"], media_type=CONTENT_TYPE_LATEST)
 
     def authorize(action: ControlAction) -> Any:
         async def check(

@@ -10,6 +10,7 @@ loggers on our structlog pipeline (daemon/logsetup.py).
 from __future__ import annotations
 
 import ipaddress
+import logging
 import threading
 import time
 
@@ -20,6 +21,14 @@ from fastapi import FastAPI
 from daemon.config import ApiConfig
 
 log = structlog.get_logger(__name__)
+
+
+class _QuietOverload(logging.Filter):
+    """uvicorn logs a warning for every request past its concurrency limit: under a flood, thousands
+    of lines a second. The count is in the metrics instead (answered 503)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "Exceeded concurrency limit."
 
 
 class ApiStartError(RuntimeError):
@@ -60,8 +69,11 @@ class ApiServer:
             access_log=False,  # a line per scrape would drown the step lines
             lifespan="off",  # the app has no start-up work; the miner owns the lifecycle
             timeout_graceful_shutdown=2,
+            # A bound on sockets and requests in flight: past it uvicorn answers 503 at once.
+            limit_concurrency=api_cfg.max_connections,
         )
         self._server = uvicorn.Server(self._config)
+        logging.getLogger("uvicorn.error").addFilter(_QuietOverload())
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.port: int | None = None

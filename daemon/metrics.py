@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from daemon.gpu import GpuProbe
@@ -86,6 +86,8 @@ class StateCollector(Collector):
             # Absent until known: a made-up 0 would look like a real value.
             if maybe is not None:
                 yield GaugeMetricFamily(name, doc, value=float(maybe))
+        yield CounterMetricFamily("minerd_api_requests_shed", "Requests answered 429 for being over the API's "
+                                  "request budget", value=float(s.requests_shed))
         yield from self._gpu_families()
 
     def _gpu_families(self) -> Iterator[Metric]:

@@ -63,6 +63,7 @@ class MinerState:
     last_checkpoint_time: float | None = None
     checkpoint_bytes: int | None = None  # size of the last checkpoint written
     not_ready_reason: str | None = None  # e.g. waiting for disk space; /readyz says it
+    requests_shed: int = 0  # API requests answered 429 for being over the request budget
     diagnostics: dict[str, Any] = field(default_factory=dict)
     controls: Controls = field(default_factory=Controls)
     # Sections of /status owned by components (mining, embeddings, upload),
@@ -76,6 +77,9 @@ class MinerState:
         self.last_progress_wall = time.time()
         for listener in self._beat_listeners:
             listener()
+
+    def count_shed_request(self) -> None:
+        self.requests_shed += 1  # the API's event loop is the only writer
 
     def on_beat(self, listener: Callable[[], None]) -> None:
         self._beat_listeners.append(listener)

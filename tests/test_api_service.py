@@ -133,7 +133,7 @@ class TestBeforeFirstStep:
     def test_readyz_is_503(self, miner: Miner) -> None:
         r = miner.client.get("/readyz")
         assert r.status_code == 503
-        assert r.json() == {"ready": False, "phase": "starting", "first_step_done": False}
+        assert r.json() == {"ready": False, "phase": "starting", "first_step_done": False, "reason": None}
 
     def test_status_has_nulls_for_unknown_values(self, miner: Miner) -> None:
         r = miner.client.get("/status")

@@ -256,3 +256,13 @@ class TestHostileInput:
         assert "set api.token or api.token_file, not both" in line
         (line,) = problems(f"api.token_file={tmp_path}")
         assert "must be a regular file" in line
+
+    def test_the_s3_target_never_shows_the_endpoint_password(self) -> None:
+        from daemon.upload.storage import S3Storage
+
+        storage = S3Storage("s3://bucket/prefix", "https://user:pa@ss/word@127.0.0.1:9",
+                            environ={"AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "secret"})
+        # describe() is what UPLOAD lines, /status and the bundle show.
+        assert storage.describe() == "s3://bucket/prefix at https://user:********@127.0.0.1:9"
+        err = storage._wrap("put x", OSError(f"could not connect to {storage.endpoint_url}"))
+        assert "pa@ss" not in str(err) and "********" in str(err)

@@ -250,6 +250,33 @@ class TestSyncPolicy:
         assert store.get_cache_performance()["disk_syncs"] == 2
         assert store.get_cache_performance()["dirty_chunks"] == 1
 
+    def test_a_full_disk_keeps_the_rows_dirty_and_says_so(self, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+        """An automatic sync that finds the disk full reports it and goes on; the rows stay dirty
+        in memory and the next sync that finds room writes them."""
+        import errno
+
+        from daemon.embeddings import chunkfile
+
+        reports: list[tuple[str, Path]] = []
+        store = disk_store(tmp_path, l1=100, l2=0, sync_batch_size=2,
+                           on_disk_full=lambda what, path, exc: reports.append((what, path)))
+        real = chunkfile.write_chunk
+
+        def full(*args: Any, **kw: Any) -> None:  # our own seam: the chunk writer
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(chunkfile, "write_chunk", full)
+        for i in range(4):
+            store.update_embeddings(np.array([i]), np.full((1, 8), float(i), np.float32))
+        assert [what for what, _ in reports] == ["embedding chunks", "embedding chunks"]
+        assert store.get_cache_performance()["dirty_chunks"] >= 1
+        monkeypatch.setattr(chunkfile, "write_chunk", real)
+        store.force_sync_all_chunks()
+        assert store.get_cache_performance()["dirty_chunks"] == 0
+        reopened = disk_store(tmp_path, l1=100, l2=0, generation=store.generation)
+        assert torch.equal(reopened.get_embeddings(torch.arange(4)), torch.arange(4.0)[:, None].expand(4, 8))
+
     def test_manual_sync_only_when_auto_sync_is_off(self, tmp_path: Path) -> None:
         store = disk_store(tmp_path, l1=100, l2=0, sync_batch_size=1)
         store.enable_auto_sync(False)

@@ -303,3 +303,63 @@ class TestKill9:
                 verify = subprocess.run([sys.executable, "-m", "daemon", "verify-upload", str(state / "uploads")],
                                         capture_output=True, text=True, timeout=120, cwd=ROOT)
                 assert verify.returncode == 0, verify.stderr
+
+
+def step_times(m: MinerProcess) -> list[float]:
+    import datetime
+
+    out = []
+    for e in events(m):
+        if "Outer Step:" in str(e.get("event", "")):
+            out.append(datetime.datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp())
+    return out
+
+
+def steps_per_second(m: MinerProcess, t0: float, t1: float) -> float:
+    return sum(t0 <= t <= t1 for t in step_times(m)) / (t1 - t0)
+
+
+@pytest.mark.slow
+class TestHttpFlood:
+    """50 clients in a tight loop and 300 idle sockets on the monitoring port: training keeps at
+    least 80% of its speed, /livez still answers, and the excess is slowed and refused."""
+
+    def test_training_keeps_its_speed(self, tmp_path: Path, miner_factory) -> None:
+        from tests.flood import flood
+
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        state = tmp_path / "state"
+        # Two torch threads, as the default job uses both cores: the API has no spare core.
+        m = miner_factory(state, small_lm_sets(state, f"api.port={port}", "train.torch_threads=2",
+                                               "train.max_steps=100000", "lm.eval_every_steps=100000"))
+        m.wait_for("Outer Step:", timeout=120)
+        time.sleep(2)
+        t0 = time.time()
+        time.sleep(8)
+        t1 = time.time()
+        probes: list[tuple[int, float]] = []
+
+        def probe() -> None:
+            for _ in range(4):
+                time.sleep(2)
+                start = time.monotonic()
+                probes.append((get(f"{url}/livez")[0], time.monotonic() - start))
+
+        import threading
+
+        prober = threading.Thread(target=probe)
+        prober.start()
+        result = flood(port, seconds=10, clients=50, idle=300)
+        t2 = time.time()
+        prober.join(30)
+        time.sleep(8)
+        t3 = time.time()
+        idle = (steps_per_second(m, t0, t1) + steps_per_second(m, t2, t3)) / 2
+        flooded = steps_per_second(m, t2 - 10, t2)
+        assert result.idle_opened == 300 and result.requests > 0
+        assert flooded >= 0.8 * idle, (flooded, idle, result.requests, result.refused)
+        assert probes and all(code == 200 and seconds < 2.0 for code, seconds in probes), probes
+        assert result.refused > 0  # the excess was turned away, not served
+        m.signal(2)
+        assert m.wait(60) == 0, m.text()[-3000:]

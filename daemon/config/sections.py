@@ -125,6 +125,10 @@ class ApiConfig(_Section):
     host: str = Field("127.0.0.1", description="an IP address or a host name to listen on")
     port: int = Field(9108, ge=0, le=65535, description="0 = pick a free port (tests)")
     token: SecretStr | None = None
+    requests_per_second: float = Field(
+        20, gt=0, le=10_000, description="request budget (the health probes have their own); over it: wait, then 429"
+    )
+    max_connections: int = Field(512, ge=8, le=65_536, description="open connections and requests in flight; over: 503")
     token_file: str = Field(
         "", description="a file holding the token (a systemd credential: %d/api-token); instead of api.token"
     )
