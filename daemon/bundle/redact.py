@@ -23,7 +23,7 @@ _SECRET_PATTERNS = (
     re.compile(r"(?i)(bearer\s+)[^\s\"',}]+"),
     re.compile(
         rf"(?i)((?<![A-Za-z0-9])(?:[A-Za-z0-9]+[_.-])*(?:{SECRET_KEY_WORDS})(?:[_.-][A-Za-z0-9]+)*[\"']?\s*[:=]\s*[\"']?)"
-        r"(?!null\b|None\b|\*)[^\s\"',}]+"
+        r"(?!null\b|None\b|\*|Bearer\b|Basic\b)[^\s\"',}]+"
     ),
     # Credentials in URLs, to the last "@" of the URL: a password may hold "/" or "@".
     re.compile(r"(://[^/\s:@]+:)\S*(@)"),

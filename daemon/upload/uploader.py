@@ -137,7 +137,7 @@ class Uploader:
         if not self.cfg.enabled:
             log.warning("UPLOAD DISABLED: upload.enabled is false; nothing will be published.")
             return
-        _own_empty_dir(self.staging_dir)
+        _own_empty_dir(self.staging_dir, create=False)  # leftovers of a killed publisher go
         try:
             name = read_pointer(self.storage)
             key = revision_key(name) if name else None
@@ -420,12 +420,14 @@ class Uploader:
             log.warning(f"upload: pruning old revisions failed: {exc}", revision=snap.name)
 
 
-def _own_empty_dir(path: Path) -> None:
-    """Make ``path`` an empty directory of our own. The publisher writes into staging and then
-    deletes from it: a symbolic link there (stray or planted) is removed, never followed."""
+def _own_empty_dir(path: Path, create: bool = True) -> None:
+    """Make ``path`` an empty directory of our own (or nothing, with ``create`` off). The publisher
+    writes into staging and then deletes from it: a symbolic link there (stray or planted) is
+    removed, never followed."""
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         log.warning("upload staging path was not a plain directory; replacing it", path=str(path))
         path.unlink()
     else:
         shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
