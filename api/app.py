@@ -114,6 +114,7 @@ def build_status(state: MinerState, stall_seconds: float) -> Status:
         upload=_section(state, "upload"),
         mining=_section(state, "mining"),
         embeddings=_section(state, "embeddings"),
+        compression=_section(state, "compression"),
         uptime_seconds=state.uptime(),
         progress_age_seconds=age,
         stall_seconds=stall_seconds,

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["sampler", "telemetry", "api", "mining", "embeddings", "upload", "distributed", "lm", "writes"]
+ORDER = ["sampler", "telemetry", "api", "mining", "embeddings", "upload", "distributed", "compression", "lm", "writes"]
 
 
 def available() -> list[str]:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -72,3 +77,30 @@ def cpu_run(
     metrics = build_core_metrics(registry, state, GpuProbe())
     run = build_run(cfg, state, metrics, registry, stop or _NoStop(), Launch(), torch.device("cpu"))
     return run, state, registry
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def minerd_events(sets: list[str], world: int, what: str, timeout: float = 1800) -> list[dict[str, Any]]:
+    """Run ``minerd run`` (under torchrun with ``world`` > 1 processes, one thread each) to its
+    end and return every JSON log line of every rank; a failed run ends the benchmark."""
+    cmd = [sys.executable, "-m", "daemon", "run"]
+    if world > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+               "-m", "daemon", "run"]
+    for s in sets:
+        cmd += ["--set", s]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout)
+    if out.returncode:
+        raise SystemExit(f"bench: the {what} run failed:\n{out.stdout[-3000:]}{out.stderr[-3000:]}")
+    events = []
+    for line in (out.stdout + out.stderr).splitlines():
+        start = line.find("{")
+        if start >= 0:
+            try:
+                events.append(json.loads(line[start:]))
+            except ValueError:
+                continue
+    return events

@@ -12,14 +12,10 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from bench._common import result
+from bench._common import minerd_events, result
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMON = [
@@ -34,23 +30,8 @@ def run(world: int, sync: str, steps: int, *extra: str) -> dict:
     state = Path(tempfile.mkdtemp(prefix=f"bench-dist-{world}-{sync}-"))
     sets = [*COMMON, f"paths.state_dir={state}", f"train.sync={sync}", f"train.max_steps={steps}",
             f"train.effective_batch_size={128 * world}", *extra]
-    if world == 1:
-        cmd = [sys.executable, "-m", "daemon", "run"]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-               "-m", "daemon", "run"]
-    for s in sets:
-        cmd += ["--set", s]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
-    if out.returncode:
-        raise SystemExit(f"bench distributed: run failed ({world}, {sync}):\n{out.stdout[-3000:]}{out.stderr[-3000:]}")
-    stops = []
-    for line in (out.stdout + out.stderr).splitlines():
-        if '"training stopped"' in line:
-            stops.append(json.loads(line[line.index("{"):]))
-    main = next(s for s in stops if s.get("rank", 0) == 0)
-    return main
+    events = minerd_events(sets, world, f"distributed ({world}, {sync})", timeout=600)
+    return next(e for e in events if e.get("event") == "training stopped" and e.get("rank", 0) == 0)
 
 
 def main(quick: bool) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -98,13 +99,14 @@ def destroy_process_group(together: bool = False) -> None:
         dist.destroy_process_group()
 
 
-def averaging_reduce(counter: CommCounter) -> Callable[[list[torch.Tensor]], None]:
+def averaging_reduce(counter: CommCounter) -> Callable[[list[torch.Tensor]], dict[str, float] | None]:
     """DiLoCo's outer reduction: average the pseudo-gradients over all ranks."""
 
-    def reduce(grads: list[torch.Tensor]) -> None:
+    def reduce(grads: list[torch.Tensor]) -> dict[str, float] | None:
         if not dist.is_initialized():
-            return
+            return None
         world = dist.get_world_size()
+        t0 = time.perf_counter()
         flat = torch.cat([g.reshape(-1) for g in grads])
         counter.add([flat])
         dist.all_reduce(flat)
@@ -114,6 +116,7 @@ def averaging_reduce(counter: CommCounter) -> Callable[[list[torch.Tensor]], Non
             n = g.numel()
             g.copy_(flat[offset : offset + n].view_as(g))
             offset += n
+        return {"sync_bytes": flat.numel() * flat.element_size(), "sync_seconds": round(time.perf_counter() - t0, 4)}
 
     return reduce
 

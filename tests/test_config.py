@@ -235,11 +235,20 @@ class TestHostileInput:
             ("shutdown.deadline_seconds=1e300", "shutdown.deadline_seconds: input should be less than or equal to"),
             ("api.host=bad host", "api.host: must be an IP address or a host name"),
             ("upload.target=s3://bucket/prefix", "upload.target: is a URL: set upload.backend=s3 for it"),
+            ("upload.artifact=gradients", "upload.artifact: input should be 'weights', 'pseudo_gradient' or 'both'"),
+            ("upload.compression=zstd", "upload.compression: input should be 'none', 'topk' or 'dct_topk'"),
+            ("compression.keep=0", "compression.keep: input should be greater than 0"),
+            ("compression.block=1", "compression.block: input should be greater than or equal to 2"),
         ],
     )
     def test_values_that_would_fail_at_run_time(self, setting: str, expected: str) -> None:
         (line,) = problems(setting)
         assert line.startswith(f"config error: {expected}"), line
+
+    def test_outer_compression_needs_diloco(self) -> None:
+        (line,) = problems("train.sync=ddp", "train.outer_compression=dct_topk")
+        assert line == ("config error: train.outer_compression: compresses DiLoCo's outer sync; needs "
+                        "train.sync=diloco (got 'ddp') (got 'dct_topk')"), line
 
     @pytest.mark.parametrize("host", ["127.0.0.1", "::1", "[::1]", "0.0.0.0", "localhost", "miner-1.example.org"])
     def test_good_hosts(self, host: str) -> None:

@@ -12,6 +12,7 @@ from daemon.config.secrets import SECRET_KEYS, is_secret_key
 from daemon.config.sections import (
     ApiConfig,
     CheckpointConfig,
+    CompressionConfig,
     Config,
     DataConfig,
     EmbeddingsConfig,
@@ -33,6 +34,7 @@ __all__ = [
     "SECRET_KEYS",
     "ApiConfig",
     "CheckpointConfig",
+    "CompressionConfig",
     "Config",
     "ConfigError",
     "DataConfig",

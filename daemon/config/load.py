@@ -121,6 +121,10 @@ def semantic_problems(cfg: Config, world_size: int) -> list[str]:
         # The local backend would have made a folder named "s3:" in the working directory.
         problems.append(problem("upload.target", "is a URL: set upload.backend=s3 for it, or give a directory",
                                 up.target))
+    if t.outer_compression != "none" and t.sync != "diloco":
+        # Under DDP gradients are averaged every inner step: there is no outer sync to compress.
+        problems.append(problem("train.outer_compression", f"compresses DiLoCo's outer sync; needs "
+                                f"train.sync=diloco (got '{t.sync}')", t.outer_compression))
     entry = TASKS.get(t.task)
     if entry is None:
         problems.append(problem("train.task", f"unknown task; one of {', '.join(TASKS)}", t.task))

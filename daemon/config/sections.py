@@ -46,6 +46,9 @@ class TrainConfig(_Section):
     drop_last: bool = True
     num_workers: int = Field(0, ge=0)
     sync: Literal["ddp", "diloco"] = "diloco"
+    outer_compression: Literal["none", "topk", "dct_topk"] = Field(
+        "none", description="codec of DiLoCo's outer sync under torchrun (the compression section's settings)"
+    )
     hidden_dim: int = Field(1024, gt=0)
     embed_dim: int = Field(128, gt=0)
     temperature: float = Field(0.05, gt=0, le=10)
@@ -100,6 +103,12 @@ class UploadConfig(_Section):
         30, ge=0, le=DAY, description="no revision sooner than this after the last (a floor under every_inner_steps)"
     )
     backend: Literal["local", "s3"] = "local"
+    artifact: Literal["weights", "pseudo_gradient", "both"] = Field(
+        "weights", description="what a revision carries: the weights, the compressed pseudo-gradient, or both"
+    )
+    compression: Literal["none", "topk", "dct_topk"] = Field(
+        "dct_topk", description="codec of the pseudo-gradient artifact (the compression section's settings)"
+    )
     target: str = Field("", description="a directory or s3://bucket/prefix; empty = <state_dir>/uploads")
     endpoint_url: str = ""
     retries: int = Field(5, ge=0)
@@ -187,6 +196,14 @@ class CheckpointConfig(_Section):
     keep: int = Field(3, gt=0)
 
 
+class CompressionConfig(_Section):
+    """The one codec's settings, for the upload artifact and the outer sync alike."""
+
+    block: int = Field(64, ge=2, le=256, description="largest block side (blocks of up to block x block)")
+    keep: float = Field(1 / 32, gt=0, le=1, description="share of each block's values sent")
+    quantize: bool = Field(True, description="kept values as int8 with one scale per block")
+
+
 class ShutdownConfig(_Section):
     deadline_seconds: float = Field(30, gt=0, le=3600)
 
@@ -206,6 +223,7 @@ class Config(_Section):
     data: DataConfig = DataConfig()
     lm: LmConfig = LmConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    compression: CompressionConfig = CompressionConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     paths: PathsConfig = PathsConfig()
 

@@ -21,6 +21,9 @@ import torch
 from prometheus_client import CollectorRegistry, Counter
 
 from daemon.checkpoint import CheckpointStore
+from daemon.compression import CodecSpec, CompressionStats
+from daemon.compression.stats import register as register_compression
+from daemon.compression.sync import CompressedAverage
 from daemon.config import Config, ConfigError
 from daemon.diagnostics import accumulation_steps
 from daemon.disk import DiskFullReporter
@@ -33,7 +36,7 @@ from daemon.tasks import TASKS
 from daemon.telemetry import Throughput
 from daemon.training.engine import Parts, StopSignal, Trainer
 from daemon.training.hooks import UploadHook
-from daemon.training.outer import OuterOptimizer
+from daemon.training.outer import OuterOptimizer, Reduce, identity_reduce
 from daemon.training.task import BuildContext, Task
 from daemon.upload import Uploader
 
@@ -90,6 +93,11 @@ class Run:
     components: list[Component]
 
 
+def codec_spec(cfg: Config, name: str) -> CodecSpec:
+    cc = cfg.compression
+    return CodecSpec.of(name, cc.block, cc.keep, cc.quantize)
+
+
 def build_run(
     cfg: Config,
     state: MinerState,
@@ -119,7 +127,18 @@ def build_run(
     # DiLoCo averages pseudo-gradients at each outer step; under DDP gradients are
     # averaged every inner step already, so parameters agree and the reduction is the identity.
     diloco = launch.world_size > 1 and cfg.train.sync == "diloco"
-    reduce = averaging_reduce(comm) if diloco else (lambda grads: None)
+    stateful = dict(parts.stateful)
+    stats = CompressionStats()
+    outer_codec = cfg.train.outer_compression if diloco else "none"
+    if outer_codec != "none" or (cfg.upload.enabled and cfg.upload.artifact != "weights"):
+        register_compression(registry, stats)
+        state.sections["compression"] = stats.status
+    reduce: Reduce = averaging_reduce(comm) if diloco else identity_reduce
+    if outer_codec != "none":
+        names = [name for name, _ in model.named_parameters()]
+        compressed = CompressedAverage(names, codec_spec(cfg, outer_codec), comm, stats, launch.rank, device)
+        stateful["outer_compression"] = compressed
+        reduce = compressed
     outer = OuterOptimizer(list(model.parameters()), cfg.train.outer_lr, cfg.train.outer_momentum, reduce)
     wrapped = wrap_ddp(model, device, comm) if launch.world_size > 1 and cfg.train.sync == "ddp" else model
     # Every rank reads the checkpoint it resumes from; only rank 0 writes.
@@ -129,8 +148,9 @@ def build_run(
     hooks = list(parts.hooks)
     components = list(parts.components)
     if cfg.upload.enabled and launch.is_main:
+        codec = codec_spec(cfg, cfg.upload.compression) if cfg.upload.artifact != "weights" else None
         uploader = Uploader.from_config(cfg.upload, cfg.state_dir, registry, config_hash=cfg.digest(),
-                                        layout=parts.layout, on_disk_full=on_full)
+                                        layout=parts.layout, on_disk_full=on_full, codec=codec, stats=stats)
         components.append(uploader)
         state.sections["upload"] = uploader.status
         hooks.append(UploadHook(uploader, state))
@@ -155,7 +175,7 @@ def build_run(
             accumulation=accumulation_steps(cfg, launch.world_size),
             world_size=launch.world_size,
             hooks=hooks,
-            stateful=dict(parts.stateful),
+            stateful=stateful,
             is_main=launch.is_main,
             comm=comm,
             throughput=throughput,

@@ -332,10 +332,10 @@ class Trainer:
         c.inner_step += 1
         c.global_step += 1
         if c.inner_step >= self.cfg.train.inner_steps_per_outer:
-            norm = p.outer.step()
+            report = p.outer.step()
             c.outer_step += 1
             c.inner_step = 0
-            log.info("outer step applied", outer_step=c.outer_step, pseudo_grad_norm=round(norm, 6))
+            log.info("outer step applied", outer_step=c.outer_step, **report)
         seconds = time.perf_counter() - t0
         self.last_loss = loss_value
         self._after_step(lr, loss_value, seconds, samples * p.world_size)

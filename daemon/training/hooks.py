@@ -27,4 +27,5 @@ class UploadHook:
             self.uploader.request_upload()
         c = trainer.c
         loss = trainer.last_loss if trainer.last_loss is not None else float("nan")
-        self.uploader.on_inner_step(c.outer_step, c.inner_step, loss, trainer.module, trainer.p.optimizer)
+        self.uploader.on_inner_step(c.outer_step, c.inner_step, loss, trainer.module, trainer.p.optimizer,
+                                    anchor=trainer.p.outer.anchor)

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-Reduce = Callable[[list[torch.Tensor]], None]
+# Reduces the pseudo-gradients in place; may return what it did, for the outer step's log line.
+Reduce = Callable[[list[torch.Tensor]], "dict[str, float] | None"]
 
 
 def identity_reduce(_: list[torch.Tensor]) -> None:
@@ -40,17 +41,18 @@ class OuterOptimizer:
         self.buf = [torch.zeros_like(p) for p in self.params]
 
     @torch.no_grad()
-    def step(self) -> float:
-        """Apply one outer step; returns the pseudo-gradient's L2 norm."""
+    def step(self) -> dict[str, float]:
+        """Apply one outer step; returns the reduced pseudo-gradient's L2 norm
+        (``pseudo_grad_norm``) and whatever the reduction reported."""
         grads = [a - p.detach() for a, p in zip(self.anchor, self.params, strict=True)]
-        self.reduce(grads)
+        report = self.reduce(grads) or {}
         norm_sq = 0.0
         for a, b, g, p in zip(self.anchor, self.buf, grads, self.params, strict=True):
             norm_sq += float(g.float().pow(2).sum())
             b.mul_(self.momentum).add_(g)
             a.sub_(g.add(b, alpha=self.momentum), alpha=self.lr)
             p.copy_(a)
-        return norm_sq**0.5
+        return {"pseudo_grad_norm": round(norm_sq**0.5, 6), **report}
 
     def state_dict(self) -> dict[str, Any]:
         return {"anchor": [a.cpu() for a in self.anchor], "buf": [b.cpu() for b in self.buf]}

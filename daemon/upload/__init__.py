@@ -23,7 +23,9 @@ from daemon.upload.uploader import Uploader
 def verify_target(target: str, endpoint_url: str | None = None) -> list[str]:
     """Check a published target (a directory or s3://bucket/prefix) the way a
     validator would: pointer, manifest, every file's size and sha256; then a revision in
-    the Hugging Face layout must load with ``from_pretrained`` and run. Empty = OK."""
+    the Hugging Face layout must load with ``from_pretrained`` and run, and a pseudo-gradient
+    must decode to finite tensors of the model's shapes. Empty = OK."""
+    from daemon.upload.artifact_check import check_artifact
     from daemon.upload.hf_check import check_latest
 
     try:
@@ -31,7 +33,7 @@ def verify_target(target: str, endpoint_url: str | None = None) -> list[str]:
     except StorageError as exc:
         return [f"{target}: {exc}"]
     try:
-        return verify(storage) or check_latest(storage)
+        return verify(storage) or check_latest(storage) or check_artifact(storage)
     except StorageError as exc:
         return [f"{storage.describe()}: unreadable: {exc}"]
 

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, cast
 
+from daemon.upload.layout import MODEL_FILE
 from daemon.upload.revision import OPTIMIZER_FILE, read_manifest, read_pointer
 from daemon.upload.storage import LocalStorage, Storage, StorageError
 
@@ -43,7 +44,7 @@ def check_latest(storage: Storage) -> list[str]:
 
 def check_loadable(storage: Storage, name: str, files: dict[str, Any]) -> list[str]:
     """Problems loading revision ``name`` as a validator would; empty when it loads and runs."""
-    if HF_CONFIG not in files:
+    if HF_CONFIG not in files or MODEL_FILE not in files:  # no weights: the artifact's check covers it
         return []
     where = f"{storage.describe()}: {name}"
     with tempfile.TemporaryDirectory(prefix="minerd-verify-") as tmp:

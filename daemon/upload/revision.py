@@ -8,6 +8,9 @@ Layout of a target::
         model.safetensors       and whatever else the task's layout writes
                                 (config.json, tokenizer files: layout.py)
         optimizer.pt            torch.save of the optimizer state dict
+        pseudo_gradient.*       with upload.artifact pseudo_gradient or both: the
+                                compressed pseudo-gradient (daemon/compression/artifact.py);
+                                with pseudo_gradient alone, no weights and no optimizer
         metadata.json           the manifest, written after the files it names
 """
 
@@ -18,7 +21,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +30,7 @@ from typing import IO, Any, cast
 import torch
 
 from daemon import atomic
+from daemon.compression import CodecSpec, CompressionStats, artifact, encode
 from daemon.tensors import aliases
 from daemon.upload.layout import MODEL_FILE, RevisionLayout, WeightsLayout
 from daemon.upload.storage import MANIFEST, POINTER, Storage, StorageError, revision_key
@@ -42,8 +46,10 @@ class Snapshot:
     outer_step: int
     inner_step: int
     loss: float
-    model: dict[str, torch.Tensor]  # tied weights appear once (under their first key)
+    model: dict[str, torch.Tensor] | None  # tied weights appear once (under their first key)
     optimizer: dict[str, Any] | None
+    # Weights at the start of the outer round minus weights now, per parameter name.
+    pseudo_gradient: dict[str, torch.Tensor] | None = None
     # Set when copies from an accelerator were queued without waiting: the
     # publisher synchronises on it, the training thread never does.
     ready: Any = None
@@ -99,17 +105,28 @@ class SnapshotBuffers:
         loss: float,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer | None,
+        anchor: Sequence[torch.Tensor] | None = None,
+        weights: bool = True,
     ) -> Snapshot:
+        """``anchor``: the outer round's starting weights, in ``model.parameters()`` order; with
+        it the snapshot holds the pseudo-gradient (``anchor - parameters``) too."""
         self._cuda = False
-        state = model.state_dict()
-        tied = aliases(state)
-        weights = {k: self._copy(f"m.{k}", v) for k, v in state.items() if k not in tied}
+        copied = None
+        if weights:
+            state = model.state_dict()
+            tied = aliases(state)
+            copied = {k: self._copy(f"m.{k}", v) for k, v in state.items() if k not in tied}
         optim = self._copy_tree("o", optimizer.state_dict()) if optimizer is not None else None
+        pseudo = None
+        if anchor is not None:
+            with torch.no_grad():
+                pseudo = {n: self._copy(f"g.{n}", a - p.detach())
+                          for (n, p), a in zip(model.named_parameters(), anchor, strict=True)}
         ready = None
         if self._cuda:
             ready = torch.cuda.Event()
             ready.record()
-        return Snapshot(outer_step, inner_step, loss, weights, optim, ready)
+        return Snapshot(outer_step, inner_step, loss, copied, optim, pseudo, ready)
 
 
 def params_finite(params: Iterable[torch.Tensor]) -> bool:
@@ -153,13 +170,28 @@ def _file_entry(path: Path) -> dict[str, Any]:
 
 
 def write_revision(
-    snap: Snapshot, folder: Path, version: str, config_hash: str, layout: RevisionLayout | None = None
+    snap: Snapshot, folder: Path, version: str, config_hash: str, layout: RevisionLayout | None = None,
+    codec: CodecSpec | None = None, stats: CompressionStats | None = None,
 ) -> tuple[dict[str, Path], dict[str, Any]]:
-    """Serialise a snapshot into ``folder``; return its files and its manifest."""
+    """Serialise a snapshot into ``folder``; return its files and its manifest. With ``codec``
+    the snapshot's pseudo-gradient is encoded here, on the publisher thread."""
     if snap.ready is not None:
         snap.ready.synchronize()
     folder.mkdir(parents=True, exist_ok=True)
-    names = (layout or WeightsLayout()).write(snap.model, folder)
+    lay = layout or WeightsLayout()
+    if snap.model is not None:
+        names = lay.write(snap.model, folder)
+    else:
+        pg = snap.pseudo_gradient or {}
+        names = lay.describe({n: list(t.shape) for n, t in pg.items()}, folder)
+    if snap.pseudo_gradient is not None and codec is not None:
+        t0 = time.perf_counter()
+        enc = encode(snap.pseudo_gradient, codec)
+        encode_s = time.perf_counter() - t0
+        names += artifact.write(enc, folder, outer_step=snap.outer_step, inner_steps=snap.inner_step)
+        if stats is not None:
+            dense = sum(t.numel() * 4 for t in snap.pseudo_gradient.values())
+            stats.record("upload", enc.nbytes, dense, encode_s, 0.0)
     files = {name: folder / name for name in names}
     entries = {name: _file_entry(path) for name, path in files.items()}
     if snap.optimizer is not None:
@@ -179,9 +211,14 @@ def write_revision(
         "created_at_unix": snap.taken_at,
         "minerd_version": version,
         "config_hash": config_hash,
+        "artifact": _artifact_kind(snap.model is not None, artifact.HEADER_FILE in entries),
         "files": entries,
     }
     return files, manifest
+
+
+def _artifact_kind(weights: bool, pseudo_gradient: bool) -> str:
+    return "both" if weights and pseudo_gradient else "pseudo_gradient" if pseudo_gradient else "weights"
 
 
 def manifest_bytes(manifest: dict[str, Any]) -> bytes:
@@ -239,8 +276,8 @@ def _check_manifest(
         if required not in manifest:
             problems.append(f"{mpath}: {required} missing")
     files = manifest.get("files")
-    if not isinstance(files, dict) or MODEL_FILE not in files:
-        problems.append(f"{mpath}: files does not list {MODEL_FILE}")
+    if not isinstance(files, dict) or (MODEL_FILE not in files and artifact.HEADER_FILE not in files):
+        problems.append(f"{mpath}: files lists neither {MODEL_FILE} nor {artifact.HEADER_FILE}")
         return problems
     for fname, entry in sorted(files.items()):
         fpath = f"{where}: {name}/{fname}"
@@ -255,9 +292,9 @@ def _check_manifest(
             problems.append(f"{fpath}: missing")
             continue
         size, sha = got
-        if size != entry["size"]:
+        if size != entry["size"]:  # truncated or grown: the checksum cannot match either
             problems.append(f"{fpath}: size {size} != manifest {entry['size']}")
-        if sha != entry["sha256"]:
+        elif sha != entry["sha256"]:
             problems.append(f"{fpath}: sha256 {sha[:16]}... != manifest {str(entry['sha256'])[:16]}...")
         elif fname.endswith(".safetensors") and (why := safetensors_problem(storage, f"{name}/{fname}", size)):
             problems.append(f"{fpath}: not a safetensors file: {why}")
@@ -271,6 +308,12 @@ MAX_HEADER = 100 << 20  # safetensors caps its JSON header at 100 MB
 
 def safetensors_problem(storage: Storage, key: str, size: int) -> str | None:
     """Why the object is not a well-formed safetensors file (read from its header alone), or None."""
+    got = safetensors_header(storage, key, size)
+    return got if isinstance(got, str) else None
+
+
+def safetensors_header(storage: Storage, key: str, size: int) -> dict[str, Any] | str:
+    """The parsed header of a safetensors object whose tensors fill it exactly, or why not."""
     head = storage.head_bytes(key, 8)
     if head is None or len(head) < 8:
         return "shorter than its 8-byte header length"
@@ -294,4 +337,4 @@ def safetensors_problem(storage: Storage, key: str, size: int) -> str | None:
         end = max(end, offsets[1])
     if 8 + n + end != size:
         return f"its tensors end at byte {8 + n + end}, the file has {size}"
-    return None
+    return header

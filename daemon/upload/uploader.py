@@ -16,7 +16,7 @@ import random
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from daemon import __version__, disk
+from daemon.compression import CodecSpec, CompressionStats
 from daemon.config import UploadConfig
 from daemon.disk import DiskFullReporter
 from daemon.upload.gate import GateDecision, GateState, decide
@@ -73,9 +74,17 @@ class Uploader:
         backoff_max: float = 60.0,
         layout: RevisionLayout | None = None,
         on_disk_full: DiskFullReporter | None = None,
+        codec: CodecSpec | None = None,
+        stats: CompressionStats | None = None,
     ) -> None:
+        """``codec`` encodes the pseudo-gradient artifact (``upload.artifact`` pseudo_gradient
+        or both); ``stats`` counts what it wrote."""
         self.cfg = cfg
         self.layout = layout or WeightsLayout()
+        if cfg.artifact != "weights" and codec is None:  # the default settings of the configured codec
+            codec = replace(CodecSpec(), name=cfg.compression)
+        self.codec = codec if cfg.artifact != "weights" else None
+        self.stats = stats
         self._on_disk_full = on_disk_full or DiskFullReporter()
         self.storage = storage
         self.staging_dir = Path(staging_dir)
@@ -196,9 +205,12 @@ class Uploader:
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer | None,
         force: bool = False,
+        anchor: Sequence[torch.Tensor] | None = None,
     ) -> GateDecision:
         """Call after each optimizer step. Returns the gate's decision; when it is
-        allowed, a snapshot has been taken and handed to the publisher."""
+        allowed, a snapshot has been taken and handed to the publisher. ``anchor``: the
+        outer round's starting weights (``model.parameters()`` order), which the
+        pseudo-gradient artifact needs."""
         with self._cond:
             forced = force or self._requested
             self._requested = False
@@ -220,7 +232,13 @@ class Uploader:
         if not decision.allowed:
             self._blocked(decision, forced)
             return decision
-        snap = self._buffers.capture(outer_step, inner_step, float(loss), model, optimizer)
+        artifact = self.cfg.artifact
+        if artifact != "weights" and anchor is None:
+            raise ValueError("upload.artifact needs the outer round's starting weights (anchor)")
+        weights = artifact != "pseudo_gradient"
+        snap = self._buffers.capture(outer_step, inner_step, float(loss), model,
+                                     optimizer if weights else None,
+                                     anchor=anchor if artifact != "weights" else None, weights=weights)
         with self._cond:
             self._in_progress = snap.name
             self._blocked_reason = None
@@ -326,7 +344,8 @@ class Uploader:
             if self.staging_dir.is_symlink():  # swapped for a link since start
                 _own_empty_dir(self.staging_dir)
             _own_empty_dir(folder)
-            files, manifest = write_revision(snap, folder, self.version, self.config_hash, self.layout)
+            files, manifest = write_revision(snap, folder, self.version, self.config_hash, self.layout,
+                                             self.codec, self.stats)
             nbytes = sum(int(e["size"]) for e in manifest["files"].values())
             tries = self.cfg.retries + 1
             for attempt in range(1, tries + 1):

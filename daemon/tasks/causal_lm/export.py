@@ -38,6 +38,10 @@ class HfLayout:
 
     def write(self, weights: dict[str, torch.Tensor], folder: Path) -> list[str]:
         write_safetensors(weights, folder / MODEL_FILE)
+        return [MODEL_FILE, *self.describe({}, folder)]
+
+    def describe(self, shapes: dict[str, list[int]], folder: Path) -> list[str]:
+        """The config and tokenizer files: ``config.json`` says every shape."""
         for name, data in self.files.items():
             atomic.write_bytes(folder / name, data)
-        return [MODEL_FILE, *self.files]
+        return list(self.files)
