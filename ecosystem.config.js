@@ -18,6 +18,12 @@
 // started *instead of* the single-process one (never both: they would share ports and the
 // state directory):
 //   MINERD_NPROC_PER_NODE=4 pm2 start ecosystem.config.js
+//
+// Fault tolerance across machines (ft.enabled): on the one host that runs the torchft
+// lighthouse, set MINERD_LIGHTHOUSE_MIN_REPLICAS and the lighthouse app is listed too:
+//   MINERD_LIGHTHOUSE_MIN_REPLICAS=2 pm2 start ecosystem.config.js --only minerd_lighthouse
+// (MINERD_LIGHTHOUSE_BIND: the address and port, [::]:29510 by default). Each miner then runs
+// with MINERD_FT__ENABLED=true and MINERD_FT__LIGHTHOUSE=http://<that host>:29510.
 'use strict';
 
 const path = require('path');
@@ -82,6 +88,21 @@ const torchrunMiner = {
   },
 };
 
+// The lighthouse forms the quorum of replica groups; it keeps nothing on disk, so pm2 may restart
+// it at any time (the miners wait for it, then form the next quorum).
+const lighthouseMin = Number.parseInt(process.env.MINERD_LIGHTHOUSE_MIN_REPLICAS || '0', 10);
+const lighthouse = {
+  name: 'minerd_lighthouse',
+  cwd: __dirname,
+  interpreter: 'none',
+  script: path.join(VENV_BIN, 'torchft_lighthouse'),
+  args: ['--bind', process.env.MINERD_LIGHTHOUSE_BIND || '[::]:29510', '--min_replicas', String(lighthouseMin),
+    '--join_timeout_ms', '60000', '--heartbeat_timeout_ms', '5000'],
+  autorestart: true,
+  exp_backoff_restart_delay: 1000,
+  log_date_format: common.log_date_format,
+};
+
 module.exports = {
-  apps: [nproc >= 2 ? torchrunMiner : miner],
+  apps: [nproc >= 2 ? torchrunMiner : miner, ...(lighthouseMin >= 1 ? [lighthouse] : [])],
 };

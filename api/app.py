@@ -115,6 +115,7 @@ def build_status(state: MinerState, stall_seconds: float) -> Status:
         mining=_section(state, "mining"),
         embeddings=_section(state, "embeddings"),
         compression=_section(state, "compression"),
+        ft=_section(state, "ft"),
         uptime_seconds=state.uptime(),
         progress_age_seconds=age,
         stall_seconds=stall_seconds,

@@ -70,6 +70,9 @@ class Status(BaseModel):
     upload: dict[str, Any] | None = Field(description="upload state; null until the uploader exists")
     mining: dict[str, Any] | None = Field(description="mining queue health; null until mining exists")
     embeddings: dict[str, Any] | None = Field(description="embedding cache stats; null until the cache exists")
+    ft: dict[str, Any] | None = Field(
+        None, description="fault-tolerant outer sync (ft.enabled): phase, participants, recoveries, last sync"
+    )
     compression: dict[str, Any] | None = Field(
         None, description="pseudo-gradient codec per use (upload artifact, outer sync): bytes, ratio, seconds"
     )

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["sampler", "telemetry", "api", "mining", "embeddings", "upload", "distributed", "compression", "lm", "writes"]
+ORDER = ["sampler", "telemetry", "api", "mining", "embeddings", "upload", "distributed", "compression",
+         "faulttolerance", "lm", "writes"]
 
 
 def available() -> list[str]:

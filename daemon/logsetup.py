@@ -102,6 +102,8 @@ def configure_logging(log_format: str = "auto", level: str = "info", stream: Any
     root.setLevel(_LEVELS.get(level, logging.INFO))
     # uvicorn's access log at info would drown the step lines under scraping.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    # torchft says every commit at INFO; minerd's own outer-step line carries the same facts.
+    logging.getLogger("torchft").setLevel(logging.WARNING)
     for name in ("uvicorn", "uvicorn.error", "torch"):
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True

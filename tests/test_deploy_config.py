@@ -7,6 +7,7 @@ A missing tool skips these tests with the reason, except in CI (CI=true) where i
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -216,7 +217,7 @@ class TestAlertRules:
 
 
 # --- systemd -------------------------------------------------------------------------------------
-def verify_root(tmp_path: Path, unit_text: str) -> Path:
+def verify_root(tmp_path: Path, unit_text: str, name: str = "minerd.service") -> Path:
     """A root directory for `systemd-analyze verify --root`: the host's unit library (targets the
     unit refers to), our unit unchanged, and an executable stub at the unit's ExecStart path, which
     stands in for /opt/minerd/.venv/bin/minerd (verify refuses a unit whose binary is missing; the
@@ -225,13 +226,41 @@ def verify_root(tmp_path: Path, unit_text: str) -> Path:
     library = next(p for p in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system")) if p.is_dir())
     shutil.copytree(library, root / "usr/lib/systemd/system", symlinks=True)
     (root / "etc/systemd/system").mkdir(parents=True)
-    (root / "etc/systemd/system/minerd.service").write_text(unit_text)
+    (root / f"etc/systemd/system/{name}").write_text(unit_text)
     exec_start = dict(unit_settings(unit_text)["Service"])["ExecStart"].split()[0]
     stub = root / exec_start.lstrip("/")
     stub.parent.mkdir(parents=True)
     stub.write_text("#!/bin/sh\nexit 0\n")
     stub.chmod(0o755)
     return root
+
+
+class TestLighthouseUnit:
+    """The torchft lighthouse's unit (replica groups, ft.enabled) verifies and matches the miners'."""
+
+    def test_verify_passes_and_settings(self, tmp_path: Path) -> None:
+        analyze = need_tool("systemd-analyze")
+        text = (DEPLOY / "systemd" / "minerd-lighthouse.service").read_text()
+        root = verify_root(tmp_path, text, "minerd-lighthouse.service")
+        out = run([analyze, "verify", f"--root={root}", "/etc/systemd/system/minerd-lighthouse.service"])
+        assert out.returncode == 0 and out.stdout + out.stderr == "", out.stdout + out.stderr
+        service = dict(unit_settings(text)["Service"])
+        assert service["ExecStart"].startswith("/opt/minerd/.venv/bin/torchft_lighthouse --bind ")
+        assert service["Restart"] == "always" and service["CapabilityBoundingSet"] == ""
+        env = dict(v.split("=", 1) for k, v in unit_settings(text)["Service"] if k == "Environment")
+        assert env["LIGHTHOUSE_BIND"].endswith(":29510") and int(env["LIGHTHOUSE_MIN_REPLICAS"]) >= 1
+
+    def test_pm2_lists_it_only_when_asked(self) -> None:
+        node = need_tool("node")
+        script = ("const c=require(process.argv[1]);"
+                  "console.log(JSON.stringify(c.apps.map(a=>[a.name,a.script,a.args])))")
+        plain = run([node, "-e", script, str(ROOT / "ecosystem.config.js")])
+        assert [a[0] for a in json.loads(plain.stdout)] == ["distributed_training_miner"]
+        out = subprocess.run([node, "-e", script, str(ROOT / "ecosystem.config.js")], capture_output=True,
+                             text=True, env={**os.environ, "MINERD_LIGHTHOUSE_MIN_REPLICAS": "3"}, timeout=30)
+        apps = json.loads(out.stdout)
+        assert apps[1][0] == "minerd_lighthouse" and apps[1][1].endswith(".venv/bin/torchft_lighthouse")
+        assert apps[1][2][apps[1][2].index("--min_replicas") + 1] == "3"
 
 
 class TestSystemdUnit:

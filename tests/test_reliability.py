@@ -10,7 +10,6 @@ rather than skip them.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import LM_CORPUS, ROOT, MinerProcess, free_port, small_lm_sets, small_sets
+from tests.conftest import LM_CORPUS, ROOT, MinerProcess, free_port, get_json, small_lm_sets, small_sets
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability]
 
@@ -61,21 +60,8 @@ def fill(disk: Path, leave: int) -> Path:
     return filler
 
 
-def events(m: MinerProcess) -> list[dict]:
-    out = []
-    for line in m.text().splitlines():
-        if line.startswith("{"):
-            with contextlib.suppress(ValueError):
-                out.append(json.loads(line))
-    return out
 
 
-def get(url: str) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
 
 
 def metric(url: str, name: str, **labels: str) -> float | None:
@@ -119,13 +105,14 @@ class TestDiskFull:
 
             def refused(what: str, n: int) -> bool:
                 fill(disk, leave=64 << 10)
-                return sum(str(e.get("event", "")).startswith(f"DISK FULL: {what}") for e in events(m)) >= n
+                return sum(str(e.get("event", "")).startswith(f"DISK FULL: {what}") for e in m.events()) >= n
 
             wait_until(lambda: refused("checkpoint", 2), 120, "two refused checkpoints", m)
             wait_until(lambda: refused("upload revision", 1), 60, "a refused upload", m)
-            step_before = get(f"{url}/status")[1]["global_step"]
-            wait_until(lambda: get(f"{url}/status")[1]["global_step"] > step_before + 5, 60, "training going on", m)
-            line = next(e for e in events(m) if str(e.get("event", "")).startswith("DISK FULL: checkpoint"))
+            step_before = get_json(f"{url}/status")[1]["global_step"]
+            wait_until(lambda: get_json(f"{url}/status")[1]["global_step"] > step_before + 5, 60,
+                       "training going on", m)
+            line = next(e for e in m.events() if str(e.get("event", "")).startswith("DISK FULL: checkpoint"))
             # Free bytes are read after the refused write's temporary files are gone: a few MB at most.
             assert line["level"] == "error" and line["free_bytes"] < 8 << 20 and str(ckpts) in line["event"]
             assert (metric(url, "minerd_disk_full_total", what="checkpoint") or 0) >= 2
@@ -137,9 +124,9 @@ class TestDiskFull:
                                     capture_output=True, text=True, timeout=120, cwd=ROOT)
             assert verify.returncode == 0, verify.stderr
             # 3. Room again: the next checkpoint is written without a restart.
-            saved = len([e for e in events(m) if e.get("event") == "checkpoint saved"])
+            saved = len([e for e in m.events() if e.get("event") == "checkpoint saved"])
             filler.unlink()
-            wait_until(lambda: len([e for e in events(m) if e.get("event") == "checkpoint saved"]) > saved, 60,
+            wait_until(lambda: len([e for e in m.events() if e.get("event") == "checkpoint saved"]) > saved, 60,
                        "a checkpoint once there is room", m)
             m.signal(2)
             assert m.wait(60) == 0, m.text()[-3000:]
@@ -155,13 +142,13 @@ class TestDiskFull:
             filler = fill(disk, leave=16 << 20)  # under the 64 MB the start-up asks for
             m = miner_factory(state, small_sets(state, f"api.port={port}", "train.max_steps=100000"))
             wait_until(lambda: "DISK FULL:" in m.text(), 90, "the DISK FULL line at start-up", m)
-            code, body = get(f"{url}/readyz")
+            code, body = get_json(f"{url}/readyz")
             assert code == 503 and body["reason"].startswith("disk full:"), body
-            assert get(f"{url}/livez")[0] == 200  # waiting is not a stall
+            assert get_json(f"{url}/livez")[0] == 200  # waiting is not a stall
             time.sleep(3)
             assert m.proc.poll() is None  # waiting, not exiting into a restart loop
             filler.unlink()
-            wait_until(lambda: get(f"{url}/readyz")[0] == 200, 90, "ready once there is room", m)
+            wait_until(lambda: get_json(f"{url}/readyz")[0] == 200, 90, "ready once there is room", m)
             m.signal(2)
             assert m.wait(60) == 0, m.text()[-3000:]
 
@@ -180,7 +167,7 @@ def flip_byte(path: Path, at: int | None = None) -> None:
 
 
 def one_line(m: MinerProcess, needle: str) -> dict:
-    found = [e for e in events(m) if needle in str(e.get("event", ""))]
+    found = [e for e in m.events() if needle in str(e.get("event", ""))]
     assert len(found) == 1, m.text()[-3000:]
     return found[0]
 
@@ -289,14 +276,14 @@ class TestKill9:
             m = miner_factory(state, sets)
             m.wait_for("Outer Step:", timeout=120)
             if kill:
-                resumed = [e for e in events(m) if str(e.get("event", "")).startswith("Resumed from checkpoint")]
+                resumed = [e for e in m.events() if str(e.get("event", "")).startswith("Resumed from checkpoint")]
                 assert resumed, m.text()[-3000:]
                 step = int(str(resumed[0]["event"]).rsplit("global step ", 1)[1].rstrip(")"))
                 # At most one checkpoint interval lost (a save can be under way when the kill lands).
                 assert step >= last_seen - 2 * every, (step, last_seen)
             time.sleep(rng.uniform(0.2, 2.5))
             m.kill()
-            steps = [e["global_step"] for e in events(m) if "Outer Step:" in str(e.get("event", ""))]
+            steps = [e["global_step"] for e in m.events() if "Outer Step:" in str(e.get("event", ""))]
             last_seen = max(steps) if steps else last_seen
             # Every complete checkpoint verifies; no half-written one is visible.
             from daemon.checkpoint import CheckpointStore
@@ -314,7 +301,7 @@ def step_times(m: MinerProcess) -> list[float]:
     import datetime
 
     out = []
-    for e in events(m):
+    for e in m.events():
         if "Outer Step:" in str(e.get("event", "")):
             out.append(datetime.datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp())
     return out
@@ -349,7 +336,7 @@ class TestHttpFlood:
             for _ in range(4):
                 time.sleep(2)
                 start = time.monotonic()
-                probes.append((get(f"{url}/livez")[0], time.monotonic() - start))
+                probes.append((get_json(f"{url}/livez")[0], time.monotonic() - start))
 
         import threading
 

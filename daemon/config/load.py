@@ -125,12 +125,35 @@ def semantic_problems(cfg: Config, world_size: int) -> list[str]:
         # Under DDP gradients are averaged every inner step: there is no outer sync to compress.
         problems.append(problem("train.outer_compression", f"compresses DiLoCo's outer sync; needs "
                                 f"train.sync=diloco (got '{t.sync}')", t.outer_compression))
+    problems.extend(_ft_problems(cfg, world_size))
     entry = TASKS.get(t.task)
     if entry is None:
         problems.append(problem("train.task", f"unknown task; one of {', '.join(TASKS)}", t.task))
     else:
         problems.extend(entry.validate(cfg, world_size))
     return problems
+
+
+def _ft_problems(cfg: Config, world_size: int) -> list[str]:
+    ft, t = cfg.ft, cfg.train
+    if not ft.enabled:
+        return []
+    out = []
+    if not ft.lighthouse:
+        out.append(problem("ft.lighthouse", "is required with ft.enabled (http://host:port of torchft_lighthouse)",
+                           ft.lighthouse))
+    if t.sync != "diloco":
+        out.append(problem("ft.enabled", f"fault tolerance is for DiLoCo's outer step; needs train.sync=diloco "
+                           f"(got '{t.sync}')", ft.enabled))
+    if world_size > 1:
+        # A replica group of several processes needs one torchft manager per rank on the
+        # group's own store: not built yet. One process per machine covers CPU and one-GPU hosts.
+        out.append(problem("ft.enabled", f"a replica group is one process for now (got world size {world_size} "
+                           "under torchrun)", ft.enabled))
+    if t.outer_compression != "none":
+        out.append(problem("train.outer_compression", "is not used across replica groups yet; set none with "
+                           "ft.enabled", t.outer_compression))
+    return out
 
 
 def _state_dir_problem(path: Path) -> str | None:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from daemon.urls import MASK, is_host, redact_url
+from daemon.urls import MASK, http_url_problem, is_host, redact_url
 
 
 class _Section(BaseModel):
@@ -204,6 +204,37 @@ class CompressionConfig(_Section):
     quantize: bool = Field(True, description="kept values as int8 with one scale per block")
 
 
+class FtConfig(_Section):
+    """Fault-tolerant outer sync across replica groups (torchft): each machine is a replica
+    group; its outer steps go through a quorum the lighthouse forms of the groups alive."""
+
+    enabled: bool = False
+    lighthouse: str = Field("", description="the lighthouse's address, http://host:port (torchft_lighthouse --bind)")
+    replica_group: int = Field(0, ge=0, le=1_000_000, description="this group's number, unique in the job")
+    host: str = Field("", description="name or address peers reach this replica at; empty = the host name")
+    min_replicas: int = Field(1, ge=1, le=10_000, description="fewest replica groups an outer step may commit with")
+    timeout_seconds: float = Field(60, gt=0, le=DAY, description="an outer sync's collectives")
+    quorum_timeout_seconds: float = Field(
+        300, gt=0, le=DAY, description="waiting for a quorum; then the round's progress is kept and tried again"
+    )
+    connect_timeout_seconds: float = Field(10, gt=0, le=3600, description="one try to reach the lighthouse")
+    sync_attempts: int = Field(3, ge=1, le=100, description="tries of one outer step before it is left for the next")
+
+    @field_validator("lighthouse")
+    @classmethod
+    def _lighthouse_url(cls, value: str) -> str:
+        if value and http_url_problem(value):
+            raise ValueError(f"must be http://host:port ({http_url_problem(value)})")
+        return value
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        if value and not is_host(value):
+            raise ValueError("must be an IP address or a host name")
+        return value
+
+
 class ShutdownConfig(_Section):
     deadline_seconds: float = Field(30, gt=0, le=3600)
 
@@ -224,6 +255,7 @@ class Config(_Section):
     lm: LmConfig = LmConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     compression: CompressionConfig = CompressionConfig()
+    ft: FtConfig = FtConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     paths: PathsConfig = PathsConfig()
 
@@ -240,6 +272,17 @@ class Config(_Section):
         for key in ("endpoint_url", "target"):
             data["upload"][key] = redact_url(data["upload"][key])
         return data
+
+    def training_digest(self) -> str:
+        """A short hash of what replica groups must agree on to average their updates: the
+        model, the data and the optimisation (not where each writes or listens)."""
+        data = self.public_dict()
+        train = {k: v for k, v in data["train"].items()
+                 if k not in ("device", "torch_threads", "num_workers", "dist_timeout_seconds", "max_steps", "epochs")}
+        ft = {k: v for k, v in data["ft"].items() if k in ("min_replicas",)}
+        agreed = {"train": train, "lm": data["lm"], "data": data["data"], "compression": data["compression"],
+                  "embeddings": {"enabled": data["embeddings"].get("enabled")}, "ft": ft}
+        return hashlib.sha256(json.dumps(agreed, sort_keys=True).encode()).hexdigest()[:16]
 
     def digest(self) -> str:
         """A short hash of the config, secrets excluded, for manifests."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from typing import cast
 
 import structlog
 import torch
@@ -93,6 +94,26 @@ class Run:
     components: list[Component]
 
 
+def fault_tolerant_outer(cfg: Config, params: list[torch.Tensor], state: MinerState,
+                         registry: CollectorRegistry) -> OuterOptimizer:
+    # torchft's compiled part logs every quorum and commit at info to stderr, outside structlog;
+    # read once, when it is first imported. minerd's own outer-step line carries the same facts.
+    os.environ.setdefault("RUST_LOG", "warn")
+    try:
+        import torchft  # noqa: F401  (an optional dependency: the `ft` extra)
+    except ImportError:
+        raise ConfigError(["config error: ft.enabled: torchft is not installed (pip install 'minerd[ft]', "
+                           "or make setup)"]) from None
+    from daemon.ft.outer import FtOuterOptimizer
+    from daemon.ft.stats import FtStats
+    from daemon.ft.stats import register as register_ft
+
+    stats = FtStats(cfg.ft.lighthouse, cfg.ft.replica_group)
+    register_ft(registry, stats)
+    state.sections["ft"] = stats.status
+    return FtOuterOptimizer(params, cfg, state, stats)
+
+
 def codec_spec(cfg: Config, name: str) -> CodecSpec:
     cc = cfg.compression
     return CodecSpec.of(name, cc.block, cc.keep, cc.quantize)
@@ -139,7 +160,8 @@ def build_run(
         compressed = CompressedAverage(names, codec_spec(cfg, outer_codec), comm, stats, launch.rank, device)
         stateful["outer_compression"] = compressed
         reduce = compressed
-    outer = OuterOptimizer(list(model.parameters()), cfg.train.outer_lr, cfg.train.outer_momentum, reduce)
+    outer = (fault_tolerant_outer(cfg, list(model.parameters()), state, registry) if cfg.ft.enabled
+             else OuterOptimizer(list(model.parameters()), cfg.train.outer_lr, cfg.train.outer_momentum, reduce))
     wrapped = wrap_ddp(model, device, comm) if launch.world_size > 1 and cfg.train.sync == "ddp" else model
     # Every rank reads the checkpoint it resumes from; only rank 0 writes.
     store = CheckpointStore(cfg.state_dir / "checkpoints", cfg.checkpoint.keep)
@@ -147,6 +169,8 @@ def build_run(
         store.prepare()
     hooks = list(parts.hooks)
     components = list(parts.components)
+    if cfg.ft.enabled:
+        components.append(cast(Component, outer))  # stopped last-in first-out: its manager is released
     if cfg.upload.enabled and launch.is_main:
         codec = codec_spec(cfg, cfg.upload.compression) if cfg.upload.artifact != "weights" else None
         uploader = Uploader.from_config(cfg.upload, cfg.state_dir, registry, config_hash=cfg.digest(),

@@ -122,6 +122,8 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
         self._ckpt_global_step: int | None = None
         self._ckpt_monotonic: float | None = None  # when this process last wrote a checkpoint
+        # A fault-tolerant outer step hands this state to recovering peers and loads theirs.
+        parts.outer.bind_state(self._recovery_state, self._load_recovery_state)
 
     # ---- set-up -----------------------------------------------------------
     def _amp_dtype(self) -> torch.dtype | None:
@@ -158,12 +160,32 @@ class Trainer:
 
     def _restore(self, ckpt: Checkpoint) -> None:
         self.module.load_state_dict(ckpt.model)
-        st = ckpt.state
+        self.load_training_state(ckpt.state)
+        self._ckpt_global_step = self.c.global_step
+
+    def training_state(self) -> dict[str, Any]:
+        """Everything but the weights that a run continues from: what a checkpoint stores, and
+        what a live replica hands a recovering one (``daemon/ft``)."""
+        return {
+            "optimizer": self.p.optimizer.state_dict(),
+            "outer": self.p.outer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "counters": self.c.as_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+            "extra": {name: comp.state_dict() for name, comp in self.p.stateful.items()},
+            "last_loss": self.last_loss,
+        }
+
+    def load_training_state(self, st: dict[str, Any]) -> None:
         self.p.optimizer.load_state_dict(st["optimizer"])
         self.p.outer.load_state_dict(st["outer"])
         if st.get("scaler"):
             self.scaler.load_state_dict(st["scaler"])
-        self.c = Counters(**st["counters"])
+        # In place: a recovery lands in the middle of an inner step that holds the counters.
+        self.c.__dict__.update(Counters(**st["counters"]).__dict__)
         torch.set_rng_state(st["rng"]["torch"])
         if torch.cuda.is_available() and st["rng"].get("cuda"):
             torch.cuda.set_rng_state_all(st["rng"]["cuda"])
@@ -171,7 +193,6 @@ class Trainer:
             if name in st.get("extra", {}):
                 comp.load_state_dict(st["extra"][name])
         self.last_loss = st.get("last_loss")
-        self._ckpt_global_step = self.c.global_step
         self._publish_counters()
 
     # ---- checkpoints ------------------------------------------------------
@@ -197,18 +218,7 @@ class Trainer:
     def _write_checkpoint(self, reason: str) -> None:
         assert self.p.store is not None
         t0 = time.perf_counter()
-        state = {
-            "optimizer": self.p.optimizer.state_dict(),
-            "outer": self.p.outer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
-            "counters": self.c.as_dict(),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            },
-            "extra": {name: comp.state_dict() for name, comp in self.p.stateful.items()},
-            "last_loss": self.last_loss,
-        }
+        state = self.training_state()
         meta = {"outer_step": self.c.outer_step, "inner_step": self.c.inner_step, "reason": reason,
                 "config_hash": self.cfg.digest()}
         path = self.p.store.save(self.c.global_step, self.module.state_dict(), state, meta)
@@ -254,6 +264,8 @@ class Trainer:
         self.p.model.train()
         self.state.phase = "training"
         self._publish_counters()
+        if self.p.outer.join(self.stop):  # a group to sync with first (daemon/ft); a stop may come meanwhile
+            self._after_outer(self.p.outer.last_report, joining=True)
         while (reason := self._done()) is None:
             if self._handle_controls():
                 continue
@@ -332,10 +344,7 @@ class Trainer:
         c.inner_step += 1
         c.global_step += 1
         if c.inner_step >= self.cfg.train.inner_steps_per_outer:
-            report = p.outer.step()
-            c.outer_step += 1
-            c.inner_step = 0
-            log.info("outer step applied", outer_step=c.outer_step, **report)
+            self._after_outer(p.outer.step())
         seconds = time.perf_counter() - t0
         self.last_loss = loss_value
         self._after_step(lr, loss_value, seconds, samples * p.world_size)
@@ -345,6 +354,34 @@ class Trainer:
         if c.batch_pos >= p.sampler.batches_per_epoch:
             self._end_epoch()
         return "ok"
+
+    def _after_outer(self, report: dict[str, Any] | None, joining: bool = False) -> None:
+        """Count a committed outer step; an outer sync that found no group keeps the round's
+        progress (the next one carries it) and starts the next round."""
+        c = self.c
+        if report is None:
+            return
+        if report.get("committed", True):
+            if c.inner_step > 0:  # a join with nothing trained in its round is not a round
+                c.outer_step += 1
+            c.inner_step = 0
+            self._publish_counters()
+            if joining:
+                log.info(f"FT JOINED: in step with the group at outer step {c.outer_step} "
+                         f"(global step {c.global_step})", outer_step=c.outer_step, **report)
+            else:
+                log.info("outer step applied", outer_step=c.outer_step, **report)
+        else:
+            c.inner_step = 0
+            log.warning(f"OUTER SYNC FAILED: {report.get('error', 'no quorum')}; this round's progress is kept "
+                        "and goes with the next outer step", outer_step=c.outer_step, **report)
+
+    def _recovery_state(self) -> dict[str, Any]:
+        return {"model": self.module.state_dict(), "training": self.training_state()}
+
+    def _load_recovery_state(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["model"])
+        self.load_training_state(state["training"])
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.amp_dtype is None:

@@ -40,19 +40,38 @@ class OuterOptimizer:
         self.anchor = [p.detach().clone() for p in self.params]
         self.buf = [torch.zeros_like(p) for p in self.params]
 
+    # What a fault-tolerant outer step (daemon/ft) adds; plain DiLoCo has no group to join.
+    last_report: dict[str, Any] | None = None
+
+    def bind_state(self, save: Callable[[], dict[str, Any]], load: Callable[[dict[str, Any]], None]) -> None:
+        """The trainer's whole state, for handing to recovering peers; unused here."""
+
+    def join(self, stop: Any) -> bool:
+        """Sync with the group before training; False: nothing to join."""
+        return False
+
     @torch.no_grad()
-    def step(self) -> dict[str, float]:
+    def step(self) -> dict[str, Any]:
         """Apply one outer step; returns the reduced pseudo-gradient's L2 norm
         (``pseudo_grad_norm``) and whatever the reduction reported."""
-        grads = [a - p.detach() for a, p in zip(self.anchor, self.params, strict=True)]
+        grads = self.pseudo_gradient()
         report = self.reduce(grads) or {}
+        return {**self.apply(grads), **report}
+
+    def pseudo_gradient(self) -> list[torch.Tensor]:
+        return [a - p.detach() for a, p in zip(self.anchor, self.params, strict=True)]
+
+    @torch.no_grad()
+    def apply(self, grads: list[torch.Tensor]) -> dict[str, Any]:
+        """Nesterov SGD on the anchor with the (reduced) pseudo-gradient; the model continues
+        from the new anchor."""
         norm_sq = 0.0
         for a, b, g, p in zip(self.anchor, self.buf, grads, self.params, strict=True):
             norm_sq += float(g.float().pow(2).sum())
             b.mul_(self.momentum).add_(g)
             a.sub_(g.add(b, alpha=self.momentum), alpha=self.lr)
             p.copy_(a)
-        return {"pseudo_grad_norm": round(norm_sq**0.5, 6), **report}
+        return {"pseudo_grad_norm": round(norm_sq**0.5, 6)}
 
     def state_dict(self) -> dict[str, Any]:
         return {"anchor": [a.cpu() for a in self.anchor], "buf": [b.cpu() for b in self.buf]}

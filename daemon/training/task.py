@@ -104,4 +104,7 @@ class BuildContext:
 
     def sampler(self, num_items: int) -> EpochSampler:
         t = self.cfg.train
-        return EpochSampler(num_items, t.batch_size, t.seed, self.launch.rank, self.launch.world_size, t.drop_last)
+        # Replica groups (ft) each shuffle in their own order: averaging the updates of groups
+        # that trained the same batches would be one group's work counted several times.
+        seed = t.seed + 7919 * self.cfg.ft.replica_group if self.cfg.ft.enabled else t.seed
+        return EpochSampler(num_items, t.batch_size, seed, self.launch.rank, self.launch.world_size, t.drop_last)

@@ -1,0 +1,1 @@
+"""Fault-tolerant outer synchronisation across replica groups, on torchft (``outer.py``)."""

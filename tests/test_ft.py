@@ -1,0 +1,171 @@
+"""Fault-tolerant outer sync (torchft): replica groups of one `minerd run` each and a real
+lighthouse on localhost. A replica killed with SIGKILL does not stop the others; restarted,
+it takes the group's current state from a live peer; a replica whose training config
+differs is refused; a lighthouse that is not up yet is waited for, not crash-looped on."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MinerProcess, free_port, get_json, small_sets
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def lighthouse_bin() -> str:
+    found = shutil.which("torchft_lighthouse") or str(Path(sys.executable).parent / "torchft_lighthouse")
+    if not Path(found).exists():
+        pytest.fail("torchft_lighthouse is missing: make setup installs the ft extra")
+    return found
+
+
+def start_lighthouse(port: int, min_replicas: int, log: Path) -> subprocess.Popen[bytes]:
+    # Short timeouts: a dead replica is left out of the quorum a second after its last heartbeat.
+    return subprocess.Popen([lighthouse_bin(), "--bind", f"127.0.0.1:{port}", "--min_replicas", str(min_replicas),
+                             "--join_timeout_ms", "1000", "--heartbeat_timeout_ms", "1000"],
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+
+
+def replica_sets(state: Path, lighthouse: int, group: int, *extra: str) -> list[str]:
+    return small_sets(state, "ft.enabled=true", f"ft.lighthouse=http://127.0.0.1:{lighthouse}",
+                      "ft.host=127.0.0.1", f"ft.replica_group={group}", "ft.min_replicas=2",
+                      "ft.quorum_timeout_seconds=5", "ft.timeout_seconds=5", "ft.connect_timeout_seconds=2",
+                      "train.inner_steps_per_outer=5", "train.max_steps=1000000", "telemetry.param_digest=true",
+                      "checkpoint.every_inner_steps=10", f"api.port={free_port()}", *extra)
+
+
+
+
+def committed(m: MinerProcess) -> list[dict]:
+    return [e for e in m.events() if e.get("event") == "outer step applied" and e.get("committed")]
+
+
+def wait_until(cond, timeout: float, what: str, *ms: MinerProcess) -> None:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        for m in ms:
+            if m.proc.poll() is not None:
+                raise AssertionError(f"a replica exited ({m.proc.returncode}) before {what}:\n{m.text()[-3000:]}")
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}:\n" + "\n---\n".join(m.text()[-2000:] for m in ms))
+
+
+def digests(ms: list[MinerProcess]) -> dict[int, dict[int, str]]:
+    """global step -> replica index -> parameter digest."""
+    out: dict[int, dict[int, str]] = defaultdict(dict)
+    for i, m in enumerate(ms):
+        for e in m.events():
+            if "param_digest" in e:
+                out[e["global_step"]][i] = e["param_digest"]
+    return out
+
+
+
+
+class TestReplicaGroups:
+    def test_kill_restart_rejoin_and_a_foreign_config(self, tmp_path: Path, miner_factory) -> None:
+        port = free_port()
+        lighthouse = start_lighthouse(port, 2, tmp_path / "lighthouse.log")
+        try:
+            states = [tmp_path / f"r{i}" for i in range(3)]
+            reps = [miner_factory(states[i], replica_sets(states[i], port, i)) for i in range(3)]
+            wait_until(lambda: all(any(e.get("participants") == 3 for e in committed(m)) for m in reps), 120,
+                       "three replicas in one outer step", *reps)
+            # 1. Kill one at the start of an outer sync.
+            victim = reps[2]
+            seen = len(committed(victim))
+            wait_until(lambda: len(committed(victim)) > seen, 30, "the victim's next outer step", victim)
+            victim.kill()
+            killed_at = time.monotonic()
+            survivors = reps[:2]
+            base = [len(committed(m)) for m in survivors]
+            wait_until(lambda: all(sum(e.get("participants") == 2 for e in committed(m)[b:]) >= 3
+                                   for m, b in zip(survivors, base, strict=True)),
+                       60, "three outer steps of the two survivors", *survivors)
+            outage = time.monotonic() - killed_at
+            for m in survivors:
+                assert m.proc.poll() is None  # the same processes: no restart
+                assert sum(e.get("event") == "FT CONNECTED: lighthouse reached" for e in m.events()) == 1
+            # 2. Restart it: it takes the group's state from a live peer, then agrees with it.
+            restarted = miner_factory(states[2], replica_sets(states[2], port, 2))
+            t_restart = time.monotonic()
+            wait_until(lambda: any(str(e.get("event", "")).startswith("FT JOINED") for e in restarted.events()),
+                       90, "the restarted replica joining", restarted, *survivors)
+            rejoin_seconds = time.monotonic() - t_restart
+            joined = next(e for e in restarted.events() if str(e.get("event", "")).startswith("FT RECOVERED"))
+            group = [*survivors, restarted]
+
+            def equal_after_join() -> bool:
+                table = digests(group)
+                return any(len(v) == 3 and len(set(v.values())) == 1 and step > joined["global_step"]
+                           for step, v in table.items())
+
+            wait_until(equal_after_join, 60, "equal parameters on all three after the rejoin", *group)
+            first_equal = min(s for s, v in digests(group).items()
+                              if len(v) == 3 and len(set(v.values())) == 1 and s > joined["global_step"])
+            assert first_equal <= joined["global_step"] + 5  # within one outer step (5 inner steps)
+            # 3. A replica whose training config differs is refused with one line, exit 2.
+            foreign = miner_factory(tmp_path / "foreign", replica_sets(tmp_path / "foreign", port, 3,
+                                                                         "train.hidden_dim=48"))
+            assert foreign.wait(90) == 2, foreign.text()[-3000:]
+            refused = [e for e in foreign.events() if "refused to join the group" in str(e.get("event", ""))]
+            assert len(refused) == 1 and refused[0]["level"] == "error", foreign.text()[-3000:]
+            assert "Traceback" not in foreign.text()
+            n = [len(committed(m)) for m in group]
+            wait_until(lambda: all(len(committed(m)) > k + 1 for m, k in zip(group, n, strict=True)), 60,
+                       "the group going on without the foreign replica", *group)
+            print(f"FT: outage {outage:.1f}s for 3 steps, rejoin {rejoin_seconds:.1f}s")
+            for m in group:
+                m.signal(2)
+            for m in group:
+                assert m.wait(60) == 0, m.text()[-3000:]
+                assert "unrecoverable error" not in m.text()
+        finally:
+            stop(lighthouse)
+
+
+class TestLighthouseDown:
+    def test_waits_not_ready_then_trains(self, tmp_path: Path, miner_factory) -> None:
+        port, api = free_port(), free_port()
+        state = tmp_path / "r0"
+        sets = replica_sets(state, port, 0, "ft.min_replicas=1")
+        sets = [s for s in sets if not s.startswith("api.port=")] + [f"api.port={api}"]
+        m = miner_factory(state, sets)
+        url = f"http://127.0.0.1:{api}"
+        m.wait_for("FT WAITING", 90)
+        code, body = get_json(f"{url}/readyz")
+        assert code == 503 and "waiting for the lighthouse" in body.get("reason", ""), body
+        assert get_json(f"{url}/livez")[0] == 200  # waiting is not a stall
+        time.sleep(3)
+        assert m.proc.poll() is None and m.text().count("FT WAITING") == 1  # one line, no crash loop
+        assert get_json(f"{url}/status")[1]["ft"]["phase"] == "waiting_for_lighthouse"
+        lighthouse = start_lighthouse(port, 1, tmp_path / "lighthouse.log")
+        try:
+            wait_until(lambda: get_json(f"{url}/readyz")[0] == 200, 60, "ready once the lighthouse is up", m)
+            wait_until(lambda: len(committed(m)) >= 2, 60, "outer steps through the lighthouse", m)
+            ft = get_json(f"{url}/status")[1]["ft"]
+            assert ft["phase"] == "training" and ft["participants"] == 1 and ft["outer_syncs_committed"] >= 2
+            with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+                body = resp.read().decode()
+            assert "minerd_ft_participants 1.0" in body and 'minerd_ft_outer_syncs_total{result="committed"}' in body
+            m.signal(2)
+            assert m.wait(60) == 0, m.text()[-3000:]
+        finally:
+            stop(lighthouse)
