@@ -78,13 +78,13 @@ class TestDdp:
     @pytest.mark.parametrize("task", TASKS)
     def test_identical_every_step_and_loss_falls(self, tmp_path: Path, task: str) -> None:
         batch = "train.effective_batch_size=256" if task == "twotower" else "train.effective_batch_size=32"
-        evs = run_to_end(task, tmp_path / "s", "train.sync=ddp", "train.max_steps=20", batch, tmp=tmp_path)
+        evs = run_to_end(task, tmp_path / "s", "train.sync=ddp", "train.max_steps=12", batch, tmp=tmp_path)
         by_rank = steps_by_rank(evs)
-        assert sorted(by_rank[0]) == sorted(by_rank[1]) == list(range(1, 21))
-        for step in range(1, 21):
+        assert sorted(by_rank[0]) == sorted(by_rank[1]) == list(range(1, 13))
+        for step in range(1, 13):
             assert by_rank[0][step]["param_digest"] == by_rank[1][step]["param_digest"], step
-        losses = [by_rank[0][s]["loss"] for s in range(1, 21)]
-        assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+        losses = [by_rank[0][s]["loss"] for s in range(1, 13)]
+        assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
         same_embedding_tables(task, evs)
 
 
@@ -117,7 +117,8 @@ class TestDiloco:
 class TestEpochCoverage:
     """The ranks' shares of an epoch are disjoint and together cover it exactly once."""
 
-    @pytest.mark.parametrize(("task", "sync"), [("twotower", "ddp"), ("twotower", "diloco"), ("causal_lm", "ddp")])
+    # The sampler's sharding is the same under both syncs: one two-tower and one language-model run.
+    @pytest.mark.parametrize(("task", "sync"), [("twotower", "diloco"), ("causal_lm", "ddp")])
     def test_every_sample_once(self, tmp_path: Path, task: str, sync: str) -> None:
         script = ROOT / "tests" / "scripts" / "epoch_cover.py"
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

@@ -261,7 +261,7 @@ class TestKill9:
     """kill -9 at random points: every checkpoint and revision on disk stays whole, and a
     restart resumes having lost at most one checkpoint interval."""
 
-    KILLS = 4
+    KILLS = 3
 
     def test_random_kills(self, tmp_path: Path, miner_factory) -> None:
         import random
