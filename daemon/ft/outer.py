@@ -165,6 +165,10 @@ class FtOuterOptimizer(OuterOptimizer):
             try:
                 mgr.start_quorum()  # blocks; a peer behind recovers here (_state_from_peer)
             except Exception as exc:
+                # torchft keeps the failed quorum's future and re-raises it from every later
+                # start_quorum: forget it, so the next outer step asks the lighthouse anew (with this
+                # replica's step, so that it stays the one others recover from).
+                mgr._quorum_future = None
                 if self._mismatch is not None:
                     raise ConfigError([f"config error: ft: refused to join the group: its training config digest "
                                        f"is {self._mismatch}, this replica's {self.digest} (train, lm, data and "
