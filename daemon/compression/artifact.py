@@ -10,6 +10,11 @@ The pseudo-gradient is ``weights at the start of the outer round - weights now``
 validator subtracts the decoded tensor from the round's starting weights to get this
 miner's weights back (within the codec's error).
 
+An artifact carries no error feedback: each is the whole pseudo-gradient of the round so far,
+relative to the round's start, so that a validator can apply any one of them alone. Error
+feedback belongs to the outer sync (``sync.py``), where what is left out of one round would
+otherwise be lost to training.
+
 ``problems`` is what ``minerd verify-upload`` runs on a published artifact: a known codec,
 tensors that add up to the header's layout, indices inside their blocks, finite numbers,
 and shapes that are the model's.
