@@ -132,6 +132,9 @@ class TestReplicaGroups:
             wait_until(lambda: all(len(committed(m)) > k + 1 for m, k in zip(group, n, strict=True)), 60,
                        "the group going on without the foreign replica", *group)
             print(f"FT: outage {outage:.1f}s for 3 steps, rejoin {rejoin_seconds:.1f}s")
+            # Checkpoints go on after a recovery: the restarted replica's next one holds the group's step.
+            wait_until(lambda: any(e.get("event") == "checkpoint saved" and e["global_step"] > joined["global_step"]
+                                   for e in restarted.events()), 60, "a checkpoint after the recovery", restarted)
             # 4. Alone, under ft.min_replicas: the outer sync fails after the quorum timeout, the
             # round's progress is kept, training goes on; no exit, no hang.
             for m in group[1:]:
