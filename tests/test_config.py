@@ -245,6 +245,24 @@ class TestHostileInput:
         (line,) = problems(setting)
         assert line.startswith(f"config error: {expected}"), line
 
+    @pytest.mark.parametrize(("setting", "expected"), [
+        ("ft.lighthouse=", "config error: ft.lighthouse: is required with ft.enabled"),
+        ("ft.lighthouse=not a url", "config error: ft.lighthouse: must be http://host:port"),
+        ("train.sync=ddp", "config error: ft.enabled: fault tolerance is for DiLoCo's outer step; needs "
+                           "train.sync=diloco (got 'ddp')"),
+        ("ft.quorum_timeout_seconds=900", "config error: ft.quorum_timeout_seconds: must be under "
+                                          "watchdog.stall_seconds (600)"),
+        ("ft.host=bad host", "config error: ft.host: must be an IP address or a host name"),
+    ])
+    def test_fault_tolerance_settings(self, setting: str, expected: str) -> None:
+        (line,) = problems("ft.enabled=true", "ft.lighthouse=http://127.0.0.1:29510", setting)
+        assert line.startswith(expected), line
+
+    def test_fault_tolerance_one_process_per_group(self) -> None:
+        with pytest.raises(ConfigError) as info:
+            load_config(None, ["ft.enabled=true", "ft.lighthouse=http://127.0.0.1:29510"], environ={}, world_size=2)
+        assert any("a replica group is one process for now (got world size 2" in p for p in info.value.problems)
+
     def test_outer_compression_needs_diloco(self) -> None:
         (line,) = problems("train.sync=ddp", "train.outer_compression=dct_topk")
         assert line == ("config error: train.outer_compression: compresses DiLoCo's outer sync; needs "

@@ -153,6 +153,11 @@ def _ft_problems(cfg: Config, world_size: int) -> list[str]:
     if t.outer_compression != "none":
         out.append(problem("train.outer_compression", "is not used across replica groups yet; set none with "
                            "ft.enabled", t.outer_compression))
+    stall = cfg.watchdog.stall_seconds
+    if cfg.watchdog.exit_on_stall and ft.quorum_timeout_seconds >= stall:
+        # Waiting for a quorum is not progress: the watchdog would end the miner mid-wait.
+        out.append(problem("ft.quorum_timeout_seconds", f"must be under watchdog.stall_seconds ({stall:g})",
+                           ft.quorum_timeout_seconds))
     return out
 
 
