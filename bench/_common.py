@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -95,8 +96,13 @@ def minerd_events(sets: list[str], world: int, what: str, timeout: float = 1800)
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout)
     if out.returncode:
         raise SystemExit(f"bench: the {what} run failed:\n{out.stdout[-3000:]}{out.stderr[-3000:]}")
+    return json_lines(out.stdout + out.stderr)
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    """The JSON log lines in ``text`` (torchrun may prefix a rank's lines)."""
     events = []
-    for line in (out.stdout + out.stderr).splitlines():
+    for line in text.splitlines():
         start = line.find("{")
         if start >= 0:
             try:
@@ -104,3 +110,9 @@ def minerd_events(sets: list[str], world: int, what: str, timeout: float = 1800)
             except ValueError:
                 continue
     return events
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -17,7 +17,6 @@ from its state directory.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -29,33 +28,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench._common import ROOT, minerd_events, result
+from bench._common import ROOT, free_port, json_lines, minerd_events, result
 from bench.distributed import COMMON
 
 INNER = 10
 
 
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _events(log: Path) -> list[dict]:
-    out = []
-    for line in log.read_text(errors="replace").splitlines():
-        if line.startswith("{"):
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-    return out
-
-
 def _committed(log: Path) -> list[dict]:
-    return [e for e in _events(log) if e.get("event") == "outer step applied" and e.get("committed")]
+    text = log.read_text(errors="replace")
+    return [e for e in json_lines(text) if e.get("event") == "outer step applied" and e.get("committed")]
 
 
 class Replica:
@@ -89,7 +70,7 @@ def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
 def main(quick: bool) -> None:
     outage = 10.0 if quick else 30.0
     root = Path(tempfile.mkdtemp(prefix="bench-ft-"))
-    port = _port()
+    port = free_port()
     lighthouse_bin = shutil.which("torchft_lighthouse") or str(Path(sys.executable).parent / "torchft_lighthouse")
     lighthouse = subprocess.Popen([lighthouse_bin, "--bind", f"127.0.0.1:{port}", "--min_replicas", "2",
                                    "--join_timeout_ms", "1000", "--heartbeat_timeout_ms", "1000"],

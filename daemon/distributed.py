@@ -99,6 +99,16 @@ def destroy_process_group(together: bool = False) -> None:
         dist.destroy_process_group()
 
 
+def copy_flat_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    """Copy the concatenation ``flat`` back into ``tensors``, in order (the inverse of
+    ``torch.cat([t.reshape(-1) for t in tensors])``)."""
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset : offset + n].view_as(t))
+        offset += n
+
+
 def averaging_reduce(counter: CommCounter) -> Callable[[list[torch.Tensor]], dict[str, float] | None]:
     """DiLoCo's outer reduction: average the pseudo-gradients over all ranks."""
 
@@ -111,11 +121,7 @@ def averaging_reduce(counter: CommCounter) -> Callable[[list[torch.Tensor]], dic
         counter.add([flat])
         dist.all_reduce(flat)
         flat.div_(world)
-        offset = 0
-        for g in grads:
-            n = g.numel()
-            g.copy_(flat[offset : offset + n].view_as(g))
-            offset += n
+        copy_flat_into(flat, grads)
         return {"sync_bytes": flat.numel() * flat.element_size(), "sync_seconds": round(time.perf_counter() - t0, 4)}
 
     return reduce

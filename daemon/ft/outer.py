@@ -33,6 +33,7 @@ import structlog
 import torch
 
 from daemon.config import Config, ConfigError
+from daemon.distributed import copy_flat_into
 from daemon.ft.stats import FtStats
 from daemon.state import MinerState
 from daemon.training.outer import OuterOptimizer
@@ -183,10 +184,7 @@ class FtOuterOptimizer(OuterOptimizer):
             flat = torch.cat([g.reshape(-1) for g in grads])
             mgr.allreduce(flat).wait()  # the average over the quorum; a failure is reported by should_commit
             if mgr.should_commit():
-                off = 0
-                for g in grads:
-                    g.copy_(flat[off : off + g.numel()].view_as(g))
-                    off += g.numel()
+                copy_flat_into(flat, grads)
                 seconds = time.perf_counter() - t0
                 participants = mgr.num_participants()
                 self.stats.committed(participants, seconds)
