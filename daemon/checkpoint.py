@@ -11,6 +11,14 @@ verifies the manifest, which must list exactly the files of a checkpoint; a
 truncated, corrupt or malformed checkpoint is reported in one line and the
 previous one is used. Checkpoints of earlier versions (``train_state.pt``) are
 still read, with torch's weights-only loader.
+
+Row tables (``daemon/rowtable.py``: the ID embeddings and their per-row optimizer
+state) are written in full in one checkpoint, the base, and as the rows changed
+since then in the following ones, until a quarter of the rows have changed. A
+checkpoint written that way names its base in ``depends_on``; loading it verifies
+the base too, and pruning never removes a base that a kept checkpoint needs. The
+two newest self-contained checkpoints are always kept besides the newest ``keep``,
+so a base found corrupt still leaves an older whole checkpoint to fall back to.
 """
 
 from __future__ import annotations
@@ -18,9 +26,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +40,8 @@ from safetensors.torch import load_file
 
 from daemon import atomic, statefile
 from daemon.disk import save_safetensors
+from daemon.rowtable import RowTable
+from daemon.statefile import RowBase
 from daemon.tensors import aliases, with_aliases
 
 log = structlog.get_logger(__name__)
@@ -46,6 +57,11 @@ FILE_SETS = (
 MANIFEST = "manifest.json"
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
+NAME = re.compile(r"step-[0-9]{10}")
+# A row table is written whole again once this share of its rows changed since its base:
+# past it a delta costs as much to write, and to read back, as a quarter of the table.
+DELTA_MAX_FRACTION = 0.25
+KEEP_SELF_CONTAINED = 2
 
 
 class CheckpointCorrupt(Exception):
@@ -80,6 +96,7 @@ class CheckpointStore:
     def __init__(self, root: Path, keep: int) -> None:
         self.root = root
         self.keep = keep
+        self._bases: dict[str, RowBase] = {}  # where a row table sits in the state -> its base
 
     def prepare(self) -> None:
         """Create the directory and clear what a killed save left behind."""
@@ -111,24 +128,58 @@ class CheckpointStore:
             tied = aliases(model)  # found before the copy to the host, which would untie them
             tensors = {k: v.detach().cpu().contiguous() for k, v in model.items() if k not in tied}
             save_safetensors(tensors, tmp / MODEL_FILE, metadata={"aliases": json.dumps(tied, sort_keys=True)})
-            statefile.save(state, tmp / STATE_TENSORS, tmp / STATE_SKELETON)
+            used: set[str] = set()
+            written: dict[str, RowBase] = {}
+            statefile.save(state, tmp / STATE_TENSORS, tmp / STATE_SKELETON,
+                           lambda where, table: self._choose_base(where, table, used), written)
             files = {}
             for name in (MODEL_FILE, STATE_TENSORS, STATE_SKELETON):
                 _fsync_file(tmp / name)
                 files[name] = {"size": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
             manifest = {"global_step": global_step, "created_at": time.time(), "files": files, **meta}
+            if used:
+                manifest["depends_on"] = sorted(used)
             atomic.write_json(tmp / MANIFEST, manifest)
             os.replace(tmp, final)
             atomic.fsync_dir(self.root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        for where, base in written.items():  # only now: a failed save is no base
+            self._bases[where] = replace(base, checkpoint=final.name)
         self._prune()
         return final
 
+    def _choose_base(self, where: str, table: RowTable, used: set[str]) -> RowBase | None:
+        """The base to write ``table`` against: one written from the same lineage, still on
+        disk, of which at most ``DELTA_MAX_FRACTION`` of the rows have changed."""
+        base = self._bases.get(where)
+        if (base is None or base.lineage != table.lineage or table.row_version is None
+                or set(base.keys) != set(table.tensors) or not (self.root / base.checkpoint).is_dir()):
+            return None
+        if int((table.row_version > base.version).sum()) > DELTA_MAX_FRACTION * table.num_rows:
+            return None
+        used.add(base.checkpoint)
+        return base
+
+    @staticmethod
+    def depends_on(path: Path) -> list[str]:
+        """The checkpoints ``path`` needs (its bases); none when its manifest is unreadable."""
+        try:
+            deps = json.loads((path / MANIFEST).read_text()).get("depends_on", [])
+        except (OSError, ValueError, AttributeError):
+            return []
+        return [d for d in deps if isinstance(d, str) and NAME.fullmatch(d)] if isinstance(deps, list) else []
+
     def _prune(self) -> None:
-        for old in self.checkpoints()[self.keep :]:
-            shutil.rmtree(old, ignore_errors=True)
+        found = self.checkpoints()
+        kept = {p.name for p in found[: self.keep]}
+        for p in found[: self.keep]:
+            kept.update(self.depends_on(p))
+        kept.update([p.name for p in found if not self.depends_on(p)][:KEEP_SELF_CONTAINED])
+        for old in found:
+            if old.name not in kept:
+                shutil.rmtree(old, ignore_errors=True)
 
     def verify(self, path: Path) -> dict[str, Any]:
         """The manifest of a complete, uncorrupted checkpoint, or CheckpointCorrupt."""
@@ -154,17 +205,33 @@ class CheckpointStore:
                 raise CheckpointCorrupt(f"{f}: truncated ({size} bytes, expected {want['size']})")
             if sha256_file(f) != want["sha256"]:
                 raise CheckpointCorrupt(f"{f}: checksum mismatch")
+        deps = manifest.get("depends_on", [])
+        if not (isinstance(deps, list) and all(isinstance(d, str) and NAME.fullmatch(d) and d != path.name
+                                               for d in deps)):
+            raise CheckpointCorrupt(f"{path / MANIFEST}: depends_on is not a list of other checkpoints' names")
         return dict(manifest)
 
     def load(self, path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
         meta = self.verify(path)
+        for dep in meta.get("depends_on", []):
+            try:
+                self.verify(self.root / dep)
+            except CheckpointCorrupt as exc:
+                raise CheckpointCorrupt(f"{path}: its base {dep} is unusable ({exc})") from None
+
+        def base_tensor(name: str, key: str) -> torch.Tensor:
+            if name not in meta.get("depends_on", []):
+                raise ValueError(f"a row table refers to {name}, which the manifest does not list")
+            with safe_open(str(self.root / name / STATE_TENSORS), framework="pt", device=str(map_location)) as fh:
+                return fh.get_tensor(key)
+
         try:
             model = load_file(str(path / MODEL_FILE), device=str(map_location))
             with safe_open(str(path / MODEL_FILE), framework="pt") as fh:
                 tied = json.loads((fh.metadata() or {}).get("aliases", "{}"))
             model = with_aliases(model, tied)
             if STATE_SKELETON in meta["files"]:
-                state = statefile.load(path / STATE_TENSORS, path / STATE_SKELETON, map_location)
+                state = statefile.load(path / STATE_TENSORS, path / STATE_SKELETON, map_location, base_tensor)
             else:
                 state = torch.load(path / LEGACY_STATE_FILE, map_location=map_location, weights_only=True)
             if not isinstance(state, dict):

@@ -81,7 +81,7 @@ class StateCollector(Collector):
              s.last_step_time),
             ("minerd_last_checkpoint_timestamp_seconds", "Wall clock of the last checkpoint written",
              s.last_checkpoint_time),
-            ("minerd_checkpoint_size_bytes", "Size of the last checkpoint written", s.checkpoint_bytes),
+            ("minerd_checkpoint_size_bytes", "Room one checkpoint may take: the largest one kept", s.checkpoint_bytes),
         ):
             # Absent until known: a made-up 0 would look like a real value.
             if maybe is not None:

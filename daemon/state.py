@@ -61,7 +61,7 @@ class MinerState:
     last_progress_monotonic: float = field(default_factory=time.monotonic)
     last_progress_wall: float = field(default_factory=time.time)
     last_checkpoint_time: float | None = None
-    checkpoint_bytes: int | None = None  # size of the last checkpoint written
+    checkpoint_bytes: int | None = None  # room one checkpoint may take (the largest kept)
     not_ready_reason: str | None = None  # e.g. waiting for disk space; /readyz says it
     requests_shed: int = 0  # API requests answered 429 for being over the request budget
     diagnostics: dict[str, Any] = field(default_factory=dict)

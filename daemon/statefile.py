@@ -6,12 +6,19 @@ a state directory can be written by others (a shared disk, a copied backup). So 
 tree is split: every tensor goes into one safetensors file under a generated name,
 the rest into a JSON skeleton that names them. Dict keys keep their type (optimizer
 states key their parameters by int) and tuples stay tuples.
+
+A :class:`~daemon.rowtable.RowTable` is written in full, or, when the caller names a
+base (an earlier checkpoint holding it in full, from the same lineage), as the rows
+changed since that base plus a reference to the base's tensors; reading it back
+takes a function that fetches the base's tensors and always gives full tensors.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,22 +27,64 @@ import torch
 from safetensors.torch import load_file
 
 from daemon.disk import save_safetensors
+from daemon.rowtable import RowTable
 
 FORMAT = 1
 
 
-def pack(tree: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, skeleton) of ``tree``; TypeError names anything that is neither."""
+@dataclass(frozen=True)
+class RowBase:
+    """A row table written in full: which checkpoint, at which version, under which keys."""
+
+    checkpoint: str
+    lineage: str
+    version: int
+    keys: dict[str, str]
+
+
+# Given where a row table sits in the tree and the table, the base to write it against (or None: in full).
+ChooseBase = Callable[[str, RowTable], "RowBase | None"]
+# Fetches tensor ``key`` of checkpoint ``name``'s training state.
+BaseTensor = Callable[[str, str], torch.Tensor]
+
+
+def pack(
+    tree: Any, choose_base: ChooseBase | None = None, written: dict[str, RowBase] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, skeleton) of ``tree``; TypeError names anything that is neither.
+
+    Row tables written in full are reported in ``written`` (by where they sit, with an
+    empty checkpoint name: the caller knows it), so they can serve as later bases.
+    """
     tensors: dict[str, torch.Tensor] = {}
 
+    def put(t: torch.Tensor) -> str:
+        key = f"t{len(tensors)}"
+        # A copy of its own: safetensors refuses tensors that share memory.
+        tensors[key] = t.detach().cpu().clone().contiguous()
+        return key
+
+    def enc_rows(x: RowTable, where: str) -> Any:
+        base = choose_base(where, x) if choose_base is not None else None
+        if base is None or set(base.keys) != set(x.tensors):
+            keys = {name: put(t) for name, t in x.tensors.items()}
+            if written is not None:
+                written[where] = RowBase("", x.lineage, x.version, keys)
+            return {"__rows__": {"tensors": keys}}
+        ids = x.changed_since(base.version)
+        return {"__rows__": {
+            "ids": put(ids),
+            "tensors": {name: put(t.index_select(0, ids.to(t.device))) for name, t in x.tensors.items()},
+            "base": {"checkpoint": base.checkpoint, "keys": base.keys},
+        }}
+
     def enc(x: Any, where: str) -> Any:
+        if isinstance(x, RowTable):
+            return enc_rows(x, where)
         if isinstance(x, np.ndarray):
             x = torch.from_numpy(x)
         if isinstance(x, torch.Tensor):
-            key = f"t{len(tensors)}"
-            # A copy of its own: safetensors refuses tensors that share memory.
-            tensors[key] = x.detach().cpu().clone().contiguous()
-            return {"__tensor__": key}
+            return {"__tensor__": put(x)}
         if isinstance(x, np.generic):
             x = x.item()
         if x is None or isinstance(x, bool | int | str):
@@ -56,16 +105,38 @@ def pack(tree: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, {"format": FORMAT, "tree": enc(tree, "state")}
 
 
-def unpack(tensors: dict[str, torch.Tensor], skeleton: dict[str, Any]) -> Any:
-    """The tree again; ValueError when the skeleton is not one ``pack`` wrote."""
+def unpack(tensors: dict[str, torch.Tensor], skeleton: dict[str, Any], base_tensor: BaseTensor | None = None) -> Any:
+    """The tree again; ValueError when the skeleton is not one ``pack`` wrote, or a row
+    table's changed rows do not fit its base."""
     if not isinstance(skeleton, dict) or skeleton.get("format") != FORMAT:
         raise ValueError("not a training-state skeleton of a known format")
+
+    def dec_rows(x: dict[str, Any]) -> RowTable:
+        own = {name: tensors[key] for name, key in x["tensors"].items()}
+        if "base" not in x:
+            return RowTable(own)
+        if base_tensor is None:
+            raise ValueError("a row table refers to a base checkpoint, and none can be read here")
+        base, ids = x["base"], tensors[x["ids"]]
+        if set(base["keys"]) != set(own) or ids.dtype != torch.int64 or ids.dim() != 1:
+            raise ValueError("a row table's changed rows do not match its base")
+        full = {}
+        for name, rows in own.items():
+            t = base_tensor(str(base["checkpoint"]), str(base["keys"][name])).to(rows.device)
+            if t.dtype != rows.dtype or t.shape[1:] != rows.shape[1:] or len(rows) != len(ids) or (
+                    len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= len(t))):
+                raise ValueError(f"the changed rows of {name!r} do not fit its base")
+            t[ids.to(t.device)] = rows
+            full[name] = t
+        return RowTable(full)
 
     def dec(x: Any) -> Any:
         if isinstance(x, list):
             return [dec(v) for v in x]
         if not isinstance(x, dict):
             return x
+        if "__rows__" in x:
+            return dec_rows(x["__rows__"])
         if "__tensor__" in x:
             return tensors[x["__tensor__"]]  # KeyError: a skeleton naming a missing tensor
         if "__float__" in x:
@@ -79,12 +150,17 @@ def unpack(tensors: dict[str, torch.Tensor], skeleton: dict[str, Any]) -> Any:
     return dec(skeleton["tree"])
 
 
-def save(tree: Any, tensors_path: Path, skeleton_path: Path) -> None:
+def save(
+    tree: Any, tensors_path: Path, skeleton_path: Path,
+    choose_base: ChooseBase | None = None, written: dict[str, RowBase] | None = None,
+) -> None:
     """Write both files (the caller fsyncs and renames them into place)."""
-    tensors, skeleton = pack(tree)
+    tensors, skeleton = pack(tree, choose_base, written)
     save_safetensors(tensors, tensors_path)
     skeleton_path.write_text(json.dumps(skeleton, separators=(",", ":")))
 
 
-def load(tensors_path: Path, skeleton_path: Path, device: str | torch.device = "cpu") -> Any:
-    return unpack(load_file(str(tensors_path), device=str(device)), json.loads(skeleton_path.read_text()))
+def load(
+    tensors_path: Path, skeleton_path: Path, device: str | torch.device = "cpu", base_tensor: BaseTensor | None = None
+) -> Any:
+    return unpack(load_file(str(tensors_path), device=str(device)), json.loads(skeleton_path.read_text()), base_tensor)

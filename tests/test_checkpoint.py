@@ -8,11 +8,13 @@ import pickle
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from daemon import statefile
-from daemon.checkpoint import CheckpointStore
+from daemon.checkpoint import CheckpointCorrupt, CheckpointStore
+from daemon.rowtable import RowChanges, RowTable
 
 
 def save(store: CheckpointStore, step: int) -> Path:
@@ -165,3 +167,90 @@ class TestStateFile:
     def test_refuses_what_it_cannot_store(self) -> None:
         with pytest.raises(TypeError, match="cannot store a object"):
             statefile.pack({"x": object()})
+
+
+class TestRowTables:
+    """A row table is written whole once, then as the rows changed since; reads give the whole table."""
+
+    N = 1000
+
+    def save_rows(self, store: CheckpointStore, step: int, table: torch.Tensor, changes: RowChanges) -> Path:
+        state = {"rows": RowTable.snapshot({"table": table, "steps": table[:, 0].long()}, changes)}
+        return store.save(step, {"w": torch.zeros(2)}, state, {})
+
+    def touch(self, table: torch.Tensor, changes: RowChanges, rows: list[int] | np.ndarray, value: float) -> None:
+        table[torch.as_tensor(rows)] = value
+        changes.mark(np.asarray(rows))
+
+    def test_delta_until_a_quarter_changed_then_whole(self, tmp_path: Path) -> None:
+        store = CheckpointStore(tmp_path, keep=2)
+        store.prepare()
+        table, changes = torch.zeros(self.N, 8), RowChanges(self.N)
+        sizes, deps = [], []
+        for step in range(1, 6):
+            self.touch(table, changes, np.arange((step - 1) * 100, step * 100), float(step))
+            path = self.save_rows(store, step, table, changes)
+            sizes.append((path / "train_state.safetensors").stat().st_size)
+            deps.append(CheckpointStore.depends_on(path))
+            loaded = store.load(path).state["rows"]
+            assert torch.equal(loaded.tensors["table"], table) and loaded.row_version is None
+        # 1: whole; 2-3: 100-200 rows changed since it; 4: 300 rows > 250, whole again; 5: 100 since 4.
+        assert deps == [[], ["step-0000000001"], ["step-0000000001"], [], ["step-0000000004"]]
+        assert sizes[1] < sizes[0] / 4 and sizes[2] < sizes[0] / 2 and sizes[3] == sizes[0]
+        # keep=2 (5, 4) plus the two newest whole ones (4, 1); 2 and 3 are gone.
+        assert [p.name for p in store.checkpoints()] == ["step-0000000005", "step-0000000004", "step-0000000001"]
+
+    def test_a_table_loaded_again_starts_whole(self, tmp_path: Path) -> None:
+        store = CheckpointStore(tmp_path, keep=3)
+        table, changes = torch.zeros(self.N, 8), RowChanges(self.N)
+        self.save_rows(store, 1, table, changes)
+        changes.restart()  # what a load from a checkpoint or a peer does
+        self.touch(table, changes, [3], 1.0)
+        assert CheckpointStore.depends_on(self.save_rows(store, 2, table, changes)) == []
+        self.touch(table, changes, [4], 1.0)
+        assert CheckpointStore.depends_on(self.save_rows(store, 3, table, changes)) == ["step-0000000002"]
+
+    def test_a_corrupt_base_falls_back_to_a_whole_checkpoint(self, tmp_path: Path) -> None:
+        store = CheckpointStore(tmp_path, keep=1)
+        table, changes = torch.zeros(self.N, 8), RowChanges(self.N)
+        for step, rows in ((1, range(0, 300)), (2, range(300, 600)), (3, range(600, 700))):
+            self.touch(table, changes, list(rows), float(step))
+            self.save_rows(store, step, table, changes)
+        assert CheckpointStore.depends_on(tmp_path / "step-0000000003") == ["step-0000000002"]
+        base = tmp_path / "step-0000000002" / "train_state.safetensors"
+        data = bytearray(base.read_bytes())
+        data[-5] ^= 0xFF
+        base.write_bytes(bytes(data))
+        ck = store.load_latest()
+        assert ck is not None and ck.path.name == "step-0000000001"
+        assert float(ck.state["rows"].tensors["table"][0, 0]) == 1.0
+
+    @pytest.mark.parametrize("tamper", ["ids out of range", "base not listed", "a path as base"])
+    def test_tampered_deltas_are_refused(self, tmp_path: Path, tamper: str) -> None:
+        store = CheckpointStore(tmp_path, keep=3)
+        table, changes = torch.zeros(self.N, 8), RowChanges(self.N)
+        self.save_rows(store, 1, table, changes)
+        self.touch(table, changes, [5], 2.0)
+        path = self.save_rows(store, 2, table, changes)
+        skeleton_path, manifest_path = path / "train_state.json", path / "manifest.json"
+        skeleton, manifest = json.loads(skeleton_path.read_text()), json.loads(manifest_path.read_text())
+        node = skeleton["tree"]["__dict__"][0][1]["__rows__"]
+        if tamper == "ids out of range":
+            from safetensors.torch import load_file, save_file
+            tensors = load_file(str(path / "train_state.safetensors"))
+            tensors[node["ids"]] = torch.tensor([self.N + 7])
+            save_file(tensors, str(path / "train_state.safetensors"))
+        elif tamper == "base not listed":
+            manifest.pop("depends_on")
+        else:
+            manifest["depends_on"] = ["../step-0000000001"]
+        manifest_path.write_text(json.dumps(manifest))
+        # The manifest re-signed to match, as a forger would: only the content checks remain.
+        for name in manifest["files"]:
+            manifest["files"][name] = {"size": (path / name).stat().st_size,
+                                       "sha256": hashlib.sha256((path / name).read_bytes()).hexdigest()}
+        manifest_path.write_text(json.dumps(manifest))
+        with pytest.raises(CheckpointCorrupt):
+            store.load(path)
+        ck = store.load_latest()
+        assert ck is not None and ck.path.name == "step-0000000001"

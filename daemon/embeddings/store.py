@@ -58,6 +58,7 @@ import torch
 from daemon import disk
 from daemon.embeddings.chunkfile import EmbeddingStoreCorrupt
 from daemon.embeddings.tiers import _MB, TieredChunkCache
+from daemon.rowtable import RowChanges
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -175,6 +176,8 @@ class EmbeddingStore(TieredChunkCache):
         self._uncommitted = False
         self._pins: dict[int, np.ndarray] = {}
         self._n_slots = 0
+        # Which rows changed since when: a checkpoint writes only those after a first whole copy.
+        self.changes = RowChanges(self.num_rows)
 
         if storage_mode == "memory":
             table = np.empty((self.num_rows, self.embedding_dim), np.float32)
@@ -281,6 +284,7 @@ class EmbeddingStore(TieredChunkCache):
                 self._table[torch.from_numpy(idx)] = torch.from_numpy(np.ascontiguousarray(vals))
             else:
                 self._scatter(idx, vals)
+            self.changes.mark(idx)
             self._updates_since_sync += 1
             if self.auto_sync and self._updates_since_sync >= self.sync_batch_size:
                 try:
@@ -325,6 +329,7 @@ class EmbeddingStore(TieredChunkCache):
         reopen at the state's generation (same as constructing with ``generation=``)."""
         with self._lock:
             self._check_open()
+            self.changes.restart()
             if self._table is not None:
                 table = state["table"]
                 if tuple(table.shape) != (self.num_rows, self.embedding_dim):

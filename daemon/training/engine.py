@@ -208,12 +208,12 @@ class Trainer:
             self.p.on_disk_full("checkpoint", self.p.store.root, exc)
 
     def checkpoint_bytes(self) -> int:
-        """Room one checkpoint takes: the newest one's size, else five copies of the weights
-        (weights, two Adam moments, the outer step's anchor and momentum)."""
-        newest = self.p.store.checkpoints()[:1] if self.p.store is not None else []
-        if newest:
-            return sum(f.stat().st_size for f in newest[0].iterdir() if f.is_file())
-        return 5 * sum(t.numel() * t.element_size() for t in self.module.state_dict().values())
+        """Room one checkpoint may take: the largest one kept (a whole one, when later ones hold
+        only the changed rows of a table), else five copies of the weights (weights, two Adam
+        moments, the outer step's anchor and momentum)."""
+        sizes = [sum(f.stat().st_size for f in p.iterdir() if f.is_file())
+                 for p in (self.p.store.checkpoints() if self.p.store is not None else [])]
+        return max(sizes, default=5 * sum(t.numel() * t.element_size() for t in self.module.state_dict().values()))
 
     def _write_checkpoint(self, reason: str) -> None:
         assert self.p.store is not None
@@ -222,14 +222,16 @@ class Trainer:
         meta = {"outer_step": self.c.outer_step, "inner_step": self.c.inner_step, "reason": reason,
                 "config_hash": self.cfg.digest()}
         path = self.p.store.save(self.c.global_step, self.module.state_dict(), state, meta)
-        self.state.checkpoint_bytes = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+        self.state.checkpoint_bytes = self.checkpoint_bytes()
         self._ckpt_global_step = self.c.global_step
         self._ckpt_monotonic = time.monotonic()
         self.metrics.checkpoints.inc()
         self.state.last_checkpoint_time = time.time()
         self.state.beat()
         log.info("checkpoint saved", path=str(path), reason=reason, global_step=self.c.global_step,
-                 seconds=round(time.perf_counter() - t0, 3))
+                 seconds=round(time.perf_counter() - t0, 3),
+                 bytes=sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
+                 depends_on=self.p.store.depends_on(path) or None)
 
     def _checkpoint_due(self) -> bool:
         """On the step schedule, and not sooner than ``checkpoint.min_interval_seconds`` after the

@@ -8,7 +8,9 @@ the batch are touched, so ``embeddings.storage_mode=disk`` trains a table far
 larger than the L1/L2 tiers. A skipped (non-finite) inner step updates no row.
 
 The store and the row optimiser's moments are part of the checkpoint: the
-memory table itself, or in disk mode the pinned generation of chunk files.
+memory table itself, or in disk mode the pinned generation of chunk files. The
+table and the moments go out as one row table (``daemon/rowtable.py``): after a
+whole copy, a checkpoint writes only the rows changed since.
 
 Under torchrun every rank holds the whole table (memory mode) and, after each
 applied inner step, the ranks all-gather the ids and gradients of the rows
@@ -32,6 +34,7 @@ from prometheus_client import CollectorRegistry
 from daemon.config import Config
 from daemon.disk import DiskFullReporter
 from daemon.embeddings import EmbeddingStore, SparseRowAdam
+from daemon.rowtable import RowTable
 
 if TYPE_CHECKING:
     from daemon.training.engine import Trainer
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("minerd.train")
 
 LOG_EVERY_EPOCHS = 5
+ROW_STATE = ("exp_avg", "exp_avg_sq", "steps")  # the row optimiser's per-row state
 DIGEST_ROWS = 65536  # rows hashed per slice at a torchrun stop
 
 
@@ -105,11 +109,21 @@ class EmbeddingHook:
 
     # ---- Stateful ------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"store": self.store.checkpoint_state(), "adam": self.adam.state_dict()}
+        store, adam = self.store.checkpoint_state(), self.adam.state_dict()
+        rows = {name: adam.pop(name) for name in ROW_STATE}
+        if "table" in store:  # memory mode; in disk mode the chunk files hold the table
+            rows["table"] = store.pop("table")
+        return {"store": store, "adam": adam, "rows": RowTable.snapshot(rows, self.store.changes)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.store.load_checkpoint_state(state["store"])
-        self.adam.load_state_dict(state["adam"])
+        store, adam = dict(state["store"]), dict(state["adam"])
+        if "rows" in state:  # else a checkpoint of minerd 0.1, the tables inline
+            rows = dict(state["rows"].tensors)
+            if "table" in rows:
+                store["table"] = rows.pop("table")
+            adam.update(rows)
+        self.store.load_checkpoint_state(store)
+        self.adam.load_state_dict(adam)
 
     # ---- Component -------------------------------------------------------------
     def start(self) -> None:
