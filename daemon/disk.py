@@ -91,7 +91,7 @@ def wait_for_room(
     why: str,
     stop_requested: Callable[[], bool],
     on_wait: Callable[[str | None], None],
-    poll_seconds: float = 5.0,
+    poll_seconds: float = 1.0,
     repeat_seconds: float = 300.0,
 ) -> bool:
     """Block until ``needed`` bytes are free at ``path``; False if a stop came first.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 import structlog
 from prometheus_client import CollectorRegistry
@@ -25,7 +26,7 @@ from daemon.metrics import build_core_metrics
 from daemon.sdnotify import SdNotifier
 from daemon.signals import Shutdown
 from daemon.state import MinerState
-from daemon.training.build import build_run, configure_threads, resolve_device
+from daemon.training.build import Run, build_run, configure_threads, resolve_device
 from daemon.upload import StorageError
 from daemon.watchdog import Watchdog
 
@@ -65,8 +66,9 @@ def run(cfg: Config) -> int:
         notifier.attach(state)
         for component in _early_components(cfg, state, registry, launch, notifier):
             life.start(component)
-        _wait_for_room(cfg, state, shutdown, MIN_FREE_TO_BUILD, "the tokenizer and data caches")
-        built = build_run(cfg, state, metrics, registry, shutdown, launch, device, on_disk_full=on_disk_full)
+        built = _build_with_room(cfg, state, shutdown, launch, on_disk_full,
+                                 lambda: build_run(cfg, state, metrics, registry, shutdown, launch, device,
+                                                   on_disk_full=on_disk_full))
         if launch.is_main:
             _wait_for_room(cfg, state, shutdown, built.trainer.checkpoint_bytes(), "one checkpoint")
         trainer = built.trainer
@@ -105,7 +107,7 @@ def run(cfg: Config) -> int:
                   "embeddings/ and checkpoints/ folders to train the ID embeddings afresh")
         code = EXIT_CONFIG
     except Exception as exc:
-        if disk.is_full(exc):  # writing the caches at start-up; the next start waits for room first
+        if disk.is_full(exc):  # under torchrun, writing the caches; the next start waits for room first
             on_disk_full("start-up data", cfg.state_dir, exc)
         else:
             log.exception("unrecoverable error; exiting so the supervisor restarts minerd",
@@ -141,6 +143,28 @@ def _wait_for_room(cfg: Config, state: MinerState, shutdown: Shutdown, needed: i
 
     if not disk.wait_for_room(cfg.state_dir, needed, why, lambda: shutdown.requested, waiting):
         raise _StoppedWhileWaiting
+
+
+def _build_with_room(
+    cfg: Config, state: MinerState, shutdown: Shutdown, launch: Launch, on_disk_full: disk.DiskFullReporter,
+    build: Callable[[], Run],
+) -> Run:
+    """Build the run once there is room for its caches (tokenizer, token file, corpus, embedding
+    chunks). The caches are written before anything is registered or started, and atomically, so a
+    build the disk refused is tried again, not-ready meanwhile, once more room has been freed; a
+    corpus can need more than ``MIN_FREE_TO_BUILD``. Under torchrun the other ranks wait for rank 0
+    in a collective with a timeout, so there the run ends (exit 1) and the next start waits."""
+    needed = MIN_FREE_TO_BUILD
+    while True:
+        _wait_for_room(cfg, state, shutdown, needed, "the tokenizer and data caches")
+        try:
+            return build()
+        except OSError as exc:
+            if not disk.is_full(exc) or launch.world_size > 1:
+                raise
+            on_disk_full("start-up data", cfg.state_dir, exc)
+            # Tried again when another MIN_FREE_TO_BUILD is free beyond what was free when it failed.
+            needed = (disk.free_bytes(cfg.state_dir) or 0) + MIN_FREE_TO_BUILD
 
 
 def _early_components(

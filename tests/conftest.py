@@ -149,10 +149,11 @@ def require_tool(name: str, path: str | None) -> str:
 class MinerProcess:
     """A real `python -m daemon run` subprocess, stopped by its own pid."""
 
-    def __init__(self, state_dir: Path, sets: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(self, state_dir: Path, sets: list[str], env: dict[str, str] | None = None,
+                 module: str = "daemon") -> None:
         self.state_dir = state_dir
         self.log_path = state_dir.parent / f"{state_dir.name}-{time.monotonic_ns()}.log"
-        args = [sys.executable, "-m", "daemon", "run"]
+        args = [sys.executable, "-m", module, "run"]
         for s in sets:
             args += ["--set", s]
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -202,8 +203,9 @@ class MinerProcess:
 def miner_factory(tmp_path: Path) -> Iterator[object]:
     started: list[MinerProcess] = []
 
-    def start(state_dir: Path, sets: list[str], env: dict[str, str] | None = None) -> MinerProcess:
-        m = MinerProcess(state_dir, sets, env)
+    def start(state_dir: Path, sets: list[str], env: dict[str, str] | None = None,
+              module: str = "daemon") -> MinerProcess:
+        m = MinerProcess(state_dir, sets, env, module)
         started.append(m)
         return m
 

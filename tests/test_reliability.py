@@ -3,8 +3,8 @@
 Each scenario drives a real `minerd run` and checks what an operator would: the exit code,
 the log lines, the metrics, what is on disk afterwards. docs/RELIABILITY.md lists every
 scenario with what was observed. The disk-full scenarios need a small file system to fill:
-a tmpfs mounted for the test (as root, as CI runs); elsewhere they are skipped, and CI fails
-rather than skip them.
+a tmpfs mounted for the test as root (as CI runs), else a fault-injecting layer around
+minerd's own writes (``tests/virtual_disk.py``); the start-up scenario runs on both.
 """
 
 from __future__ import annotations
@@ -16,52 +16,41 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import LM_CORPUS, ROOT, MinerProcess, free_port, get_json, small_lm_sets, small_sets
+from tests.virtual_disk import SmallDisk, small_disk
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability]
 
 
-@contextlib.contextmanager
-def small_disk(path: Path, megabytes: int) -> Iterator[Path]:
-    """A tmpfs of ``megabytes`` at ``path``, unmounted afterwards (by its path)."""
-    if os.geteuid() != 0:
-        message = "mounting a small tmpfs needs root"
-        if os.environ.get("MINERD_REQUIRE_TOOLS") or os.environ.get("CI"):
-            pytest.fail(f"{message}; CI runs as root")
-        pytest.skip(message)
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m,mode=0755", "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
+def disk_kind() -> str:
+    """The small disk the scenarios get: a tmpfs as root (as CI runs), the fault-injecting layer
+    otherwise (``tests/virtual_disk.py``) or when ``MINERD_TEST_DISK=virtual`` asks for it."""
+    return "tmpfs" if os.geteuid() == 0 and os.environ.get("MINERD_TEST_DISK") != "virtual" else "virtual"
 
 
-def fill(disk: Path, leave: int) -> Path:
+def fill(disk: SmallDisk, leave: int) -> Path:
     """Grow a filler file until about ``leave`` bytes are free on ``disk``. Called again to top it
     up: the miner frees room too (old checkpoints pruned, temporary files removed after a
     refused write), and a disk that empties by itself would let the scenario pass by chance."""
-    filler = disk / "filler.bin"
+    filler = disk.path / "filler.bin"
+    if disk.kind == "virtual":  # sizes are what counts there: a sparse filler does
+        with filler.open("ab") as fh:
+            fh.truncate(fh.tell() + max(0, disk.free() - leave))
+        return filler
     block = b"\0" * (1 << 20)
     with contextlib.suppress(OSError), filler.open("ab") as fh:
         while True:
-            st = os.statvfs(disk)
-            remaining = st.f_bavail * st.f_frsize - leave
+            remaining = disk.free() - leave
             if remaining <= 0:
                 break
             fh.write(block[:min(len(block), remaining)])
             fh.flush()
     return filler
-
-
-
-
 
 
 def metric(url: str, name: str, **labels: str) -> float | None:
@@ -92,11 +81,11 @@ class TestDiskFull:
     def test_checkpoints_and_uploads_skip_then_resume(self, tmp_path: Path, miner_factory) -> None:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        with small_disk(tmp_path / "disk", 96) as disk:
-            state = disk / "state"
+        with small_disk(tmp_path / "disk", 96, disk_kind()) as disk:
+            state = disk.path / "state"
             sets = small_sets(state, f"api.port={port}", "checkpoint.every_inner_steps=3", "upload.enabled=true",
                               "upload.min_inner_step=3", "upload.every_inner_steps=3", "train.max_steps=100000")
-            m = miner_factory(state, sets)
+            m = miner_factory(state, sets, disk.env, disk.module)
             ckpts = state / "checkpoints"
             wait_until(lambda: len(list(ckpts.glob("step-*"))) >= 2, 120, "two checkpoints", m)
             wait_until(lambda: (state / "uploads" / "LATEST").exists(), 60, "a first upload", m)
@@ -134,21 +123,38 @@ class TestDiskFull:
             assert not list(ckpts.glob(".tmp-*"))
             assert not [p for p in (state / "uploads").rglob("*") if p.name.endswith(".tmp")]
 
-    def test_start_up_waits_for_room_not_ready(self, tmp_path: Path, miner_factory) -> None:
+    @pytest.mark.parametrize("kind", ["tmpfs", "virtual"])
+    def test_start_up_waits_for_room_not_ready(self, tmp_path: Path, miner_factory, kind: str) -> None:
+        if kind == "tmpfs" and os.geteuid() != 0:
+            if os.environ.get("MINERD_REQUIRE_TOOLS") or os.environ.get("CI"):
+                pytest.fail("mounting a small tmpfs needs root; CI runs as root")
+            pytest.skip("mounting a small tmpfs needs root (the virtual variant runs)")
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        with small_disk(tmp_path / "disk", 80) as disk:
-            state = disk / "state"
+        with small_disk(tmp_path / "disk", 200, kind) as disk:
+            state = disk.path / "state"
             filler = fill(disk, leave=16 << 20)  # under the 64 MB the start-up asks for
-            m = miner_factory(state, small_sets(state, f"api.port={port}", "train.max_steps=100000"))
+            # A generated corpus of 2 x 120k x 128 float32 (123 MB): more than the 64 MB asked for.
+            m = miner_factory(state, small_sets(state, f"api.port={port}", "train.max_steps=100000",
+                                                "data.num_docs=120000", "data.dim=128"), disk.env, disk.module)
             wait_until(lambda: "DISK FULL:" in m.text(), 90, "the DISK FULL line at start-up", m)
             code, body = get_json(f"{url}/readyz")
             assert code == 503 and body["reason"].startswith("disk full:"), body
             assert get_json(f"{url}/livez")[0] == 200  # waiting is not a stall
-            time.sleep(3)
+            # 1. Room enough to start building, not enough for the corpus: the write is refused,
+            # and the miner waits again instead of exiting.
+            with filler.open("r+b") as fh:
+                fh.truncate(max(0, filler.stat().st_size - (56 << 20)))
+            wait_until(lambda: "DISK FULL: start-up data" in m.text(), 90, "the refused corpus write", m)
+            time.sleep(2)
             assert m.proc.poll() is None  # waiting, not exiting into a restart loop
+            code, body = get_json(f"{url}/readyz")
+            assert code == 503 and body["reason"].startswith("disk full:"), body
+            assert not [p for p in state.rglob("*") if p.name.endswith(".tmp")]
+            # 2. Room: it builds and becomes ready, no restart.
             filler.unlink()
-            wait_until(lambda: get_json(f"{url}/readyz")[0] == 200, 90, "ready once there is room", m)
+            wait_until(lambda: get_json(f"{url}/readyz")[0] == 200, 120, "ready once there is room", m)
+            assert m.text().count('"minerd starting"') == 1
             m.signal(2)
             assert m.wait(60) == 0, m.text()[-3000:]
 
