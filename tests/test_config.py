@@ -258,10 +258,16 @@ class TestHostileInput:
         (line,) = problems("ft.enabled=true", "ft.lighthouse=http://127.0.0.1:29510", setting)
         assert line.startswith(expected), line
 
-    def test_fault_tolerance_one_process_per_group(self) -> None:
+    def test_fault_tolerance_under_torchrun(self) -> None:
+        # A torchrun job is one replica group: DiLoCo inside it, torchft across groups.
+        cfg = load_config(None, ["ft.enabled=true", "ft.lighthouse=http://127.0.0.1:29510",
+                                 "train.effective_batch_size=32"], environ={}, world_size=2)
+        assert cfg.ft.enabled and cfg.train.sync == "diloco"
         with pytest.raises(ConfigError) as info:
-            load_config(None, ["ft.enabled=true", "ft.lighthouse=http://127.0.0.1:29510"], environ={}, world_size=2)
-        assert any("a replica group is one process for now (got world size 2" in p for p in info.value.problems)
+            load_config(None, ["ft.enabled=true", "ft.lighthouse=http://127.0.0.1:29510", "train.sync=ddp",
+                               "train.effective_batch_size=32"],
+                        environ={}, world_size=2)
+        assert any("needs train.sync=diloco (got 'ddp')" in p for p in info.value.problems)
 
     def test_outer_compression_needs_diloco(self) -> None:
         (line,) = problems("train.sync=ddp", "train.outer_compression=dct_topk")

@@ -145,11 +145,6 @@ def _ft_problems(cfg: Config, world_size: int) -> list[str]:
     if t.sync != "diloco":
         out.append(problem("ft.enabled", f"fault tolerance is for DiLoCo's outer step; needs train.sync=diloco "
                            f"(got '{t.sync}')", ft.enabled))
-    if world_size > 1:
-        # A replica group of several processes needs one torchft manager per rank on the
-        # group's own store: not built yet. One process per machine covers CPU and one-GPU hosts.
-        out.append(problem("ft.enabled", f"a replica group is one process for now (got world size {world_size} "
-                           "under torchrun)", ft.enabled))
     if t.outer_compression != "none":
         out.append(problem("train.outer_compression", "is not used across replica groups yet; set none with "
                            "ft.enabled", t.outer_compression))

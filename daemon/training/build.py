@@ -95,7 +95,9 @@ class Run:
 
 
 def fault_tolerant_outer(cfg: Config, params: list[torch.Tensor], state: MinerState,
-                         registry: CollectorRegistry) -> OuterOptimizer:
+                         registry: CollectorRegistry, group_reduce: Reduce) -> OuterOptimizer:
+    """The outer step across replica groups; ``group_reduce`` averages over the group's own
+    ranks first (torchrun) and is the identity for a group of one process."""
     # torchft's compiled part logs every quorum and commit at info to stderr, outside structlog;
     # read once, when it is first imported. minerd's own outer-step line carries the same facts.
     os.environ.setdefault("RUST_LOG", "warn")
@@ -111,7 +113,7 @@ def fault_tolerant_outer(cfg: Config, params: list[torch.Tensor], state: MinerSt
     stats = FtStats(cfg.ft.lighthouse, cfg.ft.replica_group)
     register_ft(registry, stats)
     state.sections["ft"] = stats.status
-    return FtOuterOptimizer(params, cfg, state, stats)
+    return FtOuterOptimizer(params, cfg, state, stats, group_reduce)
 
 
 def codec_spec(cfg: Config, name: str) -> CodecSpec:
@@ -160,7 +162,7 @@ def build_run(
         compressed = CompressedAverage(names, codec_spec(cfg, outer_codec), comm, stats, launch.rank, device)
         stateful["outer_compression"] = compressed
         reduce = compressed
-    outer = (fault_tolerant_outer(cfg, list(model.parameters()), state, registry) if cfg.ft.enabled
+    outer = (fault_tolerant_outer(cfg, list(model.parameters()), state, registry, reduce) if cfg.ft.enabled
              else OuterOptimizer(list(model.parameters()), cfg.train.outer_lr, cfg.train.outer_momentum, reduce))
     wrapped = wrap_ddp(model, device, comm) if launch.world_size > 1 and cfg.train.sync == "ddp" else model
     # Every rank reads the checkpoint it resumes from; only rank 0 writes.
