@@ -243,7 +243,8 @@ def json_events(text: str) -> list[dict]:
 
 
 class TestTorchrunGroups:
-    """Replica groups of two ranks each (torchrun): DiLoCo inside a group, torchft across groups."""
+    """Replica groups of two ranks each (torchrun): DDP inside a group, torchft's DiLoCo across groups
+    (the common layout: a machine's GPUs in step, machines in outer steps)."""
 
     def test_a_group_dies_and_recovers_rank_by_rank(self, tmp_path: Path) -> None:
         port = free_port()
@@ -251,7 +252,8 @@ class TestTorchrunGroups:
         groups: list[TorchrunGroup] = []
 
         def sets(i: int) -> list[str]:
-            own = replica_sets(tmp_path / f"g{i}", port, i, "ft.min_replicas=1", "train.effective_batch_size=128")
+            own = replica_sets(tmp_path / f"g{i}", port, i, "ft.min_replicas=1", "train.effective_batch_size=128",
+                               "train.sync=ddp")
             return [s for s in own if not s.startswith("api.port=")] + ["api.port=0"]
 
         try:

@@ -142,9 +142,6 @@ def _ft_problems(cfg: Config, world_size: int) -> list[str]:
     if not ft.lighthouse:
         out.append(problem("ft.lighthouse", "is required with ft.enabled (http://host:port of torchft_lighthouse)",
                            ft.lighthouse))
-    if t.sync != "diloco":
-        out.append(problem("ft.enabled", f"fault tolerance is for DiLoCo's outer step; needs train.sync=diloco "
-                           f"(got '{t.sync}')", ft.enabled))
     if t.outer_compression != "none":
         out.append(problem("train.outer_compression", "is not used across replica groups yet; set none with "
                            "ft.enabled", t.outer_compression))

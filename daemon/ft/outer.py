@@ -2,10 +2,11 @@
 
 Each replica group (one ``minerd run``, or one ``torchrun`` job; ``ft.replica_group``)
 trains its inner steps alone. Under torchrun every rank has its own torchft manager; the
-group's rank 0 runs the manager server and the store the others find it through, and a
-rank's outer sync first averages the pseudo-gradient over its own group (DiLoCo inside
-the group, over torch.distributed), then over the same rank of every other group in
-the quorum; the group commits only when all of its ranks do.
+group's rank 0 runs the manager server and the store the others find it through. Inside
+the group the ranks keep DDP (identical weights at every step) or DiLoCo (the
+pseudo-gradient averaged over the group first, over torch.distributed); then each rank's
+outer sync averages with the same rank of every other group in the quorum, and the group
+commits only when all of its ranks do.
 
 At each outer step a group asks torchft's manager for a quorum: the lighthouse
 (``ft.lighthouse``) forms it of the groups whose heartbeats are alive, so a dead group
