@@ -45,14 +45,18 @@ class TestLearning:
     def test_held_out_loss_falls_two_nats(self, tmp_path: Path) -> None:
         # A vocabulary of 4096 (the untrained loss is ln 4096 = 8.3), one optimizer step
         # per 8 sequences of 32 tokens, no outer step to perturb a single process.
-        # Both cores: nothing else runs beside this test.
         run, _, _ = cpu_run(small_lm_sets(tmp_path, "lm.vocab_size=4096", "train.effective_batch_size=8",
                                           "lm.seq_len=32", "train.inner_steps_per_outer=1000",
-                                          "lm.eval_every_steps=300", "train.torch_threads=2"))
+                                          "lm.eval_every_steps=300"))
         t = run.trainer
         untrained = t.p.task.evaluate(t.p.model, t.p.device, EvalPoint(1, 0), lambda: None).metrics["loss"]
         assert abs(untrained - math.log(4096)) < 0.5, untrained
-        steps(t, 300)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)  # both cores: nothing else runs beside this test
+        try:
+            steps(t, 300)
+        finally:
+            torch.set_num_threads(threads)
         trained = t.last_eval["loss"]
         assert trained < untrained - 2.0, (untrained, trained)
 
