@@ -68,6 +68,9 @@ def check_loadable(storage: Storage, name: str, files: dict[str, Any]) -> list[s
 def _load_and_run(folder: Path, where: str) -> list[str]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a check's output is its one line, not a loading bar on stderr
 
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
