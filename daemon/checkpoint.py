@@ -173,10 +173,11 @@ class CheckpointStore:
 
     def _prune(self) -> None:
         found = self.checkpoints()
+        deps = {p.name: self.depends_on(p) for p in found}
         kept = {p.name for p in found[: self.keep]}
         for p in found[: self.keep]:
-            kept.update(self.depends_on(p))
-        kept.update([p.name for p in found if not self.depends_on(p)][:KEEP_SELF_CONTAINED])
+            kept.update(deps[p.name])
+        kept.update([p.name for p in found if not deps[p.name]][:KEEP_SELF_CONTAINED])
         for old in found:
             if old.name not in kept:
                 shutil.rmtree(old, ignore_errors=True)

@@ -80,16 +80,15 @@ class SparseRowAdam:
         v_hat = v / (1 - b2**t_f)
         self.store.update_embeddings(uniq, values - self.lr * m_hat / (v_hat.sqrt() + self.eps))
 
+    def row_state(self) -> dict[str, torch.Tensor]:
+        """The live per-row state (no copies): ``exp_avg``, ``exp_avg_sq``, ``steps``."""
+        return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "steps": self.steps}
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"lr": self.lr, "betas": self.betas, "eps": self.eps, "weight_decay": self.weight_decay}
+
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "exp_avg": self.exp_avg.clone(),
-            "exp_avg_sq": self.exp_avg_sq.clone(),
-            "steps": self.steps.clone(),
-            "lr": self.lr,
-            "betas": self.betas,
-            "eps": self.eps,
-            "weight_decay": self.weight_decay,
-        }
+        return {**{k: v.clone() for k, v in self.row_state().items()}, **self.hyperparameters()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.exp_avg.copy_(state["exp_avg"])

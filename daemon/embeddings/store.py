@@ -307,19 +307,20 @@ class EmbeddingStore(TieredChunkCache):
             self._sync()
             return self.generation
 
-    def checkpoint_state(self) -> dict[str, Any]:
+    def checkpoint_state(self, copy: bool = True) -> dict[str, Any]:
         """Sync and return what a checkpoint must save to restore this exact table.
 
         disk: ``{"storage_mode": "disk", "generation": g, "dir": ...}``; the chunk files
         are the persistent state and generation ``g`` is pinned (the last
         ``keep_checkpoints`` pins are kept). Restore by reopening with ``generation=g``.
         memory: ``{"storage_mode": "memory", "table": <tensor copy>}``; restore with
-        :meth:`load_checkpoint_state`.
+        :meth:`load_checkpoint_state`. ``copy=False`` hands the live table instead, for a
+        caller that copies what it keeps itself before the next update (the checkpoint writer).
         """
         with self._lock:
             self._check_open()
             if self._table is not None:
-                return {"storage_mode": "memory", "table": self._table.clone()}
+                return {"storage_mode": "memory", "table": self._table.clone() if copy else self._table}
             self._sync()
             self._pin(self.generation)
             return {"storage_mode": "disk", "generation": self.generation, "dir": str(self.dir)}

@@ -42,7 +42,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("minerd.train")
 
 LOG_EVERY_EPOCHS = 5
-ROW_STATE = ("exp_avg", "exp_avg_sq", "steps")  # the row optimiser's per-row state
 DIGEST_ROWS = 65536  # rows hashed per slice at a torchrun stop
 
 
@@ -109,11 +108,13 @@ class EmbeddingHook:
 
     # ---- Stateful ------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        store, adam = self.store.checkpoint_state(), self.adam.state_dict()
-        rows = {name: adam.pop(name) for name in ROW_STATE}
+        # The live table and moments, not copies: the checkpoint writer copies the rows it writes
+        # (a few when only they changed), and a peer is sent the state before the next update.
+        store, rows = self.store.checkpoint_state(copy=False), self.adam.row_state()
         if "table" in store:  # memory mode; in disk mode the chunk files hold the table
             rows["table"] = store.pop("table")
-        return {"store": store, "adam": adam, "rows": RowTable.snapshot(rows, self.store.changes)}
+        return {"store": store, "adam": self.adam.hyperparameters(),
+                "rows": RowTable.snapshot(rows, self.store.changes)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         store, adam = dict(state["store"]), dict(state["adam"])
