@@ -1,8 +1,9 @@
-"""Helpers shared by the benchmarks: interleaved timing, the RESULT line, a CPU trainer."""
+"""Helpers shared by the benchmarks: interleaved timing, the RESULT line, a miner run to its end.
+
+A run in this process is ``daemon.run.local.cpu_run``, as in the tests."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import statistics
@@ -13,15 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-from prometheus_client import CollectorRegistry
-
-from daemon.config import load_config
-from daemon.distributed import Launch
-from daemon.gpu import GpuProbe
-from daemon.metrics import build_core_metrics
-from daemon.state import MinerState
-from daemon.training.build import Run, build_run
+from daemon.logsetup import json_records
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:
@@ -57,29 +50,6 @@ def result(name: str, **values: float) -> None:
     print(f"RESULT {name} {kv}", flush=True)
 
 
-class _NoStop:
-    """The trainer's shutdown seam, never set: a benchmark stops by step count."""
-
-    requested = False
-
-    def abandon_partial_step(self) -> bool:
-        return False
-
-
-def cpu_run(
-    sets: list[str], state: Any = None, registry: Any = None, stop: Any = None
-) -> tuple[Run, MinerState, CollectorRegistry]:
-    """The real run on the CPU, one process, configured by ``--set`` strings only (no
-    file, no environment), with its metrics on ``registry`` (a new one by default).
-    Its components are not started: a benchmark drives the trainer's steps itself."""
-    cfg = load_config(sets=sets, environ={})
-    state = state if state is not None else MinerState(task=cfg.train.task)
-    registry = registry if registry is not None else CollectorRegistry()
-    metrics = build_core_metrics(registry, state, GpuProbe())
-    run = build_run(cfg, state, metrics, registry, stop or _NoStop(), Launch(), torch.device("cpu"))
-    return run, state, registry
-
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -96,20 +66,7 @@ def minerd_events(sets: list[str], world: int, what: str, timeout: float = 1800)
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout)
     if out.returncode:
         raise SystemExit(f"bench: the {what} run failed:\n{out.stdout[-3000:]}{out.stderr[-3000:]}")
-    return json_lines(out.stdout + out.stderr)
-
-
-def json_lines(text: str) -> list[dict[str, Any]]:
-    """The JSON log lines in ``text`` (torchrun may prefix a rank's lines)."""
-    events = []
-    for line in text.splitlines():
-        start = line.find("{")
-        if start >= 0:
-            try:
-                events.append(json.loads(line[start:]))
-            except ValueError:
-                continue
-    return events
+    return json_records(out.stdout + out.stderr)
 
 
 def free_port() -> int:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from bench._common import result
-from daemon.embeddings import EmbeddingStore
+from daemon.tasks.twotower.embeddings import EmbeddingStore
 
 DIM, CHUNK, BATCH, HOT_SHARE = 128, 1024, 1024, 0.9
 # The seed's rule, sync_batch_size = max(5, batch_size // 4), at the project's default

@@ -28,15 +28,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench._common import ROOT, free_port, json_lines, minerd_events, result
+from bench._common import ROOT, free_port, minerd_events, result
 from bench.distributed import COMMON
+from daemon.logsetup import json_records
 
 INNER = 10
 
 
 def _committed(log: Path) -> list[dict]:
     text = log.read_text(errors="replace")
-    return [e for e in json_lines(text) if e.get("event") == "outer step applied" and e.get("committed")]
+    return [e for e in json_records(text) if e.get("event") == "outer step applied" and e.get("committed")]
 
 
 class Replica:

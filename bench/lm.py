@@ -32,9 +32,11 @@ import structlog
 import torch
 import torch.nn.functional as F
 
-from bench._common import cpu_run, interleaved, result
-from daemon.lifecycle import Lifecycle
+from bench._common import interleaved, result
+from daemon.run.lifecycle import Lifecycle
+from daemon.run.local import cpu_run
 from daemon.state import MinerState
+from daemon.tasks.causal_lm.config import LmConfig
 from daemon.upload import Uploader
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,25 +70,26 @@ def main(quick: bool) -> None:
     sets = [f"paths.state_dir={tmp}", "lm.eval_every_steps=1000000", "api.enabled=false"]
     if quick:  # uploads from the 6th step rather than the 50th: the warm-up fits in the quick budget
         sets.append("upload.min_inner_step=6")
-    run, state, registry = cpu_run(sets, state=state, stop=budget)
+    run, registry, state = cpu_run(sets, state=state, stop=budget)
     trainer = run.trainer
     life = Lifecycle()
     for component in run.components:
         life.start(component)
     cfg = trainer.cfg
-    task = trainer.p.task
-    bare_model = copy.deepcopy(trainer.module)
+    task = run.task
+    seq_len = LmConfig.of(cfg).seq_len
+    bare_model = copy.deepcopy(trainer.model)
     bare_opt = torch.optim.AdamW(bare_model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                                  foreach=False, fused=False)
-    sampler = trainer.p.sampler
+    sampler = run.sampler
     position = {"epoch": 1, "index": sampler.batches_per_epoch // 2}  # the bare loop reads its own stretch
     steps = 6 if quick else 16
-    tokens_per_step = cfg.train.effective_batch_size * cfg.lm.seq_len
+    tokens_per_step = cfg.train.effective_batch_size * seq_len
 
     uploader = next((c for c in run.components if isinstance(c, Uploader)), None)
 
     def minerd() -> None:
-        budget.until = trainer.c.global_step + steps
+        budget.until = trainer.progress.global_step + steps
         trainer.run()
         # The block's last upload is finished inside the block: left running, its serialising
         # would be charged to the bare loop's block that follows.
@@ -94,19 +97,19 @@ def main(quick: bool) -> None:
             uploader.wait_idle(120)
 
     def bare() -> None:
-        from daemon.training.task import BatchPos
+        from daemon.engine.protocols import BatchPos
 
         bare_model.train()
         for _ in range(steps):
-            for _ in range(trainer.p.accumulation):
+            for _ in range(run.accumulation):
                 if position["index"] >= sampler.batches_per_epoch:
                     position["epoch"] += 1
                     position["index"] = 0
                 pos = BatchPos(position["epoch"], position["index"])
                 position["index"] += 1
-                batch = task.get_batch(sampler.batch(pos.epoch, pos.index), trainer.p.device, pos)
+                batch = task.get_batch(sampler.batch(pos.epoch, pos.index), run.device, pos)
                 logits = bare_model(input_ids=batch[:, :-1], use_cache=False).logits
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten()) / trainer.p.accumulation
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten()) / run.accumulation
                 loss.backward()
             torch.nn.utils.clip_grad_norm_(bare_model.parameters(), cfg.train.grad_clip)
             bare_opt.step()
@@ -141,17 +144,18 @@ def curve(quick: bool) -> None:
     run, _, _ = cpu_run([f"paths.state_dir={tmp}", "lm.eval_every_steps=25", "upload.enabled=false",
                              "api.enabled=false"])
     trainer = run.trainer
-    from daemon.training.task import EvalPoint
+    from daemon.engine.protocols import EvalPoint
 
-    points = [(0, 0.0, trainer.p.task.evaluate(trainer.p.model, trainer.p.device, EvalPoint(1, 0),
-                                               lambda: None).metrics)]
+    points = [(0, 0.0, run.task.evaluate(trainer.model, run.device, EvalPoint(1, 0), lambda: None).metrics)]
+    seq_len = LmConfig.of(trainer.cfg).seq_len
     seconds = 300 if quick else 600
     t0 = time.monotonic()
     while time.monotonic() - t0 < seconds:
         trainer.inner_step()
-        if trainer.c.global_step % 25 == 0:
-            points.append((trainer.c.global_step, time.monotonic() - t0, dict(trainer.last_eval)))
-            print(f"step {trainer.c.global_step:5d}  {time.monotonic() - t0:6.0f}s  "
+        at = trainer.progress.global_step
+        if at % 25 == 0:
+            points.append((at, time.monotonic() - t0, dict(trainer.last_eval)))
+            print(f"step {at:5d}  {time.monotonic() - t0:6.0f}s  "
                   f"loss {trainer.last_eval['loss']:.3f}  bpb {trainer.last_eval['bits_per_byte']:.3f}", flush=True)
     steps_done = [p[0] for p in points]
     losses = [p[2]["loss"] for p in points]
@@ -169,7 +173,7 @@ def curve(quick: bool) -> None:
         return y / k
 
     ax.secondary_yaxis("right", functions=(to_bpb, to_loss)).set_ylabel("bits per byte")
-    ax.set_xlabel(f"inner step ({trainer.cfg.train.effective_batch_size} sequences x {trainer.cfg.lm.seq_len} tokens)")
+    ax.set_xlabel(f"inner step ({trainer.cfg.train.effective_batch_size} sequences x {seq_len} tokens)")
     ax.set_ylabel("held-out loss (nats/token)")
     ax.set_title(f"minerd causal_lm tiny on the Python standard library, {seconds // 60} min on 2 CPU cores",
                  fontsize=10)
@@ -178,6 +182,6 @@ def curve(quick: bool) -> None:
     fig.savefig(CURVE_PNG)
     first, last = points[0][2], points[-1][2]
     print(f"wrote {CURVE_PNG}: {len(points)} evaluations over {steps_done[-1]} steps")
-    tokens = steps_done[-1] * trainer.cfg.train.effective_batch_size * trainer.cfg.lm.seq_len
+    tokens = steps_done[-1] * trainer.cfg.train.effective_batch_size * seq_len
     result("lm", tokens_per_s=tokens / (time.monotonic() - t0), loss_start=first["loss"], loss_end=last["loss"],
            bpb_end=last["bits_per_byte"], steps=steps_done[-1])

@@ -39,23 +39,25 @@ import structlog
 import torch
 from prometheus_client import CollectorRegistry
 
-from bench._common import cpu_run, result
-from daemon.mining import HardNegativeMiner
-from daemon.mining.index import load_faiss
+from bench._common import result
+from daemon.engine.trainer import Trainer
+from daemon.run.local import cpu_run
 from daemon.state import MinerState
+from daemon.tasks.twotower.config import TwoTowerConfig
+from daemon.tasks.twotower.mining import HardNegativeMiner
+from daemon.tasks.twotower.mining.index import load_faiss
 from daemon.tasks.twotower.mining_hook import MiningHook
 from daemon.tasks.twotower.task import TwoTowerBatch, TwoTowerTask
-from daemon.training.engine import Trainer
 
 NUM_DOCS = 20_000  # 78 micro-batches of 256 an epoch
 BATCH = 256
 START_EPOCH = 2
 SETS = [
     "train.task=twotower",
-    f"data.num_docs={NUM_DOCS}",
-    "data.eval_queries=2000",
-    "data.cluster_size=32",
-    "train.embed_dim=128",
+    f"twotower.num_docs={NUM_DOCS}",
+    "twotower.eval_queries=2000",
+    "twotower.cluster_size=32",
+    "twotower.embed_dim=128",
     "train.batch_size=256",
     "train.effective_batch_size=256",
     "train.torch_threads=1",
@@ -78,13 +80,13 @@ QUALITY_SETS = [
     f"train.effective_batch_size={QUALITY_BATCH}",
     f"mining.refresh_steps={NUM_DOCS // QUALITY_BATCH}",
 ]
-# Experiments: BENCH_MINING_SETS="data.cluster_size=64 train.batch_size=256 ..." (applied last).
+# Experiments: BENCH_MINING_SETS="twotower.cluster_size=64 train.batch_size=256 ..." (applied last).
 ENV_SETS = os.environ.get("BENCH_MINING_SETS", "").split()
 
 
 
 def _build(state_dir: Path, *extra: str) -> tuple[Trainer, TwoTowerTask, MiningHook | None, MinerState]:
-    run, state, _ = cpu_run([f"paths.state_dir={state_dir}", *SETS, *extra, *ENV_SETS])
+    run, _, state = cpu_run([f"paths.state_dir={state_dir}", *SETS, *extra, *ENV_SETS])
     hook = next((c for c in run.components if isinstance(c, MiningHook)), None)
     assert isinstance(run.task, TwoTowerTask)
     return run.trainer, run.task, hook, state
@@ -150,14 +152,15 @@ QUALITY_HIDDEN = 1024
 
 
 def _throughput(tmp: Path, quick: bool) -> tuple[float, float, float, float]:
-    trainer, task, hook, _ = _build(tmp, f"mining.start_epoch={START_EPOCH}", f"train.hidden_dim={THROUGHPUT_HIDDEN}")
+    trainer, task, hook, _ = _build(tmp, f"mining.start_epoch={START_EPOCH}",
+                                    f"twotower.hidden_dim={THROUGHPUT_HIDDEN}")
     assert hook is not None
-    while trainer.c.epoch < START_EPOCH:  # epoch 1 fills the banks
+    while trainer.progress.epoch < START_EPOCH:  # epoch 1 fills the banks
         trainer.inner_step()
     for _ in range(20):  # the miner starts, builds its index and settles
         trainer.inner_step()
     n = hook.miner.cfg.num_negatives
-    fixed = torch.nn.functional.normalize(torch.randn(256, n, trainer.cfg.train.embed_dim), dim=-1)
+    fixed = torch.nn.functional.normalize(torch.randn(256, n, TwoTowerConfig.of(trainer.cfg).embed_dim), dim=-1)
 
     def free(step: int, batch: TwoTowerBatch, q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         return fixed
@@ -180,11 +183,11 @@ def _throughput(tmp: Path, quick: bool) -> tuple[float, float, float, float]:
             task.negatives = fn
             spent, counted = 0.0, 0
             for _ in range(steps):
-                epoch = trainer.c.epoch
+                epoch = trainer.progress.epoch
                 t0 = time.perf_counter()
                 trainer.inner_step()
                 dt = time.perf_counter() - t0
-                if trainer.c.epoch == epoch:  # not a step that ended an epoch (evaluation)
+                if trainer.progress.epoch == epoch:  # not a step that ended an epoch (evaluation)
                     spent += dt
                     counted += 1
             times[name].append(spent / counted)
@@ -212,14 +215,14 @@ def _train(
     """Per epoch (recall@10, separation, recall@1), and the miner's status at the end."""
     trainer, _, hook, _ = _build(
         tmp, f"train.epochs={epochs}", f"mining.enabled={'true' if mining else 'false'}",
-        f"mining.start_epoch={START_EPOCH}", f"train.hidden_dim={QUALITY_HIDDEN}", *QUALITY_SETS,
+        f"mining.start_epoch={START_EPOCH}", f"twotower.hidden_dim={QUALITY_HIDDEN}", *QUALITY_SETS,
     )
     evals: list[tuple[float, float, float]] = []
-    epoch = trainer.c.epoch
-    while trainer.c.epoch <= epochs:
+    epoch = trainer.progress.epoch
+    while trainer.progress.epoch <= epochs:
         trainer.inner_step()
-        if trainer.c.epoch != epoch:
-            epoch = trainer.c.epoch
+        if trainer.progress.epoch != epoch:
+            epoch = trainer.progress.epoch
             m = trainer.last_eval
             evals.append((m["recall_at_10"], m["separation_margin"], m["recall_at_1"]))
     status = None

@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from bench._common import cpu_run, interleaved, result
+from bench._common import interleaved, result
+from daemon.engine.sampler import EpochSampler
 from daemon.logsetup import configure_logging
-from daemon.training.sampler import EpochSampler
+from daemon.run.local import cpu_run
 
 N_ITEMS, WIDTH, BATCH = 900_000, 16, 1024
 
@@ -98,10 +99,10 @@ def training_epochs(quick: bool) -> tuple[float, float]:
     """
     tmp = Path(tempfile.mkdtemp(prefix="bench-sampler-"))
     configure_logging("json", "warning")  # step lines would drown the table
-    trainer = cpu_run(["train.task=twotower", f"paths.state_dir={tmp}", f"data.num_docs={N_ITEMS}",
-                       "data.eval_queries=100", "mining.enabled=false", "upload.enabled=false",
-                       "embeddings.enabled=false"])[0].trainer
-    sampler = trainer.p.sampler
+    built = cpu_run(["train.task=twotower", f"paths.state_dir={tmp}", f"twotower.num_docs={N_ITEMS}",
+                     "twotower.eval_queries=100", "mining.enabled=false", "upload.enabled=false",
+                     "embeddings.enabled=false"]).run
+    trainer, sampler = built.trainer, built.sampler
     shuffled_perm = sampler.permutation
     identity = torch.arange(sampler.num_items)
     steps = 10 if quick else 30

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from bench._common import cpu_run, interleaved, result
+from bench._common import interleaved, result
 from daemon import diagnostics
 from daemon.logsetup import configure_logging
+from daemon.run.local import cpu_run
 
 
 class _Silent:
@@ -35,8 +36,8 @@ def main(quick: bool) -> None:
     log_file = (tmp / "steps.log").open("w")
     configure_logging("json", "info", stream=log_file)
     trainer = cpu_run([
-        "train.task=twotower", f"paths.state_dir={tmp}", "data.num_docs=400000", "data.eval_queries=100",
-        "train.hidden_dim=512", "train.batch_size=256", "mining.enabled=false", "upload.enabled=false",
+        "train.task=twotower", f"paths.state_dir={tmp}", "twotower.num_docs=400000", "twotower.eval_queries=100",
+        "twotower.hidden_dim=512", "train.batch_size=256", "mining.enabled=false", "upload.enabled=false",
         "telemetry.log_every=1",
     ])[0].trainer
     cfg = trainer.cfg
@@ -52,10 +53,10 @@ def main(quick: bool) -> None:
         trainer.reporter = reporter  # type: ignore[assignment]
         spent = 0.0
         for _ in range(steps):
-            epoch = trainer.c.epoch
+            epoch = trainer.progress.epoch
             t0 = time.perf_counter()
             trainer.inner_step()
-            if trainer.c.epoch == epoch:
+            if trainer.progress.epoch == epoch:
                 spent += time.perf_counter() - t0
         return spent
 

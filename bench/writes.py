@@ -24,7 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench._common import json_lines, result
+from bench._common import result
+from daemon.logsetup import json_records
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,7 +65,7 @@ def measure(sets: list[str], seconds: float) -> tuple[float, int, int, list[int]
             except subprocess.TimeoutExpired:
                 proc.kill()
     text = log.read_text(errors="replace")
-    sizes = [round(e["bytes"] / 1e6) for e in json_lines(text) if e.get("event") == "checkpoint saved"]
+    sizes = [round(e["bytes"] / 1e6) for e in json_records(text) if e.get("event") == "checkpoint saved"]
     return written / seconds / 1e6, len(sizes), text.count("UPLOAD OK:"), sizes
 
 

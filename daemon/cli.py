@@ -16,7 +16,8 @@ try:  # typer >= 0.20 vendors click; older ones use the click package
 except ImportError:  # pragma: no cover
     import click.exceptions as click_exc  # type: ignore[no-redef]
 
-from daemon.config import Config, ConfigError, load_config, to_yaml
+from daemon.config import Config, ConfigError, to_yaml
+from daemon.run.catalog import CATALOG
 
 EXIT_USAGE = 2
 
@@ -39,20 +40,25 @@ def _err(line: str) -> None:
     typer.echo(line, err=True)
 
 
-def _load(config: str | None, sets: list[str]) -> Config:
+def _load(config: str | None, sets: list[str], notes: bool = True) -> Config:
+    """The config, or exit 2 with one line per problem. ``notes``: print a line on stderr per
+    old key name used (``minerd run`` logs them instead, where its other lines go)."""
     try:
-        return load_config(config, sets)
+        cfg = CATALOG.load(config, sets)
     except ConfigError as exc:
         for problem in exc.problems:
             _err(problem)
         raise typer.Exit(EXIT_USAGE) from None
+    for note in cfg.deprecations if notes else ():
+        _err(note)
+    return cfg
 
 
 @app.command()
 def run(config: str | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
     """Run the miner until stopped (or until train.max_steps inner steps)."""
-    cfg = _load(config, set_)
-    from daemon.runner import run as run_miner  # torch is imported only by commands that need it
+    cfg = _load(config, set_, notes=False)
+    from daemon.run.runner import run as run_miner  # torch is imported only by commands that need it
 
     raise typer.Exit(run_miner(cfg))
 
@@ -81,13 +87,12 @@ def diagnose(
     cfg = _load(config, set_)
     from daemon import diagnostics
     from daemon.distributed import Launch
-    from daemon.tasks import TASKS
-    from daemon.training.build import resolve_device
+    from daemon.run.machine import resolve_device
 
     launch = Launch.from_env()
     try:
         device = resolve_device(cfg, launch)
-        model = TASKS[cfg.train.task].diagnose_model(cfg, device)  # the configured task's model
+        model = CATALOG.task_for(cfg).diagnose_model(cfg, device)  # the configured task's model
     except ConfigError as exc:
         for problem in exc.problems:
             _err(problem)
@@ -151,10 +156,10 @@ def bundle(
              "command sees them (a miner started by pm2/systemd may have had another environment)."
     problems: list[str] = []
     try:
-        cfg = load_config(config, set_)
+        cfg = CATALOG.load(config, set_)
     except ConfigError as exc:  # a broken config is exactly when people need the bundle
         problems = exc.problems
-        cfg = Config()
+        cfg = CATALOG.default_config()
     text, logs = build_bundle(cfg, config_problems=problems, config_origin=origin, log_files=log, url=url or None)
     path = Path(out) if out else default_out_path()
     try:

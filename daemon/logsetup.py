@@ -12,6 +12,7 @@ the console rendering, where they would only repeat the text.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from typing import Any
@@ -119,3 +120,22 @@ def reset_logging() -> None:
     for old in list(root.handlers):
         root.removeHandler(old)
     logging.captureWarnings(False)
+
+
+def json_record(line: str) -> dict[str, Any] | None:
+    """The record of one JSON log line, after whatever its supervisor put before it (torchrun's
+    rank prefix, pm2's date); None for a line that is not a JSON object (a console line, a
+    traceback)."""
+    start = line.find("{")
+    if start < 0:
+        return None
+    try:
+        record = json.loads(line[start:])
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def json_records(text: str) -> list[dict[str, Any]]:
+    """Every JSON log record in ``text`` (a log file, or a process's captured output), in order."""
+    return [r for r in map(json_record, text.splitlines()) if r is not None]

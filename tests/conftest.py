@@ -19,14 +19,6 @@ from typing import Any
 
 import pytest
 import torch
-from prometheus_client import CollectorRegistry
-
-from daemon.config import load_config
-from daemon.distributed import Launch
-from daemon.gpu import GpuProbe
-from daemon.metrics import build_core_metrics
-from daemon.state import MinerState
-from daemon.training.build import Run, build_run
 
 ROOT = Path(__file__).resolve().parent.parent
 torch.set_num_threads(1)
@@ -34,11 +26,11 @@ torch.set_num_threads(1)
 # Small enough to train a few dozen steps in seconds on a busy 2-core machine.
 SMALL = [
     "train.task=twotower",
-    "data.num_docs=2048",
-    "data.eval_queries=128",
-    "data.dim=32",
-    "train.hidden_dim=64",
-    "train.embed_dim=32",
+    "twotower.num_docs=2048",
+    "twotower.eval_queries=128",
+    "twotower.dim=32",
+    "twotower.hidden_dim=64",
+    "twotower.embed_dim=32",
     "train.batch_size=64",
     "train.effective_batch_size=128",
     "train.inner_steps_per_outer=7",
@@ -98,26 +90,6 @@ def small_lm_sets(state_dir: Path, *extra: str) -> list[str]:
 
 def task_sets(task: str, state_dir: Path, *extra: str) -> list[str]:
     return small_lm_sets(state_dir, *extra) if task == "causal_lm" else small_sets(state_dir, *extra)
-
-
-class NeverStop:
-    """The trainer's shutdown seam, never set: tests stop by step count."""
-
-    requested = False
-
-    def abandon_partial_step(self) -> bool:
-        return False
-
-
-def cpu_run(sets: list[str]) -> tuple[Run, CollectorRegistry, MinerState]:
-    """A run built by the one builder on the CPU from ``--set`` strings (no file, no
-    environment); its components are not started."""
-    cfg = load_config(sets=sets, environ={})
-    state = MinerState(task=cfg.train.task)
-    registry = CollectorRegistry()
-    metrics = build_core_metrics(registry, state, GpuProbe())
-    run = build_run(cfg, state, metrics, registry, NeverStop(), Launch(), torch.device("cpu"))
-    return run, registry, state
 
 
 def get_json(url: str) -> tuple[int, dict[str, Any]]:

@@ -14,8 +14,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.config import load_config
-from daemon.tasks.twotower.task import corpus_path
+from daemon.data.generated.corpus import corpus_path
+from daemon.run.catalog import CATALOG, load_config
 from tests.conftest import ROOT, small_sets
 
 pytestmark = [pytest.mark.integration]
@@ -55,7 +55,7 @@ class TestLifecycleRoutes:
 
     def test_training_and_shutdown(self, tmp_path: Path, miner_factory) -> None:
         state = tmp_path / "s"
-        m = miner_factory(state, small_sets(state, "api.port=0", "api.token=sekret", "train.hidden_dim=1536",
+        m = miner_factory(state, small_sets(state, "api.port=0", "api.token=sekret", "twotower.hidden_dim=1536",
                                             "upload.enabled=true", "upload.min_inner_step=2"))
         url = api_url(m)
         c = httpx.Client(base_url=url, timeout=5)
@@ -108,7 +108,8 @@ def stalled_miner(tmp_path: Path, miner_factory, *extra: str):
     state = tmp_path / "s"
     sets = small_sets(state, "api.port=0", "watchdog.stall_seconds=3", *extra)
     cfg = load_config(sets=sets, environ={})
-    fifo = corpus_path(cfg, state / "data")
+    request = CATALOG.task_for(cfg).data(cfg)  # the generated corpus the two-tower job reads first
+    fifo = corpus_path(request.spec, state / "data")
     fifo.parent.mkdir(parents=True)
     os.mkfifo(fifo)  # opening it for reading blocks until a writer comes: none will
     return miner_factory(state, sets)

@@ -16,9 +16,10 @@ from safetensors.torch import load_file, save_file
 from daemon.compression import CodecSpec, ErrorFeedback, artifact, decode, encode
 from daemon.compression.codec import keep_count
 from daemon.compression.sync import pack, unpack
-from daemon.lifecycle import Lifecycle
+from daemon.run.lifecycle import Lifecycle
+from daemon.run.local import cpu_run
 from daemon.upload import Uploader, verify_target
-from tests.conftest import ROOT, cpu_run, small_lm_sets, small_sets
+from tests.conftest import ROOT, small_lm_sets, small_sets
 
 
 def grads(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -222,7 +223,7 @@ class TestPublishedArtifact:
         from daemon.compression.codec import Encoded
         pg = decode(Encoded(load_file(str(rev / artifact.TENSORS_FILE)), header))
         start, _, _ = cpu_run(small_lm_sets(tmp_path / "fresh"))  # same seed: the round's starting weights
-        anchor = dict(start.trainer.module.named_parameters())
+        anchor = dict(start.trainer.model.named_parameters())
         weights = load_file(str(rev / "model.safetensors"))
         name = "model.layers.0.mlp.up_proj.weight"
         moved = {n: anchor[n].detach() - weights[n] for n in pg}

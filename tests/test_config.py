@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import ConfigError, load_config, to_yaml
+from daemon.config import ConfigError, to_yaml
+from daemon.run.catalog import load_config
 from tests.conftest import ROOT
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from daemon.config import Config, ShutdownConfig
+from daemon.run.catalog import CATALOG
 from tests.deploy_tools import (
     DASHBOARD,
     DEPLOY,
@@ -77,7 +78,7 @@ def contract_metric_names() -> set[str]:
 
 def config_fields(section: str) -> set[str]:
     """Keys of one config section (empty for an unknown section)."""
-    info = Config.model_fields.get(section)
+    info = CATALOG.model.model_fields.get(section)
     model = info.annotation if info else None
     return set(getattr(model, "model_fields", {}))
 

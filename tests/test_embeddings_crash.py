@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from daemon.embeddings import EmbeddingStore, chunkfile
+from daemon.tasks.twotower.embeddings import EmbeddingStore, chunkfile
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,7 +26,7 @@ import sys
 import numpy as np
 import torch
 torch.set_num_threads(1)
-from daemon.embeddings import EmbeddingStore
+from daemon.tasks.twotower.embeddings import EmbeddingStore
 n, d, cs, path = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 store = EmbeddingStore(n, d, "disk", path, chunk_size=cs, cache_l1_size_mb=64, cache_l2_size_mb=0,
                        auto_sync=False, init="zeros")

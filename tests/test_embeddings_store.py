@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from prometheus_client import CollectorRegistry
 
-from daemon.config import EmbeddingsConfig
-from daemon.embeddings import (
+from daemon.tasks.twotower.config import EmbeddingsConfig
+from daemon.tasks.twotower.embeddings import (
     EmbeddingStore,
     EmbeddingStoreCorrupt,
     SparseRowAdam,
@@ -256,7 +256,7 @@ class TestSyncPolicy:
         in memory and the next sync that finds room writes them."""
         import errno
 
-        from daemon.embeddings import chunkfile
+        from daemon.tasks.twotower.embeddings import chunkfile
 
         reports: list[tuple[str, Path]] = []
         store = disk_store(tmp_path, l1=100, l2=0, sync_batch_size=2,

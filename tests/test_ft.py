@@ -151,7 +151,7 @@ class TestLighthouseDown:
         port, api = free_port(), free_port()
         state = tmp_path / "r0"
         # Another model than the two groups that join it later: when they do, they are the majority.
-        sets = replica_sets(state, port, 5, "ft.min_replicas=1", "train.hidden_dim=48")
+        sets = replica_sets(state, port, 5, "ft.min_replicas=1", "twotower.hidden_dim=48")
         sets = [s for s in sets if not s.startswith("api.port=")] + [f"api.port={api}"]
         m = miner_factory(state, sets)
         url = f"http://127.0.0.1:{api}"

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from daemon.ft.vote import QuorumWatch, digest_of, replica_id, verdict
+from daemon.sync.torchft.vote import QuorumWatch, digest_of, replica_id, verdict
 
 A, B = "6a72d3291f0c33e5", "0123456789abcdef"
 

@@ -12,13 +12,19 @@ import pyarrow.parquet as pq
 import pytest
 from structlog.testing import capture_logs
 
-from daemon.config import ConfigError, load_config
-from daemon.tasks.causal_lm import corpus, tokenizer, tokens
+from daemon.config import ConfigError
+from daemon.data.text import corpus, tokenizer, tokens
+from daemon.data.text.spec import TextSpec
+from daemon.run.catalog import load_config
+from daemon.tasks.causal_lm import text_spec
+from daemon.tasks.causal_lm.config import LmConfig
 from tests.conftest import LM_CORPUS
 
 
-def lm_cfg(*sets: str):  # type: ignore[no-untyped-def]
-    return load_config(sets=["lm.vocab_size=1024", "lm.eval_fraction=0.1", *sets], environ={}).lm
+def lm_cfg(*sets: str) -> TextSpec:
+    """What the language model asks of the text source, from its config section."""
+    cfg = load_config(sets=["lm.vocab_size=1024", "lm.eval_fraction=0.1", *sets], environ={})
+    return text_spec(LmConfig.of(cfg))
 
 
 def one_problem(exc: pytest.ExceptionInfo[ConfigError]) -> str:

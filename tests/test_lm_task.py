@@ -16,17 +16,19 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from api.app import build_status
-from daemon.lifecycle import Lifecycle
-from daemon.training.engine import Trainer
-from daemon.training.task import EvalPoint
+from daemon.engine.protocols import EvalPoint
+from daemon.engine.trainer import Trainer
+from daemon.run.lifecycle import Lifecycle
+from daemon.run.local import cpu_run
+from daemon.tasks.causal_lm.model import flops_per_token
 from daemon.upload import Uploader, verify_target
-from tests.conftest import ROOT, cpu_run, small_lm_sets
+from tests.conftest import ROOT, small_lm_sets
 
 EVAL_LINE = re.compile(r"^Eval @ step \d+: loss=\d+\.\d{3} ppl=\d+\.\d{2} bpb=\d+\.\d{3}$")
 
 
 def params(t: Trainer) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in t.module.state_dict().items()}
+    return {k: v.clone() for k, v in t.model.state_dict().items()}
 
 
 def steps(t: Trainer, n: int) -> list[float]:
@@ -49,7 +51,7 @@ class TestLearning:
                                           "lm.seq_len=32", "train.inner_steps_per_outer=1000",
                                           "lm.eval_every_steps=300"))
         t = run.trainer
-        untrained = t.p.task.evaluate(t.p.model, t.p.device, EvalPoint(1, 0), lambda: None).metrics["loss"]
+        untrained = run.task.evaluate(t.model, run.device, EvalPoint(1, 0), lambda: None).metrics["loss"]
         assert abs(untrained - math.log(4096)) < 0.5, untrained
         threads = torch.get_num_threads()
         torch.set_num_threads(2)  # both cores: nothing else runs beside this test
@@ -71,12 +73,13 @@ class TestResume:
         first.checkpoint("stop")
         second = cpu_run(small_lm_sets(tmp_path / "a"))[0].trainer
         assert second.resume()
-        assert (second.c.global_step, second.c.outer_step, second.c.inner_step) == (6, 0, 6)
+        p = second.progress
+        assert (p.global_step, p.outer_step, p.inner_step) == (6, 0, 6)
         losses += steps(second, 6)
         straight = cpu_run(small_lm_sets(tmp_path / "b"))[0].trainer
         expected = steps(straight, 12)
         assert losses == expected
-        assert straight.c.as_dict() == second.c.as_dict() and straight.c.outer_step == 1
+        assert straight.progress == second.progress and straight.progress.outer_step == 1
         assert straight.last_eval == second.last_eval and "loss" in second.last_eval
         a, b = params(second), params(straight)
         assert all(torch.equal(a[k], b[k]) for k in a)
@@ -112,9 +115,9 @@ class TestEvaluation:
         steps(run.trainer, 2)
         mfu = registry.get_sample_value("minerd_mfu_ratio")
         tps = registry.get_sample_value("minerd_tokens_per_second")
-        flops = run.trainer.p.throughput.flops_per_token
-        assert flops is not None and mfu is not None and tps is not None
-        n = sum(p.numel() for p in run.trainer.module.parameters())
+        flops = flops_per_token(run.trainer.model, 64)  # lm.seq_len of the small job
+        assert mfu is not None and tps is not None
+        n = sum(p.numel() for p in run.trainer.model.parameters())
         assert 6 * n < flops < 6 * n * 1.2  # tied embeddings count once; attention adds a little
         assert math.isclose(mfu, tps * flops / 0.05e12, rel_tol=1e-3)
 
@@ -125,9 +128,9 @@ class TestEvaluation:
         rises = []
         for std in (0.0, 0.05, 0.2, 0.5, 0.0):  # noisier weights, a worse loss each time; then back
             with torch.no_grad():
-                for name, p in t.module.named_parameters():
+                for name, p in t.model.named_parameters():
                     p.copy_(base[name] + std * torch.randn_like(p))
-            rises.append(task.evaluate(t.p.model, t.p.device, EvalPoint(1, 0), lambda: None).metrics["loss_rises"])
+            rises.append(task.evaluate(t.model, run.device, EvalPoint(1, 0), lambda: None).metrics["loss_rises"])
         assert rises == [0, 1, 2, 3, 0]
 
 
@@ -154,14 +157,14 @@ class TestHuggingFaceRevision:
         model = AutoModelForCausalLM.from_pretrained(str(rev), local_files_only=True)
         tok = AutoTokenizer.from_pretrained(str(rev), local_files_only=True)
         ids = tok("import os\nprint(os.getcwd())\n", return_tensors="pt").input_ids
-        t.module.eval()
+        t.model.eval()
         with torch.no_grad():
-            assert torch.equal(model(ids).logits, t.module(ids).logits)
+            assert torch.equal(model(ids).logits, t.model(ids).logits)
         assert "lm_head.weight" not in load_file(str(rev / "model.safetensors"))  # tied, stored once
         assert verify_target(str(target)) == []
         # Continue from the revision: its weights and its tokenizer.
         cont, _, _ = cpu_run(small_lm_sets(tmp_path / "c", f"lm.init_from={rev}"))
-        got = cont.trainer.module.state_dict()
+        got = cont.trainer.model.state_dict()
         assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())
         # A revision whose weights are consistent with its manifest but broken is caught.
         weights = load_file(str(rev / "model.safetensors"))

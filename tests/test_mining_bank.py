@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from daemon.mining import MemoryBank
+from daemon.tasks.twotower.mining import MemoryBank
 
 torch.set_num_threads(1)
 

@@ -13,10 +13,10 @@ import torch
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from daemon.config import MiningConfig
-from daemon.mining import HardNegativeMiner, Negatives
-from daemon.mining.bank import FloatArray, IdArray
-from daemon.mining.miner import THREAD_NAME
+from daemon.tasks.twotower.config import MiningConfig
+from daemon.tasks.twotower.mining import HardNegativeMiner, Negatives
+from daemon.tasks.twotower.mining.bank import FloatArray, IdArray
+from daemon.tasks.twotower.mining.miner import THREAD_NAME
 
 torch.set_num_threads(1)
 

@@ -12,13 +12,14 @@ import torch
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from daemon.lifecycle import Lifecycle
-from daemon.mining.index import load_faiss
-from daemon.mining.miner import THREAD_NAME
+from daemon.engine.trainer import Trainer
+from daemon.run.lifecycle import Lifecycle
+from daemon.run.local import cpu_run
 from daemon.state import MinerState
+from daemon.tasks.twotower.mining.index import load_faiss
+from daemon.tasks.twotower.mining.miner import THREAD_NAME
 from daemon.tasks.twotower.mining_hook import MiningHook
-from daemon.training.engine import Trainer
-from tests.conftest import cpu_run, free_port, small_sets
+from tests.conftest import free_port, small_sets
 
 pytestmark = [pytest.mark.integration]
 
@@ -70,15 +71,15 @@ class TestTrainingWithMining:
             for _ in range(16):
                 trainer.inner_step()
                 losses.append(trainer.last_loss)
-            assert trainer.c.epoch == 2
+            assert trainer.progress.epoch == 2
             assert not mining_threads()
             assert sum(batches(registry, s) for s in ("fresh", "reused", "fallback")) == 0
             assert hook.miner.bank.filled_count == 2048  # the bank was filled meanwhile
             # 2. Epochs 2 and 3 mine: every micro-batch is counted by its source.
-            while trainer.c.global_step < 48:
+            while trainer.progress.global_step < 48:
                 trainer.inner_step()
                 losses.append(trainer.last_loss)
-        assert trainer.c.epoch == 4
+        assert trainer.progress.epoch == 4
         counts = {s: batches(registry, s) for s in ("fresh", "reused", "fallback")}
         assert sum(counts.values()) == 64  # 32 inner steps x 2 micro-batches
         assert counts["fresh"] > 0 and counts["fresh"] + counts["reused"] >= 32, counts
@@ -126,7 +127,7 @@ class TestTrainingWithMining:
         qbank._n_filled -= 2
         submitted = []
         hook.miner.submit = lambda step, k, queries, pos: submitted.append((k, queries, pos)) or True  # type: ignore[method-assign]
-        hook._submit(trainer.c.global_step, key)
+        hook._submit(trainer.progress.global_step, key)
         (k, queries, pos), = submitted
         assert k == key and torch.equal(torch.as_tensor(pos), ids)
         queries = torch.as_tensor(queries)

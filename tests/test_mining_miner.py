@@ -12,11 +12,11 @@ import torch
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from daemon.mining import AsyncMiner, MemoryBank
-from daemon.mining.bank import FloatArray
-from daemon.mining.index import build_steps, load_faiss
-from daemon.mining.metrics import MiningMetrics, QueueDepths
-from daemon.mining.miner import THREAD_NAME
+from daemon.tasks.twotower.mining import AsyncMiner, MemoryBank
+from daemon.tasks.twotower.mining.bank import FloatArray
+from daemon.tasks.twotower.mining.index import build_steps, load_faiss
+from daemon.tasks.twotower.mining.metrics import MiningMetrics, QueueDepths
+from daemon.tasks.twotower.mining.miner import THREAD_NAME
 
 torch.set_num_threads(1)
 

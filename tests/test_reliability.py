@@ -133,7 +133,7 @@ class TestDiskFull:
             filler = fill(disk, leave=16 << 20)  # under the 64 MB the start-up asks for
             # A generated corpus of 2 x 120k x 128 float32 (123 MB): more than the 64 MB asked for.
             m = miner_factory(state, small_sets(state, f"api.port={port}", "train.max_steps=100000",
-                                                "data.num_docs=120000", "data.dim=128"), disk.env, disk.module)
+                                                "twotower.num_docs=120000", "twotower.dim=128"), disk.env, disk.module)
             wait_until(lambda: "DISK FULL:" in m.text(), 90, "the DISK FULL line at start-up", m)
             code, body = get_json(f"{url}/readyz")
             assert code == 503 and body["reason"].startswith("disk full:"), body

@@ -78,7 +78,7 @@ class TestKillDuringCheckpoint:
         # A large model makes each checkpoint long enough to hit: a few hundred MB for the two-tower
         # model; 63 MB for the language model with its full 8192-token vocabulary, whose tied
         # embedding is stored once (the alias path is killed too).
-        large = ["lm.vocab_size=8192"] if task == "causal_lm" else ["train.hidden_dim=3072", "train.batch_size=16",
+        large = ["lm.vocab_size=8192"] if task == "causal_lm" else ["twotower.hidden_dim=3072", "train.batch_size=16",
                                                                     "train.effective_batch_size=16"]
         sets = task_sets(task, state, *large, "checkpoint.every_inner_steps=3", "api.enabled=false",
                          "checkpoint.keep=2")

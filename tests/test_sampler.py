@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from daemon.training.sampler import EpochSampler
+from daemon.engine.sampler import EpochSampler
 
 
 class TestEpochSampler:

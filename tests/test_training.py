@@ -9,22 +9,32 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from daemon.checkpoint import CheckpointStore
+from daemon.engine.protocols import EvalPoint
+from daemon.engine.trainer import Trainer
 from daemon.gpu import GpuProbe
 from daemon.metrics import build_core_metrics
+from daemon.run.build import Run
+from daemon.run.local import cpu_run
 from daemon.state import MinerState
-from daemon.training.engine import Trainer
-from daemon.training.task import EvalPoint
-from tests.conftest import cpu_run, small_sets
+from tests.conftest import small_sets
 
 
 def make(state_dir: Path, *extra: str) -> tuple[Trainer, CollectorRegistry]:
     """The two-tower trainer with ID embeddings on (the task's default), mining off."""
-    run, registry, _ = cpu_run(small_sets(state_dir, "embeddings.enabled=true", *extra))
+    run, registry, _ = build(state_dir, *extra)
     return run.trainer, registry
 
 
+def build(state_dir: Path, *extra: str) -> tuple[Run, CollectorRegistry, MinerState]:
+    return cpu_run(small_sets(state_dir, "embeddings.enabled=true", *extra))
+
+
+def table(run: Run, ids: torch.Tensor) -> torch.Tensor:
+    return run.stateful["embeddings"].store.get_embeddings(ids)  # type: ignore[attr-defined]
+
+
 def params(t: Trainer) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in t.module.state_dict().items()}
+    return {k: v.clone() for k, v in t.model.state_dict().items()}
 
 
 class TestResume:
@@ -39,19 +49,21 @@ class TestResume:
         first, _ = make(tmp_path / "a", "train.max_steps=10", mode, *tiny_cache)
         assert first.run() == "max_steps"
         first.checkpoint("stop")
-        second, _ = make(tmp_path / "a", "train.max_steps=20", mode, *tiny_cache)
+        second_run, _, _ = build(tmp_path / "a", "train.max_steps=20", mode, *tiny_cache)
+        second = second_run.trainer
         assert second.resume()
-        assert (second.c.global_step, second.c.outer_step, second.c.inner_step) == (10, 1, 3)
+        p = second.progress
+        assert (p.global_step, p.outer_step, p.inner_step) == (10, 1, 3)
         second.run()
-        straight, _ = make(tmp_path / "b", "train.max_steps=20", mode, *tiny_cache)
+        straight_run, _, _ = build(tmp_path / "b", "train.max_steps=20", mode, *tiny_cache)
+        straight = straight_run.trainer
         straight.run()
-        ids = torch.arange(straight.p.task.num_items)
-        emb_a = second.p.stateful["embeddings"].store.get_embeddings(ids)  # type: ignore[attr-defined]
-        emb_b = straight.p.stateful["embeddings"].store.get_embeddings(ids)  # type: ignore[attr-defined]
+        ids = torch.arange(straight_run.task.num_items)
+        emb_a, emb_b = table(second_run, ids), table(straight_run, ids)
         assert torch.equal(emb_a, emb_b)
-        assert not torch.equal(emb_a, make(tmp_path / "c", mode)[0].p.stateful["embeddings"].store.get_embeddings(ids))
-        assert straight.c.as_dict() == second.c.as_dict()
-        assert straight.c.epoch == 2
+        assert not torch.equal(emb_a, table(build(tmp_path / "c", mode)[0], ids))
+        assert straight.progress == second.progress
+        assert straight.progress.epoch == 2
         a, b = params(second), params(straight)
         assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -59,23 +71,25 @@ class TestResume:
         """A checkpoint every step: after the first, each holds only the table rows (and their
         Adam state) changed since a whole one; resuming from such a checkpoint is exact too."""
         every = ("checkpoint.every_inner_steps=1", "checkpoint.min_interval_seconds=0")
-        first, _ = make(tmp_path / "a", "train.max_steps=7", *every)
+        first_run, _, _ = build(tmp_path / "a", "train.max_steps=7", *every)
+        first = first_run.trainer
         first.run()
-        assert first.p.store is not None
-        newest = first.p.store.checkpoints()[0]
+        newest = first_run.store.checkpoints()[0]
         base = CheckpointStore.depends_on(newest)
         assert base and newest.name == "step-0000000007"
         size = (newest / "train_state.safetensors").stat().st_size
-        assert size < (first.p.store.root / base[0] / "train_state.safetensors").stat().st_size / 2
+        assert size < (first_run.store.root / base[0] / "train_state.safetensors").stat().st_size / 2
         assert first.checkpoint_bytes() > sum(f.stat().st_size for f in newest.iterdir())
-        second, _ = make(tmp_path / "a", "train.max_steps=12", *every)
-        assert second.resume() and second.c.global_step == 7
+        second_run, _, _ = build(tmp_path / "a", "train.max_steps=12", *every)
+        second = second_run.trainer
+        assert second.resume() and second.progress.global_step == 7
         second.run()
-        straight, _ = make(tmp_path / "b", "train.max_steps=12")
+        straight_run, _, _ = build(tmp_path / "b", "train.max_steps=12")
+        straight = straight_run.trainer
         straight.run()
         # The table and the row optimiser's moments and step counts.
-        rows_a = second.p.stateful["embeddings"].state_dict()["rows"].tensors  # type: ignore[attr-defined]
-        rows_b = straight.p.stateful["embeddings"].state_dict()["rows"].tensors  # type: ignore[attr-defined]
+        rows_a = second_run.stateful["embeddings"].state_dict()["rows"].tensors
+        rows_b = straight_run.stateful["embeddings"].state_dict()["rows"].tensors
         assert rows_a.keys() == {"table", "exp_avg", "exp_avg_sq", "steps"} == rows_b.keys()
         assert all(torch.equal(rows_a[k], rows_b[k]) for k in rows_a)
         a, b = params(second), params(straight)
@@ -95,7 +109,8 @@ class TestSteps:
     def test_counters(self, tmp_path: Path) -> None:
         t, reg = make(tmp_path, "train.max_steps=15")
         t.run()
-        assert (t.c.outer_step, t.c.inner_step, t.c.global_step) == (2, 1, 15)
+        p = t.progress
+        assert (p.outer_step, p.inner_step, p.global_step) == (2, 1, 15)
         assert reg.get_sample_value("minerd_inner_steps_total") == 15
         assert reg.get_sample_value("minerd_samples_total") == 15 * 128
         assert reg.get_sample_value("minerd_outer_step") == 2
@@ -103,7 +118,8 @@ class TestSteps:
         # the anchor equals the parameters right after an outer step
         t2, _ = make(tmp_path / "x", "train.max_steps=7")
         t2.run()
-        for a, p in zip(t2.p.outer.anchor, t2.p.model.parameters(), strict=True):
+        anchor = t2.training_state()["outer"]["anchor"]
+        for a, p in zip(anchor, t2.model.parameters(), strict=True):
             assert torch.equal(a, p.detach())
 
     def test_checkpoint_time_floor(self, tmp_path: Path) -> None:
@@ -116,8 +132,8 @@ class TestSteps:
             assert reg.get_sample_value("minerd_checkpoints_total") == expected, floor
 
     def test_nonfinite_step_is_skipped_and_counted(self, tmp_path: Path) -> None:
-        t, reg = make(tmp_path, "train.max_steps=4", "train.max_nonfinite_in_row=100")
-        task = t.p.task
+        run, reg, _ = build(tmp_path, "train.max_steps=4", "train.max_nonfinite_in_row=100")
+        t, task = run.trainer, run.task
         real_loss = task.loss
         calls = {"n": 0}
 
@@ -134,18 +150,18 @@ class TestSteps:
         after = params(t)
         assert all(torch.equal(before[k], after[k]) for k in before)
         assert reg.get_sample_value("minerd_nonfinite_steps_total") == 1
-        assert t.c.global_step == 1
+        assert t.progress.global_step == 1
 
     def test_restores_last_good_checkpoint_after_too_many(self, tmp_path: Path) -> None:
-        t, _ = make(tmp_path, "train.max_steps=5", "train.max_nonfinite_in_row=2")
+        run, _, _ = build(tmp_path, "train.max_steps=5", "train.max_nonfinite_in_row=2")
+        t, task = run.trainer, run.task
         t.run()
         t.checkpoint("stop")
         good = params(t)
-        task = t.p.task
         task.loss = lambda model, batch, step: torch.tensor(float("nan"), requires_grad=True)  # type: ignore
         t.inner_step()
         t.inner_step()
-        assert t.c.global_step == 5 and t.c.nonfinite_in_row == 0
+        assert t.progress.global_step == 5 and t.progress.nonfinite_in_row == 0
         assert all(torch.equal(good[k], v) for k, v in params(t).items())
 
 
@@ -154,8 +170,9 @@ class TestLearning:
     """A short run beats an untrained model on held-out queries."""
 
     def test_recall_improves(self, tmp_path: Path) -> None:
-        t, _ = make(tmp_path, "train.epochs=2", "data.num_docs=4096", "train.lr=0.003")
-        untrained = t.p.task.evaluate(t.p.model, t.p.device, EvalPoint(0, 0), lambda: None).metrics["recall_at_10"]
+        run, _, _ = build(tmp_path, "train.epochs=2", "twotower.num_docs=4096", "train.lr=0.003")
+        t = run.trainer
+        untrained = run.task.evaluate(t.model, run.device, EvalPoint(0, 0), lambda: None).metrics["recall_at_10"]
         t.run()
         trained = t.last_eval["recall_at_10"]
         assert trained > untrained + 0.3, (untrained, trained)

@@ -74,7 +74,7 @@ def small_disk(path: Path, megabytes: int, kind: str) -> Iterator[SmallDisk]:
 def install(root: Path, capacity: int) -> None:
     """Wrap minerd's write seams and free-space probe (before the rest of minerd is imported)."""
     from daemon import atomic, disk
-    from daemon.embeddings import chunkfile
+    from daemon.tasks.twotower.embeddings import chunkfile
 
     root = root.resolve()
 

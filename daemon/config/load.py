@@ -1,11 +1,15 @@
 """Resolving the sources into a validated Config, or every problem as one line.
 
 Sources, later wins: the YAML file < ``MINERD_<SECTION>__<KEY>`` environment
-variables < ``--set section.key=value`` (``sources.py``). Unknown keys get a
-did-you-mean; then the chosen task's defaults fill the keys no source set;
-then each section validates its keys; then the rules that span sections, and
-the task's own. Nothing here touches the state directory, so a bad config never
-leaves anything behind.
+variables < ``--set section.key=value`` (``sources.py``). A key that moved is read
+at its new place, with one deprecation line; unknown keys get a did-you-mean; then
+the chosen parts' defaults fill the keys no source set; then each section validates
+its keys; then the rules that span sections, and the registered parts' own.
+
+The loader knows no task or outer sync: the composition root hands it a
+:class:`Schema` (the whole tree's model, the moved keys, the parts' defaults and
+checks). Nothing here touches the state directory, so a bad config never leaves
+anything behind.
 """
 
 from __future__ import annotations
@@ -15,15 +19,34 @@ import os
 import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 from pydantic import BaseModel, SecretStr, ValidationError
 
 from daemon.config.errors import ConfigError, problem
 from daemon.config.secrets import is_secret_key
-from daemon.config.sections import Config, TrainConfig, _CrossFieldError
+from daemon.config.section import CrossFieldError
+from daemon.config.sections import Config
 from daemon.config.sources import from_env, from_sets, read_file, resolve, set_path
+
+
+class Schema(Protocol):
+    """What the loader needs to know of the registered parts (tasks, outer syncs, data sources)."""
+
+    @property
+    def model(self) -> type[Config]:
+        """The whole tree: the core sections and every registered part's."""
+
+    @property
+    def renamed(self) -> Mapping[str, str]:
+        """Old dotted keys and their new place, read for one release with a deprecation line."""
+
+    def defaults(self, tree: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Dotted keys the parts chosen by ``tree`` set when no source set them."""
+
+    def problems(self, cfg: Config, world_size: int) -> list[str]:
+        """The chosen parts' checks, and the rules between parts, as config error lines."""
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -74,7 +97,7 @@ def _validation_lines(exc: ValidationError, tree: Mapping[str, Any]) -> list[str
         loc = tuple(p for p in err["loc"] if isinstance(p, str | int))
         ctx = err.get("ctx") or {}
         cross = ctx.get("error")
-        if isinstance(cross, _CrossFieldError):
+        if isinstance(cross, CrossFieldError):
             path = ".".join(str(p) for p in loc) + f".{cross.key}"
             lines.append(problem(path, cross.message, cross.value))
             continue
@@ -93,10 +116,9 @@ def world_size_from_env(environ: Mapping[str, str] | None = None) -> int:
         return 1
 
 
-def semantic_problems(cfg: Config, world_size: int) -> list[str]:
-    """Rules that span sections or depend on the launch (world size), then the task's own."""
-    from daemon.tasks import TASKS  # the registry's entries import this module
-
+def semantic_problems(cfg: Config, world_size: int, schema: Schema) -> list[str]:
+    """Rules that span the core's sections or depend on the launch (world size), then the
+    registered parts' own."""
     problems = []
     t = cfg.train
     per_step = t.batch_size * world_size
@@ -125,32 +147,8 @@ def semantic_problems(cfg: Config, world_size: int) -> list[str]:
         # Under DDP gradients are averaged every inner step: there is no outer sync to compress.
         problems.append(problem("train.outer_compression", f"compresses DiLoCo's outer sync; needs "
                                 f"train.sync=diloco (got '{t.sync}')", t.outer_compression))
-    problems.extend(_ft_problems(cfg, world_size))
-    entry = TASKS.get(t.task)
-    if entry is None:
-        problems.append(problem("train.task", f"unknown task; one of {', '.join(TASKS)}", t.task))
-    else:
-        problems.extend(entry.validate(cfg, world_size))
+    problems.extend(schema.problems(cfg, world_size))
     return problems
-
-
-def _ft_problems(cfg: Config, world_size: int) -> list[str]:
-    ft, t = cfg.ft, cfg.train
-    if not ft.enabled:
-        return []
-    out = []
-    if not ft.lighthouse:
-        out.append(problem("ft.lighthouse", "is required with ft.enabled (http://host:port of torchft_lighthouse)",
-                           ft.lighthouse))
-    if t.outer_compression != "none":
-        out.append(problem("train.outer_compression", "is not used across replica groups yet; set none with "
-                           "ft.enabled", t.outer_compression))
-    stall = cfg.watchdog.stall_seconds
-    if cfg.watchdog.exit_on_stall and ft.quorum_timeout_seconds >= stall:
-        # Waiting for a quorum is not progress: the watchdog would end the miner mid-wait.
-        out.append(problem("ft.quorum_timeout_seconds", f"must be under watchdog.stall_seconds ({stall:g})",
-                           ft.quorum_timeout_seconds))
-    return out
 
 
 def _state_dir_problem(path: Path) -> str | None:
@@ -176,55 +174,80 @@ def _has(tree: Mapping[str, Any], parts: list[str]) -> bool:
     return True
 
 
-def _with_task_defaults(tree: dict[str, Any]) -> dict[str, Any]:
-    """Fill the keys the chosen task sets by default, where no source set them.
+def _pop(tree: dict[str, Any], parts: list[str]) -> Any:
+    """Remove a dotted key (and the sections it leaves empty); returns its value."""
+    node = tree[parts[0]]
+    value = node.pop(parts[1]) if len(parts) == 2 else _pop(node, parts[1:])
+    if not node:
+        del tree[parts[0]]
+    return value
+
+
+def _moved(tree: dict[str, Any], renamed: Mapping[str, str], origin: str, problems: list[str],
+           notes: list[str]) -> dict[str, Any]:
+    """Move the keys of one source that have a new name to it. Done per source, before they are
+    merged, so an old name in the file and the new one in ``--set`` resolve by the usual order."""
+    for old, new in renamed.items():
+        parts = old.split(".")
+        if not _has(tree, parts) or (len(parts) > 1 and not isinstance(_lookup(tree, tuple(parts[:-1])), dict)):
+            continue
+        value = _pop(tree, parts)
+        if _has(tree, new.split(".")):
+            problems.append(problem(old, f"is the old name of {new}, which {origin} sets too; keep {new}", value))
+            continue
+        set_path(tree, new, value, origin, problems)
+        note = f"DEPRECATED: config key {old} is now {new}; the old name is read until the next release"
+        if note not in notes:
+            notes.append(note)
+    return tree
+
+
+def _with_defaults(tree: dict[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """Fill the keys the chosen parts set by default, where no source set them.
 
     A task's defaults are where its needs differ from the other's (the two-tower job turns
     mining on; the language model trains shorter batches of sequences). A key set in the
     file, the environment or ``--set`` always wins, and ``config show`` prints the result.
     """
-    from daemon.tasks import TASKS
-
-    train = tree.get("train")
-    task = train.get("task") if isinstance(train, Mapping) else None
-    entry = TASKS.get(task if isinstance(task, str) else TrainConfig.model_fields["task"].default)
-    if entry is None:
-        return tree  # reported by semantic_problems
-    defaults: dict[str, Any] = {}
-    for dotted, value in entry.defaults.items():
-        parts = dotted.split(".")
-        if not _has(tree, parts):
-            set_path(defaults, dotted, value, "task defaults", [])
-    return _merge(defaults, tree)
+    filled: dict[str, Any] = {}
+    for dotted, value in defaults.items():
+        if not _has(tree, dotted.split(".")):
+            set_path(filled, dotted, value, "defaults", [])
+    return _merge(filled, tree)
 
 
-def load_config(
+def resolve_config(
+    schema: Schema,
     path: str | None = None,
     sets: Iterable[str] = (),
     environ: Mapping[str, str] | None = None,
     world_size: int | None = None,
 ) -> Config:
-    """Resolve file < env < --set into a validated Config, or raise ConfigError."""
+    """Resolve file < env < --set into a validated config of ``schema.model``, or raise ConfigError."""
     env = os.environ if environ is None else environ
     problems: list[str] = []
-    tree: dict[str, Any] = read_file(path) if path else {}
-    tree = _merge(tree, from_env(env, problems))
-    tree = _merge(tree, from_sets(sets, problems))
-    tree = resolve(tree, Config)
-    problems.extend(_unknown_keys(tree, Config, ""))
-    if not problems:
-        tree = _with_task_defaults(tree)
+    notes: list[str] = []
+    tree: dict[str, Any] = {}
+    for origin, source in (("the config file", lambda: read_file(path) if path else {}),
+                           ("the environment", lambda: from_env(env, problems)),
+                           ("--set", lambda: from_sets(sets, problems))):
+        tree = _merge(tree, _moved(source(), schema.renamed, origin, problems, notes))
+    model = schema.model
+    tree = resolve(tree, model)
+    problems.extend(_unknown_keys(tree, model, ""))
     if problems:
         raise ConfigError(problems)
+    tree = _with_defaults(tree, schema.defaults(tree))
     try:
-        cfg = Config.model_validate(tree)
+        cfg = model.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_validation_lines(exc, tree)) from None
-    problems = semantic_problems(cfg, world_size if world_size is not None else world_size_from_env(env))
+    problems = semantic_problems(cfg, world_size if world_size is not None else world_size_from_env(env), schema)
     if problems:
         raise ConfigError(problems)
     if cfg.api.token_file:
         cfg.api.token = read_token_file(cfg.api.token_file, cfg.api.token is not None)
+    cfg._deprecations.extend(notes)
     return cfg
 
 

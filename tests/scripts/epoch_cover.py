@@ -14,16 +14,17 @@ import torch
 import torch.distributed as dist
 from prometheus_client import CollectorRegistry
 
-from daemon.config import load_config
 from daemon.distributed import Launch, init_process_group
 from daemon.gpu import GpuProbe
 from daemon.metrics import build_core_metrics
+from daemon.run.build import build_run
+from daemon.run.catalog import load_config
+from daemon.run.local import NeverStop
 from daemon.state import MinerState
-from daemon.training.build import build_run
-from tests.conftest import NeverStop, task_sets
+from tests.conftest import task_sets
 
-TWOTOWER = ["data.num_docs=2048", "data.eval_queries=16", "data.dim=16", "train.hidden_dim=32",
-            "train.embed_dim=16", "train.batch_size=32", "train.effective_batch_size=128"]
+TWOTOWER = ["twotower.num_docs=2048", "twotower.eval_queries=16", "twotower.dim=16", "twotower.hidden_dim=32",
+            "twotower.embed_dim=16", "train.batch_size=32", "train.effective_batch_size=128"]
 # An epoch of the language model covers the whole training split: a small corpus (100 KB) keeps it short.
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 LM = [f"lm.corpus=[{STDLIB / 'json'}, {STDLIB / 'collections'}]", "train.batch_size=8",
@@ -48,12 +49,12 @@ def main(state_dir: str, sync: str, task: str) -> int:
     real_get_batch = task_obj.get_batch
 
     def recording(idx: torch.Tensor, dev: torch.device, pos):  # type: ignore[no-untyped-def]
-        if trainer.c.epoch == 1:
+        if trainer.progress.epoch == 1:
             seen.append(idx.clone())
         return real_get_batch(idx, dev, pos)
 
     task_obj.get_batch = recording  # type: ignore[method-assign]
-    while trainer.c.epoch == 1:
+    while trainer.progress.epoch == 1:
         trainer.inner_step()
     mine = torch.cat(seen).tolist()
     gathered: list[list[int] | None] = [None] * launch.world_size
@@ -62,7 +63,7 @@ def main(state_dir: str, sync: str, task: str) -> int:
         per_rank = [set(g or []) for g in gathered]
         total = sum(len(g or []) for g in gathered)
         union = set().union(*per_rank)
-        expected = trainer.p.sampler.batches_per_epoch * cfg.train.batch_size * launch.world_size
+        expected = run.sampler.batches_per_epoch * cfg.train.batch_size * launch.world_size
         ok = total == len(union) == expected and len({len(s) for s in per_rank}) == 1
         print(f"EPOCH_COVER total={total} unique={len(union)} expected={expected} "
               f"items={task_obj.num_items} per_rank={[len(s) for s in per_rank]} ok={ok}")

@@ -2,41 +2,40 @@
 
 What subnet-38 miners train and validators load with ``from_pretrained``: a Llama of a
 preset shape (or a local Hugging Face model to continue from), a byte-level BPE
-trained on the corpus, the corpus tokenised once into a cache, held-out loss,
-perplexity and bits per byte, and uploads in the Hugging Face layout.
+trained on the corpus, the corpus tokenised once into a cache (the text data source),
+held-out loss, perplexity and bits per byte, and uploads in the Hugging Face layout.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from daemon.config import Config, ConfigError, problem
-from daemon.tasks.causal_lm import corpus
+from daemon.config import Config, problem
+from daemon.data.text.spec import TextSpec
+from daemon.plugin.entries import DataRequest, TaskEntry
+from daemon.tasks.causal_lm.config import LmConfig
 from daemon.tasks.causal_lm.presets import max_positions, model_dir_problem
-from daemon.tasks.entry import TaskEntry
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from daemon.training.task import BuildContext, TaskParts
+    from daemon.plugin.parts import BuildContext, TaskParts
 
-# Retrieval-only features: what each one is, for the error line.
-RETRIEVAL_ONLY = {
-    "mining.enabled": "hard-negative mining",
-    "embeddings.enabled": "per-document ID embeddings",
-}
+
+def text_spec(lm: LmConfig) -> TextSpec:
+    return TextSpec("lm", tuple(lm.corpus), lm.tokenizer, lm.init_from, lm.vocab_size, lm.eval_fraction)
+
+
+def data(cfg: Config) -> DataRequest:
+    return DataRequest("text", text_spec(LmConfig.of(cfg)))
 
 
 def validate(cfg: Config, world_size: int) -> list[str]:
-    """Checks that read the file system only: paths, model directories, positions."""
-    lm = cfg.lm
+    """Checks that read the file system only: model directories, tokenizer, positions."""
+    lm = LmConfig.of(cfg)
     problems = []
-    for key, feature in RETRIEVAL_ONLY.items():
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name):
-            problems.append(problem(key, f"{feature} needs train.task=twotower", cfg.train.task))
     if lm.init_from and (why := model_dir_problem(lm.init_from)):
         problems.append(problem("lm.init_from", why, lm.init_from))
     if lm.tokenizer and not Path(lm.tokenizer).expanduser().exists():
@@ -45,40 +44,36 @@ def validate(cfg: Config, world_size: int) -> list[str]:
     if positions is not None and lm.seq_len > positions:
         origin = "lm.init_from's config" if lm.init_from else f"lm.preset={lm.preset}"
         problems.append(problem("lm.seq_len", f"is over the model's {positions} positions ({origin})", lm.seq_len))
-    try:
-        corpus.discover(lm.corpus)
-    except ConfigError as exc:
-        problems.extend(exc.problems)
     return problems
 
 
-def build(ctx: BuildContext) -> TaskParts:
+def build(ctx: BuildContext, text: Any) -> TaskParts:
     from daemon.tasks.causal_lm.build import build as build_lm
 
-    return build_lm(ctx)
+    return build_lm(ctx, text)
 
 
 def diagnose_model(cfg: Config, device: torch.device) -> nn.Module:
     from daemon.tasks.causal_lm.model import build_model
 
-    vocab = cfg.lm.vocab_size
-    if cfg.lm.tokenizer:
-        from daemon.tasks.causal_lm.tokenizer import load_or_train
+    lm = LmConfig.of(cfg)
+    vocab = lm.vocab_size
+    if lm.tokenizer:
+        from daemon.data.text.tokenizer import load_or_train
 
-        vocab = len(load_or_train(cfg.lm, [], cfg.state_dir / "lm"))
-    elif cfg.lm.init_from:
+        vocab = len(load_or_train(text_spec(lm), [], cfg.state_dir / "lm"))
+    elif lm.init_from:
         vocab = 0  # the model's own vocabulary
-    return build_model(cfg.lm, vocab, None, device)
+    return build_model(lm, vocab, None, device)
 
 
 ENTRY = TaskEntry(
     name="causal_lm",
     summary="a Llama-style causal language model on real text (the Python standard library by default)",
-    build=build,
-    diagnose_model=diagnose_model,
+    sections=(LmConfig,),
     # One micro-batch is 16 sequences of lm.seq_len tokens (4,096 tokens at 256): about a
-    # second per inner step for the tiny preset on two CPU cores. The contract's 256 is
-    # the two-tower task's 256 documents. GPUs: raise both (see README).
+    # second per inner step for the tiny preset on two CPU cores. The 256 of the core's
+    # defaults are the two-tower task's 256 documents. GPUs: raise both (see README).
     defaults={
         "train.batch_size": 16,
         "train.effective_batch_size": 16,
@@ -86,4 +81,7 @@ ENTRY = TaskEntry(
         "train.warmup_steps": 50,
     },
     validate=validate,
+    data=data,
+    build=build,
+    diagnose_model=diagnose_model,
 )

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from daemon.config import ConfigError, LmConfig, problem
+from daemon.config import ConfigError, problem
+from daemon.tasks.causal_lm.config import LmConfig
 from daemon.tasks.causal_lm.presets import PRESETS
 
 

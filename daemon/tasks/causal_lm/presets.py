@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from daemon.config import LmConfig
+from daemon.tasks.causal_lm.config import LmConfig
 
 # Llama shapes (LlamaConfig keywords). The vocabulary comes from the tokenizer; the
 # input embedding and the output layer are tied, as in Llama-3.2-1B.

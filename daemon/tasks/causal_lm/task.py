@@ -24,9 +24,10 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from daemon.config import Config, ConfigError, problem
+from daemon.data.text.tokens import Tokens
+from daemon.engine.protocols import BatchPos, EvalPoint, EvalResult
+from daemon.tasks.causal_lm.config import LmConfig
 from daemon.tasks.causal_lm.model import unwrap
-from daemon.tasks.causal_lm.tokens import Tokens
-from daemon.training.task import BatchPos, EvalPoint, EvalResult
 
 EVAL_GAUGES = {
     "loss": ("minerd_eval_loss", "Held-out loss per token (nats) of the last evaluation"),
@@ -49,7 +50,7 @@ class CausalLmTask:
     name = "causal_lm"
 
     def __init__(self, cfg: Config, tokens: Tokens, tokenizer: PreTrainedTokenizerBase, world_size: int = 1) -> None:
-        lm = cfg.lm
+        lm = LmConfig.of(cfg)
         self.cfg = cfg
         self.seq_len = lm.seq_len
         self.eval_every_steps = lm.eval_every_steps

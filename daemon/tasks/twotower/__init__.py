@@ -1,27 +1,35 @@
 """Two-tower retrieval on a generated corpus, with asynchronous FAISS hard-negative
-mining and trainable per-document ID embeddings in a tiered store."""
+mining (``mining/``) and trainable per-document ID embeddings in a tiered store
+(``embeddings/``)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from daemon.config import Config, problem
-from daemon.tasks.entry import TaskEntry
+from daemon.data.generated.spec import GeneratedSpec
+from daemon.plugin.entries import DataRequest, TaskEntry
+from daemon.tasks.twotower.config import RENAMED, EmbeddingsConfig, MiningConfig, TwoTowerConfig
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from daemon.training.task import BuildContext, TaskParts
+    from daemon.plugin.parts import BuildContext, TaskParts
+
+
+def data(cfg: Config) -> DataRequest:
+    t = TwoTowerConfig.of(cfg)
+    return DataRequest("generated", GeneratedSpec(t.num_docs, t.eval_queries, t.dim, t.cluster_size, t.seed))
 
 
 def validate(cfg: Config, world_size: int) -> list[str]:
     problems = []
-    if cfg.train.batch_size > cfg.data.num_docs:
-        problems.append(
-            problem("train.batch_size", f"is larger than data.num_docs ({cfg.data.num_docs})", cfg.train.batch_size)
-        )
-    if world_size > 1 and cfg.embeddings.enabled and cfg.embeddings.storage_mode == "disk":
+    docs = TwoTowerConfig.of(cfg).num_docs
+    if cfg.train.batch_size > docs:
+        problems.append(problem("train.batch_size", f"is larger than twotower.num_docs ({docs})", cfg.train.batch_size))
+    emb = EmbeddingsConfig.of(cfg)
+    if world_size > 1 and emb.enabled and emb.storage_mode == "disk":
         problems.append(
             problem("embeddings.storage_mode", "disk mode is single-process (chunk files have one writer); "
                      "use memory under torchrun", "disk")
@@ -29,10 +37,16 @@ def validate(cfg: Config, world_size: int) -> list[str]:
     return problems
 
 
-def build(ctx: BuildContext) -> TaskParts:
+def threads(cfg: Config) -> int:
+    """The FAISS miner's threads, when mining is on: they share the cores with torch's."""
+    mining = MiningConfig.of(cfg)
+    return mining.faiss_threads if mining.enabled else 0
+
+
+def build(ctx: BuildContext, corpus: Any) -> TaskParts:
     from daemon.tasks.twotower.build import build as build_twotower
 
-    return build_twotower(ctx)
+    return build_twotower(ctx, corpus)
 
 
 def diagnose_model(cfg: Config, device: torch.device) -> nn.Module:
@@ -44,9 +58,13 @@ def diagnose_model(cfg: Config, device: torch.device) -> nn.Module:
 ENTRY = TaskEntry(
     name="twotower",
     summary="two-tower retrieval on a generated corpus, with FAISS hard-negative mining",
-    build=build,
-    diagnose_model=diagnose_model,
+    sections=(TwoTowerConfig, MiningConfig, EmbeddingsConfig),
     # The retrieval features are this task's reason to exist: on unless turned off.
     defaults={"mining.enabled": True, "embeddings.enabled": True},
+    renamed=RENAMED,
     validate=validate,
+    data=data,
+    threads=threads,
+    build=build,
+    diagnose_model=diagnose_model,
 )

@@ -1,24 +1,26 @@
-"""The two-tower task's builder: corpus, model, and the retrieval features it plugs in."""
+"""The two-tower task's builder: the model, and the retrieval features it plugs in."""
 
 from __future__ import annotations
 
+from daemon.data.generated.corpus import Corpus
+from daemon.plugin.parts import BuildContext, TaskParts
+from daemon.tasks.twotower.config import EmbeddingsConfig, MiningConfig
 from daemon.tasks.twotower.embedding_hook import build_embeddings
 from daemon.tasks.twotower.mining_hook import build_mining
-from daemon.tasks.twotower.task import EVAL_GAUGES, TwoTowerTask, build_model, load_or_generate
-from daemon.training.task import BuildContext, TaskParts
+from daemon.tasks.twotower.task import EVAL_GAUGES, TwoTowerTask, build_model
 from daemon.upload.layout import WeightsLayout
 
 
-def build(ctx: BuildContext) -> TaskParts:
+def build(ctx: BuildContext, corpus: Corpus) -> TaskParts:
     cfg, device = ctx.cfg, ctx.device
-    corpus = load_or_generate(cfg, cfg.state_dir / "data")
     model = build_model(cfg).to(device)
     sampler = ctx.sampler(int(corpus.doc_feats.shape[0]))
     embeddings = (
         build_embeddings(cfg, sampler.num_items, ctx.registry, ctx.launch.world_size, ctx.on_disk_full)
-        if cfg.embeddings.enabled else None
+        if EmbeddingsConfig.of(cfg).enabled else None
     )
-    mining = build_mining(cfg, corpus, model, sampler, device, ctx.registry) if cfg.mining.enabled else None
+    mining = (build_mining(cfg, corpus, model, sampler, device, ctx.registry)
+              if MiningConfig.of(cfg).enabled else None)
     parts = TaskParts(
         task=TwoTowerTask(cfg, corpus, negatives=mining, doc_extra=embeddings.rows if embeddings else None),
         model=model,

@@ -24,7 +24,7 @@ process only (chunk files have one writer).
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 import torch
@@ -33,11 +33,11 @@ from prometheus_client import CollectorRegistry
 
 from daemon.config import Config
 from daemon.disk import DiskFullReporter
-from daemon.embeddings import EmbeddingStore, SparseRowAdam
+from daemon.engine.protocols import StepContext
 from daemon.rowtable import RowTable
-
-if TYPE_CHECKING:
-    from daemon.training.engine import Trainer
+from daemon.tasks.twotower.config import EmbeddingsConfig, TwoTowerConfig
+from daemon.tasks.twotower.embeddings.optim import SparseRowAdam
+from daemon.tasks.twotower.embeddings.store import EmbeddingStore
 
 log = structlog.get_logger("minerd.train")
 
@@ -65,27 +65,27 @@ class EmbeddingHook:
         return leaf.to(ids.device)
 
     # ---- StepHook ----------------------------------------------------------
-    def before_inner_step(self, trainer: Trainer) -> None:
+    def before_inner_step(self, step: StepContext) -> None:
         self._pending.clear()  # rows read by a skipped step are not updated
 
-    def after_inner_step(self, trainer: Trainer) -> None:
-        self.adam.lr = trainer.p.optimizer.param_groups[0]["lr"]
-        scale = trainer.scaler.get_scale() if trainer.scaler.is_enabled() else 1.0
+    def after_inner_step(self, step: StepContext) -> None:
+        self.adam.lr = step.lr
+        scale = step.grad_scale
         pending = [(ids, leaf) for ids, leaf in self._pending if leaf.grad is not None]
         self._pending.clear()
         if dist.is_initialized() and dist.get_world_size() > 1:
-            pending = self._gathered(pending, trainer)
+            pending = self._gathered(pending, step)
         for ids, leaf in pending:
             if scale != 1.0:
                 leaf.grad.div_(scale)  # type: ignore[union-attr]
             self.adam.step(ids, leaf)
-        epoch = trainer.c.epoch
+        epoch = step.epoch
         if epoch != self._last_logged_epoch and (epoch - 1) % LOG_EVERY_EPOCHS == 0:
             self._last_logged_epoch = epoch
             log.info(self.store.cache_log_line(), line=True, epoch=epoch - 1)
 
     def _gathered(
-        self, pending: list[tuple[torch.Tensor, torch.Tensor]], trainer: Trainer
+        self, pending: list[tuple[torch.Tensor, torch.Tensor]], step: StepContext
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Every rank's (ids, gradients) of this step, as one leaf over the union.
 
@@ -93,10 +93,10 @@ class EmbeddingHook:
         drop_last), so fixed-size all-gathers suffice. Gradients are divided by
         the world size: the job's loss is the mean of the ranks' losses.
         """
-        world, device = dist.get_world_size(), trainer.p.device
+        world, device = dist.get_world_size(), step.device
         ids = torch.cat([i for i, _ in pending]).to(device)
         grads = torch.cat([leaf.grad for _, leaf in pending]).to(device)  # type: ignore[misc]
-        trainer.p.comm.add([ids, grads])  # counted with the dense traffic (comm_bytes)
+        step.comm.add([ids, grads])  # counted with the dense traffic (comm_bytes)
         all_ids = torch.empty(world * len(ids), dtype=ids.dtype, device=device)
         all_grads = torch.empty((world * len(ids), grads.shape[1]), dtype=grads.dtype, device=device)
         dist.all_gather_into_tensor(all_ids, ids)
@@ -149,9 +149,9 @@ def build_embeddings(
 
     Under torchrun each rank keeps an identical memory table (see the module docstring).
     """
-    dim = cfg.train.embed_dim  # added to the document tower's output
+    dim = TwoTowerConfig.of(cfg).embed_dim  # added to the document tower's output
     store = EmbeddingStore.from_config(
-        cfg.embeddings, num_items, dim, cfg.state_dir, registry, seed=cfg.train.seed,
+        EmbeddingsConfig.of(cfg), num_items, dim, cfg.state_dir, registry, seed=cfg.train.seed,
         keep_checkpoints=cfg.checkpoint.keep, on_disk_full=on_disk_full,
     )
     return EmbeddingHook(store, lr=cfg.train.lr, world_size=world_size)

@@ -41,19 +41,17 @@ Under torchrun each rank runs its own miner over the documents of its own shares
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import structlog
 import torch
 from prometheus_client import CollectorRegistry
 
 from daemon.config import Config
-from daemon.mining import HardNegativeMiner
-from daemon.tasks.twotower.task import Corpus, TwoTowerBatch, TwoTowerModel
-from daemon.training.sampler import EpochSampler
-
-if TYPE_CHECKING:
-    from daemon.training.engine import Trainer
+from daemon.data.generated.corpus import Corpus
+from daemon.engine.protocols import StepContext
+from daemon.engine.sampler import EpochSampler
+from daemon.tasks.twotower.config import MiningConfig, TwoTowerConfig
+from daemon.tasks.twotower.mining.hardneg import HardNegativeMiner
+from daemon.tasks.twotower.task import TwoTowerBatch, TwoTowerModel
 
 log = structlog.get_logger("minerd.mining")
 
@@ -153,13 +151,13 @@ class MiningHook:
 
     # -- StepHook -------------------------------------------------------------------------
 
-    def before_inner_step(self, trainer: Trainer) -> None:
+    def before_inner_step(self, step: StepContext) -> None:
         return None
 
-    def after_inner_step(self, trainer: Trainer) -> None:
-        step = trainer.c.global_step
-        if self._started and step % self._every == 0:
-            log.info(self.miner.queue_health_line(step), line=True, global_step=step)
+    def after_inner_step(self, step: StepContext) -> None:
+        at = step.global_step
+        if self._started and at % self._every == 0:
+            log.info(self.miner.queue_health_line(at), line=True, global_step=at)
 
 
 def build_mining(
@@ -180,5 +178,6 @@ def build_mining(
     cores (configure_threads already subtracts ``faiss_threads`` per process).
     """
     num_items = int(corpus.doc_feats.shape[0])
-    miner = HardNegativeMiner.from_config(cfg.mining, num_items, cfg.train.embed_dim, registry, cfg.train.seed)
+    miner = HardNegativeMiner.from_config(MiningConfig.of(cfg), num_items, TwoTowerConfig.of(cfg).embed_dim, registry,
+                                          cfg.train.seed)
     return MiningHook(miner, corpus, model, sampler, device, cfg.telemetry.queue_health_every)

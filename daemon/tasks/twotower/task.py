@@ -1,121 +1,27 @@
-"""The two-tower retrieval task on a generated corpus.
-
-The corpus is generated deterministically from ``data.seed`` and written once
-to ``<state_dir>/data``. Documents come in clusters of near-duplicates (a
-shared latent centre plus a small offset) so that a document's siblings are
-the hard negatives: in-batch negatives are almost never siblings, which is
-what makes FAISS mining worth its cost. Queries see the latent through a
-different, non-linear view plus noise, so the query tower has real work.
+"""The two-tower retrieval task: a query tower and a document tower trained together.
 
 Both towers end in unit vectors; the loss is InfoNCE with in-batch negatives
-(plus extra negative vectors when mining provides them) at a temperature.
+(plus extra negative vectors when mining provides them) at a temperature. It
+trains on the generated corpus (``daemon/data/generated``): the documents' siblings
+in their cluster are the hard negatives mining looks for.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-import structlog
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load
 from torch import nn
 
-from daemon import atomic
 from daemon.config import Config
-from daemon.disk import save_safetensors
-from daemon.training.task import BatchPos, EvalPoint, EvalResult
+from daemon.data.generated.corpus import Corpus
+from daemon.engine.protocols import BatchPos, EvalPoint, EvalResult
+from daemon.tasks.twotower.config import TwoTowerConfig
 
-log = structlog.get_logger(__name__)
-
-LATENT_DIM = 32
-SIBLING_SPREAD = 0.25  # offset of a document from its cluster centre (latent units)
-QUERY_NOISE = 0.2  # 0.3 made siblings nearly Bayes-indistinguishable: mining could not help (bench/mining.py)
-DOC_NOISE = 0.02
 EVAL_CHUNK = 256
 ENCODE_CHUNK = 8192
-FORMAT_VERSION = 1
-
-
-@dataclass
-class Corpus:
-    doc_feats: torch.Tensor  # [N, D] float32
-    query_feats: torch.Tensor  # [N, D] training query i belongs to document i
-    eval_feats: torch.Tensor  # [Q, D] held-out queries
-    eval_targets: torch.Tensor  # [Q] int64 document ids
-    cluster_of: torch.Tensor  # [N] int64
-
-
-def _params(cfg: Config) -> dict[str, float | int]:
-    d = cfg.data
-    return {
-        "version": FORMAT_VERSION,
-        "num_docs": d.num_docs,
-        "eval_queries": d.eval_queries,
-        "dim": d.dim,
-        "cluster_size": d.cluster_size,
-        "seed": d.seed,
-        "latent": LATENT_DIM,
-        "spread": SIBLING_SPREAD,
-        "qnoise": QUERY_NOISE,
-    }
-
-
-def generate_corpus(cfg: Config) -> Corpus:
-    d = cfg.data
-    gen = torch.Generator().manual_seed(d.seed)
-    n, dim = d.num_docs, d.dim
-    n_clusters = (n + d.cluster_size - 1) // d.cluster_size
-    centres = F.normalize(torch.randn(n_clusters, LATENT_DIM, generator=gen), dim=1)
-    cluster_of = torch.arange(n) // d.cluster_size
-    offsets = torch.randn(n, LATENT_DIM, generator=gen) * (SIBLING_SPREAD / LATENT_DIM**0.5)
-    latent = F.normalize(centres[cluster_of] + offsets, dim=1)
-    doc_map = torch.randn(LATENT_DIM, dim, generator=gen) / LATENT_DIM**0.5
-    query_map = torch.randn(LATENT_DIM, dim, generator=gen) * (2.0 / LATENT_DIM**0.5)
-
-    def query_view(z: torch.Tensor) -> torch.Tensor:
-        clean = torch.tanh(z @ query_map)
-        return clean + QUERY_NOISE * torch.randn(clean.shape, generator=gen)
-
-    doc_feats = latent @ doc_map + DOC_NOISE * torch.randn(n, dim, generator=gen)
-    query_feats = query_view(latent)
-    eval_targets = torch.randint(0, n, (d.eval_queries,), generator=gen)
-    eval_feats = query_view(latent[eval_targets])
-    return Corpus(doc_feats.float(), query_feats.float(), eval_feats.float(), eval_targets, cluster_of)
-
-
-def corpus_path(cfg: Config, data_dir: Path) -> Path:
-    digest = hashlib.sha256(json.dumps(_params(cfg), sort_keys=True).encode()).hexdigest()[:12]
-    return data_dir / f"twotower-{digest}.safetensors"
-
-
-def load_or_generate(cfg: Config, data_dir: Path) -> Corpus:
-    params = _params(cfg)
-    path = corpus_path(cfg, data_dir)
-    if path.exists():
-        try:
-            # Read through Python's file API, which releases the GIL while the
-            # storage blocks: a hung read then leaves the API and watchdog alive.
-            t = load(path.read_bytes())
-            return Corpus(t["doc_feats"], t["query_feats"], t["eval_feats"], t["eval_targets"], t["cluster_of"])
-        except (SafetensorError, KeyError, OSError) as exc:
-            log.warning("generated corpus unreadable; generating it again", path=str(path), error=str(exc))
-    log.info("generating the two-tower corpus", path=str(path), **params)
-    corpus = generate_corpus(cfg)
-    tensors = {
-        "doc_feats": corpus.doc_feats,
-        "query_feats": corpus.query_feats,
-        "eval_feats": corpus.eval_feats,
-        "eval_targets": corpus.eval_targets,
-        "cluster_of": corpus.cluster_of,
-    }
-    atomic.write_with(path, lambda tmp: save_safetensors(tensors, tmp, metadata={"params": json.dumps(params)}))
-    return corpus
 
 
 class Tower(nn.Module):
@@ -182,8 +88,8 @@ def info_nce(
 
 
 def build_model(cfg: Config) -> TwoTowerModel:
-    t = cfg.train
-    return TwoTowerModel(cfg.data.dim, t.hidden_dim, t.embed_dim)
+    t = TwoTowerConfig.of(cfg)
+    return TwoTowerModel(t.dim, t.hidden_dim, t.embed_dim)
 
 
 class TwoTowerTask:
@@ -193,7 +99,7 @@ class TwoTowerTask:
     def __init__(
         self, cfg: Config, corpus: Corpus, negatives: Negatives | None = None, doc_extra: DocExtra | None = None
     ) -> None:
-        self.cfg = cfg
+        self.temperature = TwoTowerConfig.of(cfg).temperature
         self.corpus = corpus
         # Mined negatives per micro-batch and trainable ID-embedding rows (None = off).
         self.negatives = negatives
@@ -217,7 +123,7 @@ class TwoTowerTask:
         extra = self.doc_extra(batch.ids) if self.doc_extra is not None else None
         q, d = model(batch.queries, batch.docs, extra)
         negs = self.negatives(step, batch, q, d) if self.negatives is not None else None
-        return info_nce(q, d, self.cfg.train.temperature, negs)
+        return info_nce(q, d, self.temperature, negs)
 
     @torch.no_grad()
     def encode_corpus(self, model: nn.Module, device: torch.device, beat: Callable[[], None]) -> torch.Tensor:

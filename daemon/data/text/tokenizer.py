@@ -1,0 +1,119 @@
+"""The tokenizer: a byte-level BPE trained on the corpus once, or one the operator names.
+
+With ``lm.tokenizer`` and ``lm.init_from`` empty, a byte-level BPE of ``lm.vocab_size``
+tokens is trained on the training split at the first start (seconds on the standard
+library) and kept as ``<state_dir>/lm/tokenizer.json``. Later starts reuse it whatever
+the corpus has become since: a model's token ids must never change under it. To train
+another, remove that file and the checkpoints. The same corpus gives a byte-identical
+``tokenizer.json``.
+
+A named tokenizer (``lm.tokenizer``: a ``tokenizer.json`` or a Hugging Face tokenizer
+directory) or the one of ``lm.init_from`` is loaded as it is, offline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import structlog
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+import daemon.data.text.corpus as corpus
+from daemon import atomic
+from daemon.config import ConfigError, problem
+from daemon.data.text.corpus import Source
+from daemon.data.text.spec import TextSpec
+
+log = structlog.get_logger("minerd.lm")
+
+EOS = "<|endoftext|>"
+TOKENIZER_FILE = "tokenizer.json"
+META_FILE = "tokenizer.meta.json"
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodes: no unknown token
+        special_tokens=[EOS],
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
+    """The Hugging Face face of a trained BPE: what save_pretrained writes and AutoTokenizer loads."""
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS)
+
+
+def _load_named(path: str, key: str) -> PreTrainedTokenizerBase:
+    p = Path(path).expanduser()
+    try:
+        if p.is_file():
+            return PreTrainedTokenizerFast(tokenizer_file=str(p))
+        if p.is_dir():
+            return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except (OSError, ValueError, TypeError, json.JSONDecodeError) as exc:
+        raise ConfigError([problem(key, f"cannot load a tokenizer from it: {exc}", path)]) from None
+    raise ConfigError([problem(key, "no such file or directory", path)])
+
+
+def load_or_train(spec: TextSpec, sources: list[Source], folder: Path) -> PreTrainedTokenizerBase:
+    """The spec's named tokenizer, or the one trained on the corpus and kept in ``folder``."""
+    if spec.tokenizer:
+        return _load_named(spec.tokenizer, spec.key("tokenizer"))
+    if spec.init_from:
+        return _load_named(spec.init_from, spec.key("init_from"))
+    path, meta_path = folder / TOKENIZER_FILE, folder / META_FILE
+    if path.is_file():
+        meta = _read_meta(meta_path)
+        if meta.get("vocab_size") not in (None, spec.vocab_size):
+            raise ConfigError([problem(
+                spec.key("vocab_size"),
+                f"the tokenizer in {folder} was trained with {meta['vocab_size']} tokens; a model's token ids "
+                f"must not change under it: remove {path} and the checkpoints to train another",
+                spec.vocab_size,
+            )])
+        tok = Tokenizer.from_file(str(path))
+        if meta.get("corpus") not in (None, corpus.fingerprint(sources)):
+            log.warning("the corpus changed since the tokenizer was trained; keeping the tokenizer", path=str(path))
+        log.info("tokenizer reused", path=str(path), vocab_size=tok.get_vocab_size())
+        return wrap(tok)
+    t0 = time.perf_counter()
+    log.info("training a byte-level BPE tokenizer on the training split", vocab_size=spec.vocab_size,
+             files=len(sources))
+    tok = train_bpe((d.text for d in corpus.split(sources, spec.eval_fraction, held=False)), spec.vocab_size)
+    text = tok.to_str()
+    atomic.write_text(path, text)
+    atomic.write_json(meta_path, {
+        "vocab_size": spec.vocab_size,
+        "corpus": corpus.fingerprint(sources),
+        "sha256": hashlib.sha256(text.encode()).hexdigest(),
+    })
+    log.info("tokenizer trained", path=str(path), vocab_size=tok.get_vocab_size(),
+             seconds=round(time.perf_counter() - t0, 2))
+    return wrap(tok)
+
+
+def _read_meta(path: Path) -> dict[str, object]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Identifies the token ids a tokenizer produces (its serialised form)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    blob = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()

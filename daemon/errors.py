@@ -1,0 +1,17 @@
+"""Errors every part may raise and the runner answers the same way."""
+
+from __future__ import annotations
+
+
+class CorruptState(RuntimeError):
+    """A file of the miner's own state on disk is broken (truncated, corrupt, missing).
+
+    Restarting would read it again and fail again, so the runner ends with exit 2 (which the
+    pm2 and systemd files shipped here do not restart) and one line: what is broken, then
+    ``remedy``, what the operator can do about it.
+    """
+
+    remedy = "restore the state directory from a backup"
+
+    def line(self) -> str:
+        return f"corrupt state: {self}; {self.remedy}"

@@ -1,1 +1,0 @@
-"""Fault-tolerant outer synchronisation across replica groups, on torchft (``outer.py``)."""
