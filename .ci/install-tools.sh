@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the real tools the deployment tests drive (issue 7), idempotently:
+# Installs the tools the deployment tests drive (the tests run the real ones, not stand-ins),
+# idempotently:
 #   - promtool + prometheus   Debian package `prometheus`
 #   - systemd-analyze          Debian package `systemd`
 #   - pm2                      npm registry, into ./.tools (git-ignored), never globally

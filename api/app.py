@@ -39,7 +39,6 @@ from daemon.state import MinerState
 
 log = structlog.get_logger(__name__)
 
-SECTIONS = ("upload", "mining", "embeddings")
 METRICS_TTL = 0.5
 
 
@@ -81,6 +80,9 @@ def _section(state: MinerState, name: str) -> dict[str, Any] | None:
 def build_status(state: MinerState, stall_seconds: float) -> Status:
     age = state.progress_age()
     controls = state.controls
+    # Each part's section under its own name (upload has its own key, null without an uploader);
+    # a section named like one of Status's keys could not be told from it and is left out.
+    others = sorted(name for name in state.sections if name not in Status.model_fields)
     return Status(
         version=state.version,
         task=state.task,
@@ -112,10 +114,8 @@ def build_status(state: MinerState, stall_seconds: float) -> Status:
         model_on_accelerator=state.model_on_accelerator,
         last_checkpoint_time=state.last_checkpoint_time,
         upload=_section(state, "upload"),
-        mining=_section(state, "mining"),
-        embeddings=_section(state, "embeddings"),
-        compression=_section(state, "compression"),
-        ft=_section(state, "ft"),
+        sections=(["upload"] if "upload" in state.sections else []) + others,
+        **{name: _section(state, name) for name in others},
         uptime_seconds=state.uptime(),
         progress_age_seconds=age,
         stall_seconds=stall_seconds,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class Problem(BaseModel):
@@ -33,7 +33,15 @@ class Readiness(BaseModel):
 
 
 class Status(BaseModel):
-    """What an operator greps for, in one JSON object."""
+    """What an operator greps for, in one JSON object.
+
+    Beside these keys, each part of the run (the uploader, the task's mining and embedding
+    cache, the outer sync, the codec) adds its own section under its name, listed in
+    ``sections``: a new part's section appears without a change here.
+    """
+
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, dict[str, Any] | None] = Field(init=False)
 
     version: str
     task: str
@@ -67,14 +75,12 @@ class Status(BaseModel):
     eval_global_step: int | None = Field(description="the global inner step the last evaluation ran at")
     model_on_accelerator: bool
     last_checkpoint_time: float | None = Field(description="wall clock of the last checkpoint, Unix seconds")
-    upload: dict[str, Any] | None = Field(description="upload state; null until the uploader exists")
-    mining: dict[str, Any] | None = Field(description="mining queue health; null until mining exists")
-    embeddings: dict[str, Any] | None = Field(description="embedding cache stats; null until the cache exists")
-    ft: dict[str, Any] | None = Field(
-        None, description="fault-tolerant outer sync (ft.enabled): phase, participants, recoveries, last sync"
+    upload: dict[str, Any] | None = Field(
+        description="upload state; null where no uploader runs (upload.enabled=false, a rank other than 0)"
     )
-    compression: dict[str, Any] | None = Field(
-        None, description="pseudo-gradient codec per use (upload artifact, outer sync): bytes, ratio, seconds"
+    sections: list[str] = Field(
+        description="the parts' sections this run has, each a key of this object: upload, and e.g. mining and "
+        "embeddings (twotower), ft (torchft), compression (the pseudo-gradient codec)"
     )
     uptime_seconds: float
     progress_age_seconds: float

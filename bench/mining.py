@@ -143,10 +143,10 @@ class _BusyFaiss:
         self._thread.join(10)
 
 
-# The throughput part trains the default model (hidden 1024: ~60-80 ms a step here, the
-# seed's 13 it/s). The quality runs train it too: a smaller model (hidden 256, ~10 ms a
-# step) outran one FAISS thread, so ~70% of its mining steps fell back to the memory bank
-# and the comparison measured the fallback, not mining.
+# The throughput part trains the default model (hidden 1024: ~60-80 ms a step here, close to
+# the 13 steps a second reported for this job on a GPU before mining). The quality runs train
+# it too: a smaller model (hidden 256, ~10 ms a step) outran one FAISS thread, so ~70% of its
+# mining steps fell back to the memory bank and the comparison measured the fallback, not mining.
 THROUGHPUT_HIDDEN = 1024
 QUALITY_HIDDEN = 1024
 

@@ -1,2 +1,2 @@
 """minerd: a long-running training miner."""
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -60,11 +60,19 @@ class _FreeCollector(Collector):
     def __init__(self, state_dir: Path) -> None:
         self._dir = state_dir
 
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily("minerd_disk_free_bytes", "Free bytes where the state directory lives",
+                                 labels=["path"])
+
+    def describe(self) -> Iterator[Metric]:
+        # Declared even while nothing along the path exists, so a clash shows at registration.
+        yield self._family()
+
     def collect(self) -> Iterator[Metric]:
         free = free_bytes(self._dir)
         if free is not None:
-            fam = GaugeMetricFamily("minerd_disk_free_bytes", "Free bytes where the state directory lives",
-                                    labels=["path"])
+            fam = self._family()
             fam.add_metric([str(self._dir)], float(free))
             yield fam
 

@@ -48,6 +48,50 @@ class CoreMetrics:
         self.checkpoints = Counter("minerd_checkpoints", "Local checkpoints written", registry=registry)
 
 
+# (name, help, MinerState attribute) of the gauges read from the state: always there ...
+_PROGRESS = (
+    ("minerd_outer_step", "Outer step as the miner reports it", "outer_step"),
+    ("minerd_inner_step", "Inner step within the current outer step", "inner_step"),
+    ("minerd_global_step", "Inner steps over the whole training", "global_step"),
+    ("minerd_epoch", "Current epoch", "epoch"),
+    ("minerd_model_on_accelerator", "1 when the model's parameters are on a GPU", "model_on_accelerator"),
+)
+# ... and absent until known: a made-up 0 would look like a real value.
+_LAST_VALUES = (
+    ("minerd_loss", "Loss of the last inner step", "loss"),
+    ("minerd_learning_rate", "Learning rate of the last inner step", "learning_rate"),
+    ("minerd_tokens_per_second", "Tokens trained per second in the last inner step (whole job)",
+     "tokens_per_second"),
+    ("minerd_mfu_ratio", "Model FLOPs utilisation of this device in the last inner step", "mfu"),
+    ("minerd_last_step_timestamp_seconds", "Wall clock of the last inner step (heartbeat)", "last_step_time"),
+    ("minerd_last_checkpoint_timestamp_seconds", "Wall clock of the last checkpoint written",
+     "last_checkpoint_time"),
+    ("minerd_checkpoint_size_bytes", "Room one checkpoint may take: the largest one kept", "checkpoint_bytes"),
+)
+
+
+def _info() -> GaugeMetricFamily:
+    return GaugeMetricFamily("minerd_info", "Build and run facts", labels=["version", "task", "device", "rank"])
+
+
+def _shed() -> CounterMetricFamily:
+    return CounterMetricFamily("minerd_api_requests_shed", "Requests answered 429 for being over the API's "
+                               "request budget")
+
+
+def _gpu() -> dict[str, GaugeMetricFamily]:
+    return {
+        "allocated": GaugeMetricFamily(
+            "minerd_gpu_memory_allocated_bytes", "Memory held by tensors", labels=["device"]
+        ),
+        "reserved": GaugeMetricFamily(
+            "minerd_gpu_memory_reserved_bytes", "Memory held by the caching allocator", labels=["device"]
+        ),
+        "total": GaugeMetricFamily("minerd_gpu_memory_total_bytes", "Device memory", labels=["device"]),
+        "util": GaugeMetricFamily("minerd_gpu_utilization_ratio", "GPU utilisation from NVML", labels=["device"]),
+    }
+
+
 class StateCollector(Collector):
     """Progress and device gauges, read from the live state at scrape time."""
 
@@ -55,57 +99,37 @@ class StateCollector(Collector):
         self._state = state
         self._gpu = gpu
 
+    def describe(self) -> Iterator[Metric]:
+        # Every name collect() may yield, the absent-until-known ones and the GPU's too, so
+        # the registry refuses a clash at registration rather than serving two series.
+        yield _info()
+        for name, doc, _ in (*_PROGRESS, *_LAST_VALUES):
+            yield GaugeMetricFamily(name, doc)
+        yield _shed()
+        yield from _gpu().values()
+
     def collect(self) -> Iterator[Metric]:
         s = self._state
-        info = GaugeMetricFamily(
-            "minerd_info", "Build and run facts", labels=["version", "task", "device", "rank"]
-        )
+        info = _info()
         info.add_metric([s.version, s.task, s.device, str(s.rank)], 1.0)
         yield info
-        for name, doc, value in (
-            ("minerd_outer_step", "Outer step as the miner reports it", s.outer_step),
-            ("minerd_inner_step", "Inner step within the current outer step", s.inner_step),
-            ("minerd_global_step", "Inner steps over the whole training", s.global_step),
-            ("minerd_epoch", "Current epoch", s.epoch),
-            ("minerd_model_on_accelerator", "1 when the model's parameters are on a GPU",
-             1 if s.model_on_accelerator else 0),
-        ):
-            yield GaugeMetricFamily(name, doc, value=float(value))
-        for name, doc, maybe in (
-            ("minerd_loss", "Loss of the last inner step", s.loss),
-            ("minerd_learning_rate", "Learning rate of the last inner step", s.learning_rate),
-            ("minerd_tokens_per_second", "Tokens trained per second in the last inner step (whole job)",
-             s.tokens_per_second),
-            ("minerd_mfu_ratio", "Model FLOPs utilisation of this device in the last inner step", s.mfu),
-            ("minerd_last_step_timestamp_seconds", "Wall clock of the last inner step (heartbeat)",
-             s.last_step_time),
-            ("minerd_last_checkpoint_timestamp_seconds", "Wall clock of the last checkpoint written",
-             s.last_checkpoint_time),
-            ("minerd_checkpoint_size_bytes", "Room one checkpoint may take: the largest one kept", s.checkpoint_bytes),
-        ):
-            # Absent until known: a made-up 0 would look like a real value.
+        for name, doc, attr in _PROGRESS:
+            yield GaugeMetricFamily(name, doc, value=float(getattr(s, attr)))
+        for name, doc, attr in _LAST_VALUES:
+            maybe = getattr(s, attr)
             if maybe is not None:
                 yield GaugeMetricFamily(name, doc, value=float(maybe))
-        yield CounterMetricFamily("minerd_api_requests_shed", "Requests answered 429 for being over the API's "
-                                  "request budget", value=float(s.requests_shed))
+        shed = _shed()
+        shed.add_metric([], float(s.requests_shed))
+        yield shed
         yield from self._gpu_families()
 
     def _gpu_families(self) -> Iterator[Metric]:
         devices = self._gpu.devices()
         if not devices:
             return
-        fams = {
-            "allocated": GaugeMetricFamily(
-                "minerd_gpu_memory_allocated_bytes", "Memory held by tensors", labels=["device"]
-            ),
-            "reserved": GaugeMetricFamily(
-                "minerd_gpu_memory_reserved_bytes", "Memory held by the caching allocator", labels=["device"]
-            ),
-            "total": GaugeMetricFamily("minerd_gpu_memory_total_bytes", "Device memory", labels=["device"]),
-        }
-        util = GaugeMetricFamily(
-            "minerd_gpu_utilization_ratio", "GPU utilisation from NVML", labels=["device"]
-        )
+        fams = _gpu()
+        util = fams.pop("util")
         for d in devices:
             fams["allocated"].add_metric([d.device], d.allocated_bytes)
             fams["reserved"].add_metric([d.device], d.reserved_bytes)
@@ -123,6 +147,11 @@ class EvalCollector(Collector):
     def __init__(self, state: MinerState, gauges: dict[str, tuple[str, str]]) -> None:
         self._state = state
         self._gauges = gauges
+
+    def describe(self) -> Iterator[Metric]:
+        # All the task's gauges, though collect() yields none before the first evaluation.
+        for name, doc in self._gauges.values():
+            yield GaugeMetricFamily(name, doc)
 
     def collect(self) -> Iterator[Metric]:
         values = self._state.eval

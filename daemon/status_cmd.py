@@ -105,7 +105,10 @@ def render_summary(s: dict[str, Any]) -> list[str]:
     if s.get("tokens_per_second") is not None:
         lines.append(f"throughput: tokens/s {_num(s.get('tokens_per_second'), '.0f')}  "
                      f"tokens {s.get('tokens_total', '?')}  mfu {_num(s.get('mfu'), '.3f')}")
-    lines += [_section_line(name, s.get(name)) for name in ("upload", "mining", "embeddings")]
+    # The parts' sections the miner lists (older miners: the three it always had); upload always.
+    listed = s.get("sections")
+    names = [str(n) for n in listed] if isinstance(listed, list) else ["mining", "embeddings"]
+    lines += [_section_line(name, s.get(name)) for name in ["upload", *(n for n in names if n != "upload")]]
     return lines
 
 

@@ -23,7 +23,7 @@ LOW_MEMORY_EVERY = 100  # steps between repeats of the low-memory warning
 
 
 def format_step_time(seconds: float) -> str:
-    # Seed lines read "15.2s"; short steps (small models, CPU tests) keep more digits.
+    # The step lines operators grep read "15.2s"; short steps (small models, CPU tests) keep more digits.
     if seconds >= 10:
         return f"{seconds:.1f}s"
     return f"{seconds:.2f}s" if seconds >= 1 else f"{seconds:.3f}s"

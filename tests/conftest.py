@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import signal
@@ -71,11 +72,41 @@ SMALL_LM = [
 
 
 @pytest.fixture(autouse=True)
+def _fast_tier_starts_nothing(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """`make test-fast` (everything not marked integration or slow) starts no process and no
+    server, so that it stays quick and runs anywhere: a test that does fails here, naming
+    the marker it needs."""
+    if request.node.get_closest_marker("integration") is not None:
+        yield
+        return
+
+    def refuse(what: str) -> Any:
+        def refused(*args: Any, **kwargs: Any) -> Any:
+            raise AssertionError(f"{request.node.nodeid} {what}: mark it integration")
+        return refused
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse("starts a process"))
+    monkeypatch.setattr(socket.socket, "listen", refuse("starts a server"))
+    yield
+
+
+@pytest.fixture(autouse=True)
 def _reset_logging() -> Iterator[None]:
     from daemon.logsetup import reset_logging
 
     yield
     reset_logging()
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    """``minerd ARGS`` in this process: exit code, stdout, stderr."""
+    from daemon.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exc:
+        main(list(args))
+    code = exc.value.code
+    return (code if isinstance(code, int) else 1), out.getvalue(), err.getvalue()
 
 
 def small_sets(state_dir: Path, *extra: str) -> list[str]:

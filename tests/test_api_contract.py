@@ -110,6 +110,7 @@ def closed_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.mark.integration
 class TestStatusCommand:
     """`minerd status` prints a summary or the JSON, and one line with exit 1 when unreachable."""
 

@@ -56,6 +56,9 @@ CORE_FAMILIES = {
 }
 
 
+# Every test here drives a real HTTP server on a free port.
+pytestmark = [pytest.mark.integration]
+
 class Miner:
     """A state, a registry with the core metrics, and a live server on a free port."""
 
@@ -144,7 +147,8 @@ class TestBeforeFirstStep:
         assert s["inner_step"] == 0
         for key in ("loss", "learning_rate", "last_step_time", "samples_per_second", "separation_margin"):
             assert s[key] is None, key
-        assert s["upload"] is None and s["mining"] is None and s["embeddings"] is None
+        # No part has a section yet: upload's key is null, the others are not there at all.
+        assert s["upload"] is None and s["sections"] == [] and "mining" not in s and "embeddings" not in s
         assert s["uptime_seconds"] >= 0
         assert s["version"] and s["task"] == "twotower" and s["device"] == "cpu"
 
@@ -198,7 +202,16 @@ class TestDuringTraining:
         s = r.json()
         assert s["mining"] == {"in_q": 2, "out_q": 3, "fifo": 3}
         assert s["upload"] == {"error": "RuntimeError: uploader exploded"}
-        assert s["embeddings"] is None
+        assert "embeddings" not in s and s["sections"] == ["upload", "mining"]
+
+    def test_a_new_parts_section_needs_no_change_to_the_api(self, miner: Miner) -> None:
+        """A section of a part the API model never heard of is served under its name, and in the
+        OpenAPI schema's additional properties."""
+        miner.state.sections["exchange"] = lambda: {"round": 12}
+        s = miner.client.get("/status").json()
+        assert s["exchange"] == {"round": 12} and "exchange" in s["sections"]
+        schema = miner.client.get("/openapi.json").json()["components"]["schemas"]["Status"]
+        assert schema["additionalProperties"] is not False
 
     def test_a_nonfinite_loss_is_null_not_a_500(self, miner: Miner) -> None:
         miner.step()

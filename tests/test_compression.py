@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ from daemon.compression.sync import pack, unpack
 from daemon.run.lifecycle import Lifecycle
 from daemon.run.local import cpu_run
 from daemon.upload import Uploader, verify_target
-from tests.conftest import ROOT, small_lm_sets, small_sets
+from tests.conftest import cli, small_lm_sets, small_sets
 
 
 def grads(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -256,11 +254,10 @@ class TestPublishedArtifact:
         assert artifact.TENSORS_FILE in problem and "not a safetensors file" in problem
         # Truncated with the manifest left alone: the size says it, once.
         (rev / artifact.TENSORS_FILE).write_bytes(data[:100])
-        out = subprocess.run([sys.executable, "-m", "daemon", "verify-upload", str(target)], cwd=ROOT,
-                             capture_output=True, text=True, timeout=120)
-        assert out.returncode != 0 and "Traceback" not in out.stderr + out.stdout
-        lines = [x for x in (out.stdout + out.stderr).splitlines() if artifact.TENSORS_FILE in x]
-        assert len(lines) == 1 and "size 100 != manifest" in lines[0], out.stdout + out.stderr
+        code, out, err = cli("verify-upload", str(target))
+        assert code != 0 and "Traceback" not in err + out
+        lines = [x for x in (out + err).splitlines() if artifact.TENSORS_FILE in x]
+        assert len(lines) == 1 and "size 100 != manifest" in lines[0], out + err
 
     def test_metrics_and_status(self, tmp_path: Path) -> None:
         sets = small_sets(tmp_path / "s", *UP, "upload.artifact=pseudo_gradient")

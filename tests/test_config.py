@@ -11,7 +11,7 @@ import pytest
 
 from daemon.config import ConfigError, to_yaml
 from daemon.run.catalog import load_config
-from tests.conftest import ROOT
+from tests.conftest import ROOT, cli
 
 
 def problems(*sets: str, path: str | None = None, env: dict[str, str] | None = None) -> list[str]:
@@ -128,29 +128,25 @@ class TestProblems:
 class TestCli:
     """The CLI exits 2 with one line per problem, no traceback, nothing written."""
 
-    def run(self, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "daemon", *args], cwd=cwd, capture_output=True, text=True,
-                              env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}, timeout=60)
-
     def test_validate_bad(self, tmp_path: Path) -> None:
         state = tmp_path / "state"
-        r = self.run("run", "--set", f"paths.state_dir={state}", "--set", "train.batch_sise=1", cwd=tmp_path)
-        assert r.returncode == 2
-        assert r.stderr.strip().splitlines() == [
+        code, out, err = cli("run", "--set", f"paths.state_dir={state}", "--set", "train.batch_sise=1")
+        assert code == 2
+        assert err.strip().splitlines() == [
             "config error: train.batch_sise: unknown key; did you mean 'train.batch_size'? (got 1)"
         ]
-        assert "Traceback" not in r.stderr + r.stdout
+        assert "Traceback" not in err + out
         assert not state.exists()
 
     def test_validate_good_and_show(self, tmp_path: Path) -> None:
-        assert self.run("config", "validate", cwd=tmp_path).returncode == 0
-        r = self.run("config", "show", "--set", "api.token=s3cret", cwd=tmp_path)
-        assert r.returncode == 0 and "s3cret" not in r.stdout
-        assert "batch_size: 16" in r.stdout and "task: causal_lm" in r.stdout
+        assert cli("config", "validate")[0] == 0
+        code, out, _ = cli("config", "show", "--set", "api.token=s3cret")
+        assert code == 0 and "s3cret" not in out
+        assert "batch_size: 16" in out and "task: causal_lm" in out
 
     def test_usage_error_is_one_line(self, tmp_path: Path) -> None:
-        r = self.run("run", "--no-such-flag", cwd=tmp_path)
-        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+        code, _, err = cli("run", "--no-such-flag")
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
     @pytest.mark.parametrize(
         "args",
@@ -158,21 +154,96 @@ class TestCli:
          ("status", "--url", "ftp://127.0.0.1:21"), ("bundle", "--url", "http://bad host")],
     )
     def test_a_bad_url_is_one_line_and_exit_2(self, tmp_path: Path, args: tuple[str, ...]) -> None:
-        r = self.run(*args, "--out" if args[0] == "bundle" else "--json", *(["b.md"] if args[0] == "bundle" else []),
-                     cwd=tmp_path)
-        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
-        assert len(r.stderr.strip().splitlines()) == 1 and "--url" in r.stderr
-        assert not (tmp_path / "b.md").exists()
+        out_file = tmp_path / "b.md"
+        code, _, err = cli(*args, "--out" if args[0] == "bundle" else "--json",
+                           *([str(out_file)] if args[0] == "bundle" else []))
+        assert code == 2 and "Traceback" not in err, err[-2000:]
+        assert len(err.strip().splitlines()) == 1 and "--url" in err
+        assert not out_file.exists()
 
     @pytest.mark.parametrize(("task", "model_class"), [("causal_lm", "LlamaForCausalLM"),
                                                        ("twotower", "TwoTowerModel")])
     def test_diagnose_builds_the_configured_tasks_model(self, tmp_path: Path, task: str, model_class: str) -> None:
-        r = self.run("diagnose", "--json", "--set", f"train.task={task}", "--set", f"paths.state_dir={tmp_path / 's'}",
-                     cwd=tmp_path)
-        assert r.returncode == 0, r.stderr[-2000:]
-        diag = json.loads(r.stdout)
+        code, out, err = cli("diagnose", "--json", "--set", f"train.task={task}",
+                             "--set", f"paths.state_dir={tmp_path / 's'}")
+        assert code == 0, err[-2000:]
+        diag = json.loads(out)
         assert diag["model_class"] == model_class and diag["model_parameters"] > 0
         assert not (tmp_path / "s").exists()  # diagnose writes nothing
+
+
+@pytest.mark.integration
+class TestCliProcess:
+    """`python -m daemon` in a bare environment: one line and exit 2 for a bad key, no traceback."""
+
+    def test_bad_key(self, tmp_path: Path) -> None:
+        state = tmp_path / "state"
+        r = subprocess.run([sys.executable, "-m", "daemon", "run", "--set", f"paths.state_dir={state}", "--set",
+                            "train.batch_sise=1"], cwd=tmp_path, capture_output=True, text=True,
+                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}, timeout=60)
+        assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout
+        assert r.stderr.strip().splitlines() == [
+            "config error: train.batch_sise: unknown key; did you mean 'train.batch_size'? (got 1)"]
+        assert not state.exists()
+
+
+class TestMovedKeys:
+    """The two-tower keys that moved to their task's section are read at their old names for one
+    release, with one DEPRECATED line each."""
+
+    NOTE = "DEPRECATED: config key {old} is now {new}; the old name is read until the next release"
+
+    def test_every_source(self, tmp_path: Path) -> None:
+        f = tmp_path / "c.yaml"
+        f.write_text("train:\n  task: twotower\n  hidden_dim: 64\ndata:\n  num_docs: 1000\n")
+        cfg = load_config(str(f), ["train.embed_dim=16"], environ={"MINERD_DATA__DIM": "8"})
+        t = cfg.twotower
+        assert (t.hidden_dim, t.num_docs, t.embed_dim, t.dim) == (64, 1000, 16, 8)
+        assert cfg.deprecations == [
+            self.NOTE.format(old="train.hidden_dim", new="twotower.hidden_dim"),
+            self.NOTE.format(old="data.num_docs", new="twotower.num_docs"),
+            self.NOTE.format(old="data.dim", new="twotower.dim"),
+            self.NOTE.format(old="train.embed_dim", new="twotower.embed_dim"),
+        ]
+        assert "data" not in cfg.public_dict() and "hidden_dim" not in cfg.public_dict()["train"]
+
+    def test_the_new_name_in_a_later_source_wins(self, tmp_path: Path) -> None:
+        f = tmp_path / "c.yaml"
+        f.write_text("data:\n  num_docs: 1000\n")
+        cfg = load_config(str(f), ["twotower.num_docs=3000", "train.task=twotower"], environ={})
+        assert cfg.twotower.num_docs == 3000 and len(cfg.deprecations) == 1
+
+    def test_both_names_in_one_source(self) -> None:
+        assert problems("train.task=twotower", "data.seed=1", "twotower.seed=2") == [
+            "config error: data.seed: is the old name of twotower.seed, which --set sets too; keep twotower.seed "
+            "(got '1')"]
+
+    def test_the_cli_says_it_once(self) -> None:
+        code, out, err = cli("config", "validate", "--set", "train.task=twotower", "--set", "train.temperature=0.1")
+        assert code == 0 and out.strip() == "config ok"
+        assert err.strip().splitlines() == [self.NOTE.format(old="train.temperature", new="twotower.temperature")]
+
+
+class TestTrainingDigest:
+    """Replica groups compare the keys each section says they must agree on, and no others."""
+
+    BASE = ("train.task=twotower",)
+
+    def digest(self, *sets: str) -> str:
+        return load_config(sets=[*self.BASE, *sets], environ={}).training_digest()
+
+    @pytest.mark.parametrize("setting", ["twotower.hidden_dim=64", "twotower.seed=3", "train.lr=0.01",
+                                         "compression.keep=0.25", "embeddings.enabled=false", "ft.min_replicas=2",
+                                         "lm.seq_len=128", "train.sync=ddp"])
+    def test_what_must_agree(self, setting: str) -> None:
+        assert self.digest(setting) != self.digest()
+
+    @pytest.mark.parametrize("setting", ["train.device=cpu", "train.max_steps=5", "train.torch_threads=1",
+                                         "telemetry.log_every=5", "api.port=9200", "paths.state_dir=/tmp/x",
+                                         "upload.enabled=false", "mining.qbatch=128", "embeddings.cache_l1_mb=1",
+                                         "ft.replica_group=3", "checkpoint.keep=9"])
+    def test_what_may_differ(self, setting: str) -> None:
+        assert self.digest(setting) == self.digest()
 
 
 class TestHostileInput:

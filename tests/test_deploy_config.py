@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from daemon.config import Config, ShutdownConfig
@@ -121,6 +122,7 @@ def seconds(value: str) -> float:
 class TestPrometheusConfig:
     """promtool accepts the scrape config, in its single-miner and its multi-GPU form."""
 
+    @pytest.mark.integration
     def test_check_config_passes(self) -> None:
         promtool = need_tool("promtool")
         out = run([promtool, "check", "config", str(PROMETHEUS_DIR / "prometheus.yml")])
@@ -134,6 +136,7 @@ class TestPrometheusConfig:
         targets = [t for job in cfg["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
         assert targets == ["127.0.0.1:9108"]
 
+    @pytest.mark.integration
     def test_multi_gpu_block_is_a_valid_config_with_one_target_per_rank(self, tmp_path: Path) -> None:
         promtool = need_tool("promtool")
         text = (PROMETHEUS_DIR / "prometheus.yml").read_text()
@@ -153,11 +156,13 @@ class TestPrometheusConfig:
 class TestAlertRules:
     """The alert rules are valid, complete, documented, and their promtool unit tests pass."""
 
+    @pytest.mark.integration
     def test_check_rules_passes(self) -> None:
         promtool = need_tool("promtool")
         out = run([promtool, "check", "rules", str(PROMETHEUS_DIR / "alerts.yml")])
         assert out.returncode == 0, out.stdout + out.stderr
 
+    @pytest.mark.integration
     def test_unit_tests_pass(self) -> None:
         promtool = need_tool("promtool")
         out = run([promtool, "test", "rules", str(PROMETHEUS_DIR / "alerts_test.yml")])
@@ -175,6 +180,7 @@ class TestAlertRules:
         assert names - firing == set(), "alerts without a firing case"
         assert names - quiet == set(), "alerts without a not-firing case"
 
+    @pytest.mark.integration
     def test_unit_tests_fail_when_alerts_never_fire(self, tmp_path: Path) -> None:
         """Every alert's firing case depends on its rule: with all rules neutered, each one fails."""
         promtool = need_tool("promtool")
@@ -239,6 +245,7 @@ def verify_root(tmp_path: Path, unit_text: str, name: str = "minerd.service") ->
 class TestLighthouseUnit:
     """The torchft lighthouse's unit (replica groups, ft.enabled) verifies and matches the miners'."""
 
+    @pytest.mark.integration
     def test_verify_passes_and_settings(self, tmp_path: Path) -> None:
         analyze = need_tool("systemd-analyze")
         text = (DEPLOY / "systemd" / "minerd-lighthouse.service").read_text()
@@ -251,6 +258,7 @@ class TestLighthouseUnit:
         env = dict(v.split("=", 1) for k, v in unit_settings(text)["Service"] if k == "Environment")
         assert env["LIGHTHOUSE_BIND"].endswith(":29510") and int(env["LIGHTHOUSE_MIN_REPLICAS"]) >= 1
 
+    @pytest.mark.integration
     def test_pm2_lists_it_only_when_asked(self) -> None:
         node = need_tool("node")
         script = ("const c=require(process.argv[1]);"
@@ -267,6 +275,7 @@ class TestLighthouseUnit:
 class TestSystemdUnit:
     """The unit passes `systemd-analyze verify` and carries the settings the miner relies on."""
 
+    @pytest.mark.integration
     def test_verify_passes_without_a_warning(self, tmp_path: Path) -> None:
         analyze = need_tool("systemd-analyze")
         root = verify_root(tmp_path, UNIT.read_text())
@@ -275,6 +284,7 @@ class TestSystemdUnit:
         # verify exits 0 on unknown keys and bad values, it only prints them: any output is a finding.
         assert out.stdout + out.stderr == ""
 
+    @pytest.mark.integration
     def test_verify_reports_a_broken_unit(self, tmp_path: Path) -> None:
         analyze = need_tool("systemd-analyze")
         broken = UNIT.read_text().replace("Type=notify", "Type=notifyy").replace("NoNewPrivileges", "NoNewPrivilege")
@@ -283,6 +293,7 @@ class TestSystemdUnit:
         assert "notifyy" in out.stderr
         assert "NoNewPrivilege" in out.stderr
 
+    @pytest.mark.integration
     def test_verify_reports_a_missing_binary(self, tmp_path: Path) -> None:
         analyze = need_tool("systemd-analyze")
         root = verify_root(tmp_path, UNIT.read_text())
@@ -326,6 +337,7 @@ class TestSystemdUnit:
         assert service["LoadCredential"] == "api-token:/etc/minerd/api-token"
         assert env["MINERD_API__TOKEN_FILE"] == "%d/api-token" and "token_file" in config_fields("api")
 
+    @pytest.mark.integration
     def test_security_exposure_is_low(self, tmp_path: Path) -> None:
         """systemd's own review scores the unit's exposure; 5.7 (MEDIUM) before the system-call
         filter, the empty capability set and the /proc restrictions."""
@@ -350,6 +362,7 @@ class TestSystemdUnit:
 class TestEcosystem:
     """ecosystem.config.js loads in node and describes the miner as pm2 must run it."""
 
+    @pytest.mark.integration
     def test_single_process_app(self) -> None:
         apps = load_ecosystem({"MINERD_NPROC_PER_NODE": ""})["apps"]
         assert [a["name"] for a in apps] == ["distributed_training_miner"]
@@ -374,6 +387,7 @@ class TestEcosystem:
             section, field = key[len("MINERD_") :].lower().split("__", 1)
             assert field in config_fields(section), key
 
+    @pytest.mark.integration
     def test_torchrun_app_for_several_gpus(self) -> None:
         apps = load_ecosystem({"MINERD_NPROC_PER_NODE": "4"})["apps"]
         assert [a["name"] for a in apps] == ["distributed_training_miner_multigpu"]
@@ -386,6 +400,7 @@ class TestEcosystem:
         torchrun_grace = float(app["env"]["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"])
         assert SHUTDOWN_DEADLINE_S < torchrun_grace < app["kill_timeout"] / 1000
 
+    @pytest.mark.integration
     def test_paths_follow_the_clone(self, tmp_path: Path) -> None:
         node = need_tool("node")
         shutil.copy(ROOT / "ecosystem.config.js", tmp_path / "ecosystem.config.js")
@@ -467,6 +482,7 @@ class TestDashboard:
         assert "time() - minerd_last_checkpoint_timestamp_seconds" in exprs
         assert "time() - minerd_last_upload_timestamp_seconds" in exprs
 
+    @pytest.mark.integration
     def test_every_query_is_valid_promql(self, tmp_path: Path) -> None:
         """Filled in as Grafana sends them, the queries parse: promtool checks them as recording rules."""
         promtool = need_tool("promtool")
@@ -491,6 +507,7 @@ class TestDashboard:
 class TestInstallScript:
     """.ci/install-tools.sh is valid bash and never starts a service."""
 
+    @pytest.mark.integration
     def test_syntax(self) -> None:
         out = run(["bash", "-n", str(ROOT / ".ci" / "install-tools.sh")])
         assert out.returncode == 0, out.stderr

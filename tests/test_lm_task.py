@@ -193,6 +193,7 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.integration
 class TestBadInput:
     """`minerd run` refuses each bad input with one line and exit 2, writing nothing."""
 

@@ -57,23 +57,31 @@ class CompressionStats:
         return out
 
 
+def _families() -> tuple[CounterMetricFamily, CounterMetricFamily, GaugeMetricFamily, GaugeMetricFamily,
+                         CounterMetricFamily]:
+    return (
+        CounterMetricFamily("minerd_compressed_bytes", "Compressed pseudo-gradient bytes written or sent",
+                            labels=["use"]),
+        CounterMetricFamily("minerd_compression_dense_bytes",
+                            "What the same pseudo-gradients take uncompressed (float32)", labels=["use"]),
+        GaugeMetricFamily("minerd_compressed_last_bytes",
+                          "Bytes of the last artifact (use=upload) or outer sync (use=outer_sync)", labels=["use"]),
+        GaugeMetricFamily("minerd_compression_ratio", "Dense over compressed bytes, last one", labels=["use"]),
+        CounterMetricFamily("minerd_compression_seconds", "Time spent encoding and decoding", labels=["use", "op"]),
+    )
+
+
 class CompressionCollector(Collector):
     def __init__(self, stats: CompressionStats) -> None:
         self._stats = stats
 
+    def describe(self) -> Iterator[Metric]:
+        # The names, so the registry refuses a clash at registration.
+        yield from _families()
+
     def collect(self) -> Iterator[Metric]:
         snap = self._stats.snapshot()
-        sent = CounterMetricFamily("minerd_compressed_bytes", "Compressed pseudo-gradient bytes written or sent",
-                                   labels=["use"])
-        dense = CounterMetricFamily("minerd_compression_dense_bytes",
-                                    "What the same pseudo-gradients take uncompressed (float32)", labels=["use"])
-        last = GaugeMetricFamily("minerd_compressed_last_bytes",
-                                 "Bytes of the last artifact (use=upload) or outer sync (use=outer_sync)",
-                                 labels=["use"])
-        ratio = GaugeMetricFamily("minerd_compression_ratio", "Dense over compressed bytes, last one",
-                                  labels=["use"])
-        secs = CounterMetricFamily("minerd_compression_seconds", "Time spent encoding and decoding",
-                                   labels=["use", "op"])
+        sent, dense, last, ratio, secs = _families()
         for use, u in sorted(snap.items()):
             sent.add_metric([use], u["bytes_total"])
             dense.add_metric([use], u["dense_bytes_total"])

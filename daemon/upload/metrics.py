@@ -46,28 +46,32 @@ class UploadMetrics:
             self.blocked.labels(reason=reason)
 
 
+def _state_families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+    return (
+        GaugeMetricFamily(
+            "minerd_upload_age_seconds",
+            "Seconds since the last revision was published (repo age); absent before the first",
+        ),
+        GaugeMetricFamily("minerd_upload_stale", "1 when no revision was published within upload.max_age_seconds"),
+        GaugeMetricFamily("minerd_upload_in_progress", "1 while a revision is being published"),
+    )
+
+
 class UploadStateCollector(Collector):
     """Age and staleness read at scrape time, so they grow between uploads."""
 
     def __init__(self, read: Callable[[], dict[str, Any]]) -> None:
         self._read = read
 
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        # The names, so the registry refuses a clash at registration.
+        yield from _state_families()
+
     def collect(self) -> Iterator[GaugeMetricFamily]:
         s = self._read()
-        age = GaugeMetricFamily(
-            "minerd_upload_age_seconds",
-            "Seconds since the last revision was published (repo age); absent before the first",
-        )
+        age, stale, in_progress = _state_families()
         if s["age_seconds"] is not None:
             age.add_metric([], s["age_seconds"])
-        yield age
-        yield GaugeMetricFamily(
-            "minerd_upload_stale",
-            "1 when no revision was published within upload.max_age_seconds",
-            value=1.0 if s["stale"] else 0.0,
-        )
-        yield GaugeMetricFamily(
-            "minerd_upload_in_progress",
-            "1 while a revision is being published",
-            value=float(s["in_progress"]),
-        )
+        stale.add_metric([], 1.0 if s["stale"] else 0.0)
+        in_progress.add_metric([], float(s["in_progress"]))
+        yield from (age, stale, in_progress)

@@ -68,28 +68,45 @@ class FtStats:
             }
 
 
+# Phases in which this replica waits for the lighthouse or for a quorum to join.
+_WAITING = ("connecting", "waiting_for_lighthouse", "joining")
+
+
+def _families() -> tuple[GaugeMetricFamily, CounterMetricFamily, CounterMetricFamily, GaugeMetricFamily,
+                         GaugeMetricFamily]:
+    return (
+        GaugeMetricFamily("minerd_ft_participants", "Replica groups in the last committed outer step"),
+        CounterMetricFamily("minerd_ft_outer_syncs", "Fault-tolerant outer sync attempts, by result",
+                            labels=["result"]),
+        CounterMetricFamily("minerd_ft_recoveries", "Times this replica took its state from a live peer"),
+        GaugeMetricFamily("minerd_ft_outer_sync_seconds",
+                          "Seconds of the last committed outer sync (quorum, all-reduce, commit)"),
+        GaugeMetricFamily("minerd_ft_waiting", "1 while waiting for the lighthouse or a quorum to join"),
+    )
+
+
 class FtCollector(Collector):
     def __init__(self, stats: FtStats) -> None:
         self._stats = stats
 
+    def describe(self) -> Iterator[Metric]:
+        # All of them, the sync seconds too though absent before the first commit, so the
+        # registry refuses a clash at registration.
+        yield from _families()
+
     def collect(self) -> Iterator[Metric]:
         s = self._stats.status()
-        yield GaugeMetricFamily("minerd_ft_participants", "Replica groups in the last committed outer step",
-                                value=s["participants"])
-        syncs = CounterMetricFamily("minerd_ft_outer_syncs", "Fault-tolerant outer sync attempts, by result",
-                                    labels=["result"])
+        participants, syncs, recoveries, sync_seconds, waiting = _families()
+        participants.add_metric([], s["participants"])
         syncs.add_metric(["committed"], s["outer_syncs_committed"])
         syncs.add_metric(["failed"], s["outer_syncs_failed"])
-        yield syncs
-        yield CounterMetricFamily("minerd_ft_recoveries", "Times this replica took its state from a live peer",
-                                  value=s["recoveries"])
+        recoveries.add_metric([], s["recoveries"])
+        yield from (participants, syncs, recoveries)
         if s["last_sync_seconds"] is not None:
-            yield GaugeMetricFamily("minerd_ft_outer_sync_seconds",
-                                    "Seconds of the last committed outer sync (quorum, all-reduce, commit)",
-                                    value=s["last_sync_seconds"])
-        yield GaugeMetricFamily("minerd_ft_waiting", "1 while waiting for the lighthouse or a quorum to join",
-                                value=1.0 if s["phase"] in ("connecting", "waiting_for_lighthouse", "joining")
-                                else 0.0)
+            sync_seconds.add_metric([], s["last_sync_seconds"])
+            yield sync_seconds
+        waiting.add_metric([], 1.0 if s["phase"] in _WAITING else 0.0)
+        yield waiting
 
 
 def register(registry: CollectorRegistry, stats: FtStats) -> None:

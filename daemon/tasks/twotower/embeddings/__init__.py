@@ -8,7 +8,8 @@ from daemon.tasks.twotower.embeddings.metrics import EmbeddingCacheCollector
 from daemon.tasks.twotower.embeddings.optim import SparseRowAdam, apply_sparse_sgd
 from daemon.tasks.twotower.embeddings.store import EmbeddingStore
 
-# The seed's class name, so its users can switch by changing an import.
+# The name of the embedding manager class that existing training code constructs, so that code
+# can switch by changing an import.
 TrainableEmbeddingManager = EmbeddingStore
 
 __all__ = [

@@ -12,6 +12,25 @@ if TYPE_CHECKING:
     from daemon.tasks.twotower.embeddings.store import EmbeddingStore
 
 
+def _families() -> tuple[CounterMetricFamily, GaugeMetricFamily, CounterMetricFamily]:
+    return (
+        CounterMetricFamily(
+            "minerd_embedding_cache_requests",
+            "Embedding cache lookups per tier and result.",
+            labels=["tier", "result"],
+        ),
+        GaugeMetricFamily(
+            "minerd_embedding_cache_bytes",
+            "Bytes held per embedding tier (l1, l2 in memory; l3 in chunk files).",
+            labels=["tier"],
+        ),
+        CounterMetricFamily(
+            "minerd_embedding_disk_syncs",
+            "Disk writes of dirty embedding chunks (syncs and eviction write-backs).",
+        ),
+    )
+
+
 class EmbeddingCacheCollector(Collector):
     """Per-tier lookups (hit/miss), bytes per tier, and disk syncs of one store.
 
@@ -22,13 +41,13 @@ class EmbeddingCacheCollector(Collector):
     def __init__(self, store: EmbeddingStore) -> None:
         self._store = store
 
+    def describe(self) -> Iterator[Metric]:
+        # The names, so the registry refuses a clash at registration.
+        yield from _families()
+
     def collect(self) -> Iterator[Metric]:
         p = self._store.get_cache_performance()
-        requests = CounterMetricFamily(
-            "minerd_embedding_cache_requests",
-            "Embedding cache lookups per tier and result.",
-            labels=["tier", "result"],
-        )
+        requests, size, syncs = _families()
         l1_miss = p["lookups"] - p["l1_hits"]
         l2_miss = l1_miss - p["l2_hits"]
         for tier, hit, miss in (
@@ -38,17 +57,8 @@ class EmbeddingCacheCollector(Collector):
         ):
             requests.add_metric([tier, "hit"], hit)
             requests.add_metric([tier, "miss"], miss)
-        yield requests
-        size = GaugeMetricFamily(
-            "minerd_embedding_cache_bytes",
-            "Bytes held per embedding tier (l1, l2 in memory; l3 in chunk files).",
-            labels=["tier"],
-        )
         for tier in ("l1", "l2", "l3"):
             size.add_metric([tier], p[f"{tier}_bytes"])
-        yield size
-        yield CounterMetricFamily(
-            "minerd_embedding_disk_syncs",
-            "Disk writes of dirty embedding chunks (syncs and eviction write-backs).",
-            value=p["disk_syncs"],
-        )
+        syncs.add_metric([], p["disk_syncs"])
+        yield from (requests, size, syncs)
+

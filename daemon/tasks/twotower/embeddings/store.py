@@ -366,7 +366,8 @@ class EmbeddingStore(TieredChunkCache):
         self.close()
 
     def get_cache_performance(self) -> dict[str, Any]:
-        """Counters of the seed's API plus per-tier bytes; ``cache_hit_rate`` = L1+L2 hits / lookups."""
+        """The counters existing callers of ``get_cache_performance()`` read, plus per-tier bytes;
+        ``cache_hit_rate`` = L1+L2 hits / lookups."""
         with self._lock:
             s: dict[str, Any] = dict(self._stats)
             lookups = s["lookups"]

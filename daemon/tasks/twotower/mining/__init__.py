@@ -45,8 +45,8 @@ Batching and prefetch (``qbatch``, ``prefetch``).
     wait to be used; one call then takes every pending batch, up to ``qbatch`` queries.
     With the trainer ``lookahead`` batches ahead, a call mines about
     ``lookahead - prefetch + 1`` batches at once: that is how mining makes fewer, larger
-    FAISS calls (the seed's "2-3x fewer FAISS calls"), and each batch still gets only
-    its own rows.
+    FAISS calls (about three batches a call at the defaults, ttl 5 and prefetch 3), and
+    each batch still gets only its own rows.
 TTL (``ttl``).
     A result is usable for ``ttl`` steps after the FAISS call that mined it started
     (age = step of use - the trainer's step when the call started, age <= ttl); an older
@@ -82,8 +82,8 @@ Index (``index``, ``refresh_steps``, ``faiss_threads``).
 Queue health.
     ``in_q``: batches submitted and not yet searched; ``out_q``: results mined and not
     yet used; ``fifo``: batches submitted and not yet trained (so fifo >= in_q + out_q).
-    ``queue_health_line`` warns with the seed's advice once out_q was 0 at two checks
-    in a row.
+    ``queue_health_line`` warns once out_q was 0 at two checks in a row: mining is the
+    bottleneck, raise ``prefetch`` or ``qbatch`` (or ``ttl``).
 """
 
 from daemon.tasks.twotower.mining.bank import MemoryBank

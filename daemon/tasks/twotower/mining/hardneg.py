@@ -81,7 +81,7 @@ class HardNegativeMiner:
         self.cfg = cfg
         self.bank = bank
         self.query_bank: MemoryBank | None = None  # created by the first observe_queries
-        self.n_hard = int(cfg.num_negatives * cfg.hardneg_frac)  # as the seed: floor
+        self.n_hard = int(cfg.num_negatives * cfg.hardneg_frac)  # floor: a fraction never adds a FAISS slot
         self._rng = np.random.default_rng(seed)
         self._fifo: deque[_Entry] = deque()
         self._step = 0  # the trainer's latest step, read by the miner thread as its clock
@@ -359,7 +359,7 @@ class HardNegativeMiner:
         return QueueDepths(self.miner.pending_count, self.miner.ready_count, len(self._fifo))
 
     def queue_health_line(self, step: int) -> str:
-        """The seed's line; logs the seed's advice when out_q was 0 at consecutive checks."""
+        """The queue-health line operators grep for; warns what to raise when out_q was 0 at consecutive checks."""
         d = self.queue_depths()
         self._zero_out_q = self._zero_out_q + 1 if d.out_q == 0 else 0
         if self._zero_out_q >= _ZERO_OUT_Q_CHECKS:

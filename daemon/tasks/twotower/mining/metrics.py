@@ -23,27 +23,36 @@ class QueueDepths(NamedTuple):
     fifo: int
 
 
+def _queue_families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+    return (
+        GaugeMetricFamily(
+            "minerd_mining_queue_depth",
+            "Mining queues: in = batches submitted and not yet searched, out = mined results not yet used",
+            labels=["queue"],
+        ),
+        GaugeMetricFamily(
+            "minerd_mining_fifo_depth", "Batches submitted for mining and not yet trained (the alignment FIFO)"
+        ),
+    )
+
+
 class _QueueCollector(Collector):
     """Queue depths read from the miner at scrape time."""
 
     def __init__(self, read: Callable[[], QueueDepths]) -> None:
         self._read = read
 
+    def describe(self) -> Iterable[Metric]:
+        # The names, so the registry refuses a clash at registration.
+        yield from _queue_families()
+
     def collect(self) -> Iterable[Metric]:
         depths = self._read()
-        queue = GaugeMetricFamily(
-            "minerd_mining_queue_depth",
-            "Mining queues: in = batches submitted and not yet searched, out = mined results not yet used",
-            labels=["queue"],
-        )
+        queue, fifo = _queue_families()
         queue.add_metric(["in"], depths.in_q)
         queue.add_metric(["out"], depths.out_q)
-        yield queue
-        yield GaugeMetricFamily(
-            "minerd_mining_fifo_depth",
-            "Batches submitted for mining and not yet trained (the alignment FIFO)",
-            value=depths.fifo,
-        )
+        fifo.add_metric([], depths.fifo)
+        yield from (queue, fifo)
 
 
 class MiningMetrics:
