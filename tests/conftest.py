@@ -21,6 +21,8 @@ from typing import Any
 import pytest
 import torch
 
+from daemon.logsetup import json_records
+
 ROOT = Path(__file__).resolve().parent.parent
 torch.set_num_threads(1)
 
@@ -109,18 +111,25 @@ def cli(*args: str) -> tuple[int, str, str]:
     return (code if isinstance(code, int) else 1), out.getvalue(), err.getvalue()
 
 
+# Every registered task's small job: the tests that run "each task" run these
+# (tests/test_plugins.py checks that no registered task is missing).
+SMALL_JOBS = {"causal_lm": SMALL_LM, "twotower": SMALL}
+TASKS = list(SMALL_JOBS)
+
+
 def small_sets(state_dir: Path, *extra: str) -> list[str]:
     """The small two-tower job."""
-    return [*SMALL, f"paths.state_dir={state_dir}", *extra]
+    return task_sets("twotower", state_dir, *extra)
 
 
 def small_lm_sets(state_dir: Path, *extra: str) -> list[str]:
     """The small language-model job."""
-    return [*SMALL_LM, f"paths.state_dir={state_dir}", *extra]
+    return task_sets("causal_lm", state_dir, *extra)
 
 
 def task_sets(task: str, state_dir: Path, *extra: str) -> list[str]:
-    return small_lm_sets(state_dir, *extra) if task == "causal_lm" else small_sets(state_dir, *extra)
+    """The small job of ``task`` in ``state_dir``, with ``extra`` settings last."""
+    return [*SMALL_JOBS[task], f"paths.state_dir={state_dir}", *extra]
 
 
 def get_json(url: str) -> tuple[int, dict[str, Any]]:
@@ -169,12 +178,19 @@ class MinerProcess:
 
     def events(self) -> list[dict[str, Any]]:
         """The JSON log lines so far (telemetry.log_format=json)."""
-        out = []
-        for line in self.text().splitlines():
-            if line.startswith("{"):
-                with contextlib.suppress(ValueError):
-                    out.append(json.loads(line))
-        return out
+        return json_records(self.text())
+
+    def api_url(self, timeout: float = 90) -> str:
+        """The URL its `API listening` line names (``api.port=0`` picks a free port)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            for e in self.events():
+                if e.get("event") == "API listening":
+                    return str(e["url"])
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"no API listening line:\n{self.text()[-3000:]}")
 
     def wait_for(self, needle: str, timeout: float = 90) -> None:
         end = time.monotonic() + timeout

@@ -40,16 +40,6 @@ def contract_types() -> dict[str, str]:
     return out
 
 
-def api_url(m, timeout: float = 90) -> str:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        for line in m.text().splitlines():
-            if '"API listening"' in line:
-                return json.loads(line)["url"]
-        time.sleep(0.05)
-    raise AssertionError(m.text()[-2000:])
-
-
 class TestLifecycleRoutes:
     """Every route answers as the contract (README, docs/OPERATIONS.md) says, while training and while stopping."""
 
@@ -57,7 +47,7 @@ class TestLifecycleRoutes:
         state = tmp_path / "s"
         m = miner_factory(state, small_sets(state, "api.port=0", "api.token=sekret", "twotower.hidden_dim=1536",
                                             "upload.enabled=true", "upload.min_inner_step=2"))
-        url = api_url(m)
+        url = m.api_url()
         c = httpx.Client(base_url=url, timeout=5)
         m.wait_for("Outer Step:")
         end = time.monotonic() + 30
@@ -120,7 +110,7 @@ class TestStall:
 
     def test_livez_reports_the_stall(self, tmp_path: Path, miner_factory) -> None:
         m = stalled_miner(tmp_path, miner_factory, "watchdog.exit_on_stall=false")
-        c = httpx.Client(base_url=api_url(m), timeout=5)
+        c = httpx.Client(base_url=m.api_url(), timeout=5)
         assert c.get("/readyz").status_code == 503
         assert c.get("/diagnostics").status_code == 503
         assert c.get("/status").json()["phase"] == "starting"

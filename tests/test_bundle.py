@@ -1,4 +1,6 @@
-"""`minerd bundle` gathers seed 001's six "Getting Help" items into one file, without secrets.
+"""`minerd bundle` gathers the six items a support request needs (diagnostics, recent step lines,
+warnings and errors, upload history, the config with secrets masked, versions) into one file,
+without secrets.
 
 One real miner (small config, uploads on) runs while the bundle is taken, so the bundle reads
 its log, its upload target and its live /diagnostics; a second case reads pm2's default log
@@ -7,7 +9,6 @@ path from a PM2_HOME of our own, with a broken config and no miner at all.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -50,15 +51,6 @@ def sections(text: str) -> dict[str, str]:
     return {parts[i].strip(): parts[i + 1] for i in range(1, len(parts) - 1, 2)}
 
 
-def api_url(log: str) -> str:
-    """The URL of the `"event": "API listening"` JSON log line."""
-    for raw in log.splitlines():
-        if '"API listening"' in raw:
-            record = json.loads(raw[raw.index("{") :])
-            return str(record["url"])
-    raise AssertionError(f"no API listening line:\n{log[-2000:]}")
-
-
 @dataclass
 class Taken:
     proc: subprocess.CompletedProcess[str]
@@ -87,7 +79,7 @@ def taken(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Taken]:
     try:
         miner.wait_for("UPLOAD OK", timeout=120)
         miner.wait_for("checkpoint saved", timeout=60)
-        url = api_url(miner.text())
+        url = miner.api_url()
         # A decoy: the token as it could end up in a log by accident (a proxy echoing a header).
         decoy = base / "decoy.log"
         decoy.write_text(f'2026-01-01 00:00:00.000 +00:00: curl -H "Authorization: Bearer {TOKEN}" error: 401\n')

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from daemon.logsetup import json_records
 from tests.conftest import small_lm_sets
 from tests.deploy_tools import ROOT, Pm2, free_port, load_ecosystem, pm2_session
 
@@ -74,15 +75,7 @@ def log_files(pm2: Pm2) -> str:
 
 def records(text: str) -> list[dict[str, Any]]:
     """The JSON log records in pm2's log text (each line prefixed with log_date_format's time)."""
-    out = []
-    for line in text.splitlines():
-        start = line.find("{")
-        if start >= 0:
-            with contextlib.suppress(ValueError):
-                record = json.loads(line[start:])
-                if isinstance(record, dict):
-                    out.append(record)
-    return out
+    return json_records(text)
 
 
 def test_start_logs_restart_stop(tmp_path: Path) -> None:

@@ -6,18 +6,20 @@ mining on). A real Prometheus (Debian package, loopback only, a temp config/data
 pid) scrapes both every second, using deploy/prometheus/prometheus.yml with its targets replaced.
 After a short run, each query of deploy/grafana/dashboards/minerd.json, with $instance taken from
 the dashboard's own instance variable query and $__rate_interval filled in, must return at least
-one series through Prometheus's HTTP API for every instance whose task the panel is about (panels
-of one task are listed below; the others are about both). The exceptions are listed with their
+one series through Prometheus's HTTP API for every instance whose task the panel is about (a panel
+of one task says so in its description; the others are about both). The exceptions are listed with their
 reason: panels that need a GPU (skipped on a machine without CUDA, required on one with it) and
 panels whose series the miner does not export yet (expected to fail until they are wired; an XPASS
 says it is time to drop them here).
 
-Also: `promtool check metrics` on the miner's /metrics output is clean (issue 3).
+Also: `promtool check metrics` on the miner's /metrics output is clean (Prometheus's own naming
+rules, which dashboards and recording rules rely on).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import urllib.request
@@ -28,7 +30,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import MinerProcess, free_port, small_lm_sets, small_sets
+from daemon.run.catalog import CATALOG
+from tests.conftest import TASKS, MinerProcess, free_port, small_lm_sets, small_sets
 from tests.deploy_tools import (
     DASHBOARD,
     PrometheusServer,
@@ -55,12 +58,17 @@ PENDING: dict[str, str] = {}
 # promtool's unit heuristic reads "bits" in a name as a unit that should be bytes; bits per byte
 # is a ratio (the contract's name, which dashboards and alerts use), so that one finding is expected.
 ACCEPTED_LINT = {'minerd_eval_bits_per_byte use base unit "bytes" instead of "bits"'}
-# Panels about one task only; every other panel must have data for both miners.
-TASK_PANELS = {
-    "causal_lm": {"Tokens / s", "Eval loss and bits per byte", "MFU"},
-    "twotower": {"Separation Δ", "Mining queue depths", "Mining sources", "FAISS search time",
-                 "Embedding cache hit rate per tier", "Embedding cache size"},
-}
+# Panels about one task only, as their descriptions say ("Only with train.task=causal_lm."); every
+# other panel must have data for both miners.
+def task_panels() -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for panel in json.loads(DASHBOARD.read_text())["panels"]:
+        for task in re.findall(r"Only with train\.task=(\w+)\.", panel.get("description", "")):
+            out.setdefault(task, set()).add(panel["title"])
+    return out
+
+
+TASK_PANELS = task_panels()
 UPLOADS = ["upload.enabled=true", "upload.min_inner_step=3", "upload.every_inner_steps=2"]
 TWOTOWER_SETS = [*UPLOADS, "mining.enabled=true", "mining.start_epoch=1", "telemetry.queue_health_every=20"]
 # MFU needs the device's peak: a CPU has none in the table, so the run names one.
@@ -167,6 +175,8 @@ def test_exceptions_name_real_panels() -> None:
     titles = {title for title, _ in queries()}
     named = set(GPU_ONLY) | set(PENDING) | set().union(*TASK_PANELS.values())
     assert named <= titles, named - titles
+    # The tasks the panels name are the registered ones, and each has its small job here.
+    assert set(TASK_PANELS) <= set(CATALOG.tasks.names()) == set(TASKS), TASK_PANELS
 
 
 @pytest.mark.parametrize(("task", "expected"), [("twotower", b"minerd_mining_batches_total"),

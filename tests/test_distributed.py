@@ -5,7 +5,6 @@ Each runs for both tasks: the language model (the default job) and the two-tower
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, task_sets
+from daemon.logsetup import json_records
+from tests.conftest import ROOT, TASKS, task_sets
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-TASKS = ["causal_lm", "twotower"]
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
@@ -34,15 +33,7 @@ def launch(task: str, state: Path, *extra: str, log: Path) -> subprocess.Popen[b
 
 
 def events(log: Path) -> list[dict]:
-    out = []
-    for line in log.read_text(errors="replace").splitlines():
-        start = line.find("{")
-        if start >= 0:
-            try:
-                out.append(json.loads(line[start:]))
-            except ValueError:
-                continue
-    return out
+    return json_records(log.read_text(errors="replace"))
 
 
 def run_to_end(task: str, state: Path, *extra: str, tmp: Path, timeout: float = 240) -> list[dict]:
@@ -78,13 +69,13 @@ class TestDdp:
     @pytest.mark.parametrize("task", TASKS)
     def test_identical_every_step_and_loss_falls(self, tmp_path: Path, task: str) -> None:
         batch = "train.effective_batch_size=256" if task == "twotower" else "train.effective_batch_size=32"
-        evs = run_to_end(task, tmp_path / "s", "train.sync=ddp", "train.max_steps=12", batch, tmp=tmp_path)
+        evs = run_to_end(task, tmp_path / "s", "train.sync=ddp", "train.max_steps=20", batch, tmp=tmp_path)
         by_rank = steps_by_rank(evs)
-        assert sorted(by_rank[0]) == sorted(by_rank[1]) == list(range(1, 13))
-        for step in range(1, 13):
+        assert sorted(by_rank[0]) == sorted(by_rank[1]) == list(range(1, 21))
+        for step in range(1, 21):
             assert by_rank[0][step]["param_digest"] == by_rank[1][step]["param_digest"], step
-        losses = [by_rank[0][s]["loss"] for s in range(1, 13)]
-        assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
+        losses = [by_rank[0][s]["loss"] for s in range(1, 21)]
+        assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
         same_embedding_tables(task, evs)
 
 
@@ -117,8 +108,7 @@ class TestDiloco:
 class TestEpochCoverage:
     """The ranks' shares of an epoch are disjoint and together cover it exactly once."""
 
-    # The sampler's sharding is the same under both syncs: one two-tower and one language-model run.
-    @pytest.mark.parametrize(("task", "sync"), [("twotower", "diloco"), ("causal_lm", "ddp")])
+    @pytest.mark.parametrize(("task", "sync"), [("twotower", "ddp"), ("twotower", "diloco"), ("causal_lm", "ddp")])
     def test_every_sample_once(self, tmp_path: Path, task: str, sync: str) -> None:
         script = ROOT / "tests" / "scripts" / "epoch_cover.py"
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -134,9 +124,7 @@ class TestEpochCoverage:
 class TestRankZeroOwnsState:
     """Only rank 0 writes checkpoints and uploads; both ranks resume at the same step."""
 
-    # The language model only: who writes is decided above the task, and the two-tower variant
-    # cost half a minute of the suite.
-    @pytest.mark.parametrize("task", ["causal_lm"])
+    @pytest.mark.parametrize("task", TASKS)
     def test_checkpoints_uploads_and_resume(self, tmp_path: Path, task: str) -> None:
         state = tmp_path / "s"
         up = ("upload.enabled=true", "upload.min_inner_step=2", "upload.every_inner_steps=2")
@@ -157,9 +145,7 @@ class TestRankZeroOwnsState:
 class TestDeadRank:
     """A rank killed by SIGKILL ends the job promptly with a non-zero exit; a relaunch resumes."""
 
-    # The two-tower job only: what is tested is torchrun's and the collectives' timeouts, the same
-    # for both tasks, and the language model's variant cost half a minute of the suite.
-    @pytest.mark.parametrize("task", ["twotower"])
+    @pytest.mark.parametrize("task", TASKS)
     def test_kill_one_rank(self, tmp_path: Path, task: str) -> None:
         state = tmp_path / "s"
         log = tmp_path / "dead.log"

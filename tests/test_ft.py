@@ -6,7 +6,6 @@ differs is refused; a lighthouse that is not up yet is waited for, not crash-loo
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon.logsetup import json_records
 from tests.conftest import ROOT, MinerProcess, free_port, get_json, small_sets
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -205,7 +205,7 @@ class TorchrunGroup:
         return self.log.read_text(errors="replace")
 
     def events(self) -> list[dict]:
-        return json_events(self.text())
+        return json_records(self.text())
 
     def committed(self, rank: int) -> list[dict]:
         return [e for e in self.events() if e.get("event") == "outer step applied" and e.get("committed")
@@ -229,16 +229,6 @@ def children(pid: int) -> list[int]:
             # The fields after the command name (which may hold spaces): state, ppid, ...
             if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
                 out.append(int(stat.parent.name))
-    return out
-
-
-def json_events(text: str) -> list[dict]:
-    out = []
-    for line in text.splitlines():
-        start = line.find("{")
-        if start >= 0:
-            with contextlib.suppress(ValueError):
-                out.append(json.loads(line[start:]))
     return out
 
 

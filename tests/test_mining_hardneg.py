@@ -358,7 +358,7 @@ class TestFallback:
 
 
 class TestHealthAndMetrics:
-    """The seed's queue-health line, its out_q=0 warning, the gauges and the index refreshes."""
+    """The queue-health line operators grep for, its out_q=0 warning, the gauges and the index refreshes."""
 
     def test_queue_health_line_and_warning(self) -> None:
         gate = _Gate()

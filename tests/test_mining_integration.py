@@ -83,7 +83,7 @@ class TestTrainingWithMining:
         counts = {s: batches(registry, s) for s in ("fresh", "reused", "fallback")}
         assert sum(counts.values()) == 64  # 32 inner steps x 2 micro-batches
         assert counts["fresh"] > 0 and counts["fresh"] + counts["reused"] >= 32, counts
-        # 3. The queue-health line in the seed's format, every 4 inner steps while mining.
+        # 3. The queue-health line in the format operators grep for, every 4 inner steps while mining.
         health = [e["event"] for e in logs if e["event"].startswith("[Queue Health @ step")]
         assert len(health) == 8, health
         assert health[0].startswith("[Queue Health @ step 20] in_q=")

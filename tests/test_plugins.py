@@ -21,6 +21,7 @@ from daemon.plugin.parts import BuildContext, SyncContext, SyncParts, TaskParts
 from daemon.run.catalog import CATALOG, Catalog
 from daemon.run.local import cpu_run
 from daemon.upload.layout import WeightsLayout
+from tests.conftest import SMALL_JOBS
 
 # ---- a task of this file's own: linear regression on generated points -------------------
 
@@ -262,6 +263,10 @@ class TestDaemonsOwnChoices:
         cfg = CATALOG.load(sets=[f"paths.state_dir={tmp_path}", "train.batch_size=8",
                                  "train.effective_batch_size=16", *sets], environ={}, world_size=world)
         assert CATALOG.sync_for(cfg, world).name == chosen
+
+    def test_every_registered_task_has_a_small_job_in_the_tests(self) -> None:
+        """The tests that run each task (processes, torchrun, kills) run them all."""
+        assert set(SMALL_JOBS) == set(CATALOG.tasks.names())
 
     def test_the_tasks_name_their_data_sources(self) -> None:
         lm = CATALOG.load(environ={})

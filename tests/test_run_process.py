@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import small_sets, task_sets
+from daemon.logsetup import json_records
+from tests.conftest import TASKS, small_sets, task_sets
 
 pytestmark = [pytest.mark.integration]
-TASKS = ["causal_lm", "twotower"]
 
 
 def step_lines(text: str) -> list[dict]:
-    out = []
-    for line in text.splitlines():
-        if line.startswith("{") and "Outer Step:" in line:
-            out.append(json.loads(line))
-    return out
+    return [e for e in json_records(text) if str(e.get("event", "")).startswith("Outer Step:")]
 
 
 class TestGracefulStop:
@@ -29,12 +24,23 @@ class TestGracefulStop:
     @pytest.mark.parametrize(("task", "sig"), [("causal_lm", signal.SIGINT), ("twotower", signal.SIGTERM)])
     def test_signal(self, tmp_path: Path, miner_factory, task: str, sig: int) -> None:
         state = tmp_path / "state"
-        m = miner_factory(state, task_sets(task, state, "checkpoint.every_inner_steps=100000", "api.enabled=false"))
+        # A key under its old name (the two-tower task's temperature was train.temperature):
+        # read, and said once at start.
+        old = ("train.temperature=0.05",) if task == "twotower" else ()
+        m = miner_factory(state, task_sets(task, state, "checkpoint.every_inner_steps=100000", "api.enabled=false",
+                                           *old))
         m.wait_for("Outer Step:")
         m.signal(sig)
         assert m.wait(60) == 0, m.text()[-2000:]
         text = m.text()
         assert '"reason": "stop"' in text and "minerd stopped" in text
+        moved = [e for e in m.events() if str(e.get("event", "")).startswith("DEPRECATED: config key")]
+        assert [e["event"] for e in moved] == ([
+            "DEPRECATED: config key train.temperature is now twotower.temperature; the old name is read until the "
+            "next release"] if old else []) and all(e["level"] == "warning" for e in moved)
+        built = next(e for e in m.events() if e.get("event") == "run assembled")
+        assert (built["task"], built["outer_sync"]) == (task, "none")
+        assert built["data_source"] == ("text" if task == "causal_lm" else "generated")
         last = step_lines(text)[-1]["global_step"]
         ckpts = sorted((state / "checkpoints").glob("step-*"))
         assert ckpts and ckpts[-1].name == f"step-{last:010d}"
@@ -49,7 +55,7 @@ class TestGracefulStop:
         text = m2.text()
         assert "Resumed from checkpoint at outer step 1, inner step 5 (global step 12)" in text
         # The diagnostics block: its red flags (CPU here) at warning level, the rest at info.
-        block = [json.loads(x) for x in text.splitlines() if x.startswith("{")]
+        block = json_records(text)
         flags = [e for e in block if e["event"].startswith("RED FLAG")]
         assert flags and all(e["level"] == "warning" for e in flags)
         assert any(e["event"] == "GPU DIAGNOSTICS" and e["level"] == "info" for e in block)
@@ -70,9 +76,7 @@ class TestGracefulStop:
 class TestKillDuringCheckpoint:
     """SIGKILL in the middle of a checkpoint write: the next run starts from the previous good one."""
 
-    # The two-tower job only: the checkpoint store is the same for every task, and the two-tower
-    # state (the embedding table besides the weights) is the larger one to be caught mid-write.
-    @pytest.mark.parametrize("task", ["twotower"])
+    @pytest.mark.parametrize("task", TASKS)
     def test_kill_while_saving(self, tmp_path: Path, miner_factory, task: str) -> None:
         state = tmp_path / "state"
         # A large model makes each checkpoint long enough to hit: a few hundred MB for the two-tower

@@ -23,7 +23,7 @@ the whole training state (weights, inner and outer optimizer, counters, random s
 the trainer's ``StateExchange``), so it continues from the group's current weights,
 not from its own older checkpoint. A peer whose ``Config.training_digest`` differs is
 refused: averaging updates of different models or data would silently corrupt both. Which
-group leaves is decided by counting the digests of the quorum (``daemon/ft/vote.py``): the
+group leaves is decided by counting the digests of the quorum (``vote.py``): the
 minority, whether it is the one recovering or the one others would recover from.
 
 torchft sends that state over HTTP between replicas and unpickles it: replica groups
@@ -268,7 +268,7 @@ class FtOuterOptimizer(OuterOptimizer):
         theirs = max((d for d in counts if d != self.digest), key=lambda d: counts[d])
         raise ConfigError([f"config error: ft: refused to join the group: {counts[theirs]} of its "
                            f"{sum(counts.values())} replica groups run training config digest {theirs}, this "
-                           f"replica {self.digest} (train, lm, data and compression must match on every "
+                           f"replica {self.digest} (train, the task's sections and compression must match on every "
                            "replica group)"])
 
     def _failed(self, error: str, seconds: float) -> dict[str, Any]:
