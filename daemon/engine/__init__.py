@@ -1,1 +1,3 @@
-"""Training: the task, the sampler, the inner/outer step engine."""
+"""The training engine: the trainer (inner steps, outer steps, checkpoints), the protocols
+its parts implement, the outer step and the epoch sampler. It names no task, outer sync or
+data source."""

@@ -29,6 +29,8 @@ from daemon import disk
 from daemon.checkpoint import Checkpoint, CheckpointStore
 from daemon.config import Config
 from daemon.distributed import CommCounter, any_rank
+from daemon.engine.checkpoints import Checkpoints
+from daemon.engine.progress import Counters, Progress, Summary
 from daemon.engine.protocols import (
     BatchPos,
     EvalPoint,
@@ -48,43 +50,6 @@ from daemon.telemetry import StepReporter, Throughput
 log = structlog.get_logger("minerd.train")
 
 PAUSE_POLL_SECONDS = 0.2
-
-
-@dataclass
-class Counters:
-    outer_step: int = 0
-    inner_step: int = 0
-    global_step: int = 0
-    epoch: int = 1  # 1-based, as operators count epochs
-    batch_pos: int = 0  # next micro-batch of the epoch
-    samples: int = 0
-    nonfinite_in_row: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
-
-
-@dataclass(frozen=True)
-class Progress:
-    """Where training stands: a snapshot of the counters, for the runner, tests and benchmarks."""
-
-    outer_step: int
-    inner_step: int
-    global_step: int
-    epoch: int
-    batch_pos: int
-    samples: int
-    nonfinite_in_row: int
-
-
-@dataclass(frozen=True)
-class Summary:
-    """What a finished (or stopped) training reports: where it stands and what it sent."""
-
-    progress: Progress
-    comm_bytes: int
-    last_loss: float | None
-    last_eval: dict[str, float]
 
 
 @dataclass
@@ -141,8 +106,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(parts.device.type, enabled=fp16)
         self.last_loss: float | None = None
         self.last_eval: dict[str, float] = {}
-        self._ckpt_global_step: int | None = None
-        self._ckpt_monotonic: float | None = None  # when this process last wrote a checkpoint
+        self.checkpoints = Checkpoints(parts.store, self.cfg.checkpoint, parts.is_main, state, metrics,
+                                       parts.on_disk_full)
         self._lr = 0.0  # of the inner step under way
         self._grad_scale = 1.0  # the loss scale of the last applied inner step's gradients
 
@@ -180,9 +145,7 @@ class Trainer:
         )
 
     def resume(self) -> bool:
-        if self.p.store is None:
-            return False
-        ckpt = self.p.store.load_latest(map_location=self.p.device)
+        ckpt = self.checkpoints.latest(self.p.device)
         if ckpt is None:
             return False
         self._restore(ckpt)
@@ -196,13 +159,10 @@ class Trainer:
         )
         return True
 
-    def restore_from(self, ckpt: Checkpoint) -> None:
-        self._restore(ckpt)
-
     def _restore(self, ckpt: Checkpoint) -> None:
         self.model.load_state_dict(ckpt.model)
         self.load_training_state(ckpt.state)
-        self._ckpt_global_step = self.c.global_step
+        self.checkpoints.restored(self.c.global_step)
 
     def training_state(self) -> dict[str, Any]:
         """Everything but the weights that a run continues from: what a checkpoint stores, and
@@ -238,51 +198,18 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------
     def checkpoint(self, reason: str) -> None:
-        """Write a checkpoint; a full disk skips it (the previous one stays) until the next one."""
-        if self.p.store is None or not self.p.is_main or self._ckpt_global_step == self.c.global_step:
-            return
-        try:
-            self._write_checkpoint(reason)
-        except OSError as exc:
-            if not disk.is_full(exc):
-                raise
-            self.p.on_disk_full("checkpoint", self.p.store.root, exc)
+        """Write a checkpoint now (the main rank; once per step; a full disk skips it)."""
+        c = self.c
+
+        def contents() -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+            meta = {"outer_step": c.outer_step, "inner_step": c.inner_step, "config_hash": self.cfg.digest()}
+            return self.model.state_dict(), self.training_state(), meta
+
+        self.checkpoints.save(c.global_step, reason, contents)
 
     def checkpoint_bytes(self) -> int:
-        """Room one checkpoint may take: the largest one kept (a whole one, when later ones hold
-        only the changed rows of a table), else five copies of the weights (weights, two Adam
-        moments, the outer step's anchor and momentum)."""
-        sizes = [sum(f.stat().st_size for f in p.iterdir() if f.is_file())
-                 for p in (self.p.store.checkpoints() if self.p.store is not None else [])]
-        return max(sizes, default=5 * sum(t.numel() * t.element_size() for t in self.model.state_dict().values()))
-
-    def _write_checkpoint(self, reason: str) -> None:
-        assert self.p.store is not None
-        t0 = time.perf_counter()
-        state = self.training_state()
-        meta = {"outer_step": self.c.outer_step, "inner_step": self.c.inner_step, "reason": reason,
-                "config_hash": self.cfg.digest()}
-        path = self.p.store.save(self.c.global_step, self.model.state_dict(), state, meta)
-        self.state.checkpoint_bytes = self.checkpoint_bytes()
-        self._ckpt_global_step = self.c.global_step
-        self._ckpt_monotonic = time.monotonic()
-        self.metrics.checkpoints.inc()
-        self.state.last_checkpoint_time = time.time()
-        self.state.beat()
-        log.info("checkpoint saved", path=str(path), reason=reason, global_step=self.c.global_step,
-                 seconds=round(time.perf_counter() - t0, 3),
-                 bytes=sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
-                 depends_on=self.p.store.depends_on(path) or None)
-
-    def _checkpoint_due(self) -> bool:
-        """On the step schedule, and not sooner than ``checkpoint.min_interval_seconds`` after the
-        last one: a schedule in steps made for slow GPU steps would rewrite the whole state every
-        few seconds from a fast job, and a kill loses at most the larger of the two anyway."""
-        ck = self.cfg.checkpoint
-        if self.c.global_step % ck.every_inner_steps != 0:
-            return False
-        last = self._ckpt_monotonic
-        return last is None or time.monotonic() - last >= ck.min_interval_seconds
+        """Room one checkpoint may take (see ``Checkpoints.room``)."""
+        return self.checkpoints.room(self.model.state_dict())
 
     # ---- the loop ---------------------------------------------------------
     def lr_at(self, global_step: int) -> float:
@@ -315,7 +242,7 @@ class Trainer:
             outcome = self.inner_step()
             if outcome == "abandoned":
                 return "signal"
-            if self._checkpoint_due():
+            if self.checkpoints.due(self.c.global_step):
                 self.checkpoint("periodic")
         return reason
 
@@ -436,7 +363,7 @@ class Trainer:
         log.warning("non-finite loss: inner step skipped", loss=str(loss_value),
                     in_a_row=c.nonfinite_in_row, global_step=c.global_step)
         if c.nonfinite_in_row >= self.cfg.train.max_nonfinite_in_row:
-            ckpt = p.store.load_latest(map_location=p.device) if p.store else None
+            ckpt = self.checkpoints.latest(p.device)
             if ckpt is None:
                 log.error("non-finite losses in a row and no checkpoint to restore; continuing")
                 c.nonfinite_in_row = 0

@@ -1,0 +1,89 @@
+"""The trainer's checkpoints: when one is due, writing it, and the room one takes.
+
+Only the main rank writes; every rank reads the one it resumes from. A full disk skips a
+checkpoint with one ``DISK FULL`` line (the previous one stays) until the next is due.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+import torch
+
+from daemon import disk
+from daemon.checkpoint import Checkpoint, CheckpointStore
+from daemon.config import CheckpointConfig
+from daemon.metrics import CoreMetrics
+from daemon.state import MinerState
+
+log = structlog.get_logger("minerd.train")
+
+# What a checkpoint holds, made only when one is really written: the weights, the training
+# state and the manifest's facts.
+Contents = Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]]
+
+
+class Checkpoints:
+    def __init__(self, store: CheckpointStore | None, cfg: CheckpointConfig, is_main: bool, state: MinerState,
+                 metrics: CoreMetrics, on_disk_full: disk.DiskFullReporter) -> None:
+        self.store = store
+        self.cfg = cfg
+        self.is_main = is_main
+        self.state = state
+        self.metrics = metrics
+        self.on_disk_full = on_disk_full
+        self._global_step: int | None = None  # of the newest checkpoint written or read
+        self._monotonic: float | None = None  # when this process last wrote one
+
+    def due(self, global_step: int) -> bool:
+        """On the step schedule, and not sooner than ``checkpoint.min_interval_seconds`` after the
+        last one: a schedule in steps made for slow GPU steps would rewrite the whole state every
+        few seconds from a fast job, and a kill loses at most the larger of the two anyway."""
+        if global_step % self.cfg.every_inner_steps != 0:
+            return False
+        return self._monotonic is None or time.monotonic() - self._monotonic >= self.cfg.min_interval_seconds
+
+    def latest(self, device: torch.device) -> Checkpoint | None:
+        return self.store.load_latest(map_location=device) if self.store is not None else None
+
+    def restored(self, global_step: int) -> None:
+        """Training stands where a checkpoint left it: no need to write that one again."""
+        self._global_step = global_step
+
+    def save(self, global_step: int, reason: str, contents: Contents) -> None:
+        """Write a checkpoint of ``global_step`` (on the main rank, once per step)."""
+        if self.store is None or not self.is_main or self._global_step == global_step:
+            return
+        try:
+            self._write(global_step, reason, contents)
+        except OSError as exc:
+            if not disk.is_full(exc):
+                raise
+            self.on_disk_full("checkpoint", self.store.root, exc)
+
+    def room(self, weights: dict[str, torch.Tensor]) -> int:
+        """Room one checkpoint may take: the largest one kept (a whole one, when later ones hold
+        only the changed rows of a table), else five copies of the weights (weights, two Adam
+        moments, the outer step's anchor and momentum)."""
+        sizes = [sum(f.stat().st_size for f in p.iterdir() if f.is_file())
+                 for p in (self.store.checkpoints() if self.store is not None else [])]
+        return max(sizes, default=5 * sum(t.numel() * t.element_size() for t in weights.values()))
+
+    def _write(self, global_step: int, reason: str, contents: Contents) -> None:
+        assert self.store is not None
+        t0 = time.perf_counter()
+        weights, training, meta = contents()
+        path = self.store.save(global_step, weights, training, {**meta, "reason": reason})
+        self.state.checkpoint_bytes = self.room(weights)
+        self._global_step = global_step
+        self._monotonic = time.monotonic()
+        self.metrics.checkpoints.inc()
+        self.state.last_checkpoint_time = time.time()
+        self.state.beat()
+        log.info("checkpoint saved", path=str(path), reason=reason, global_step=global_step,
+                 seconds=round(time.perf_counter() - t0, 3),
+                 bytes=sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
+                 depends_on=self.store.depends_on(path) or None)
