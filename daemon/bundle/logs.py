@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from daemon.logsetup import json_record
+
 PM2_APPS = ("distributed_training_miner", "distributed_training_miner_multigpu")
 SYSTEMD_UNIT = "minerd"
 TAIL_BYTES = 8 << 20  # of each log file
@@ -91,16 +93,12 @@ def parse_line(source: str, raw: str, previous_time: str = "") -> LogLine:
         when = _norm_time(m.group(1))
         text = text[m.end() :]
     record: dict[str, Any] | None = None
-    if text.startswith("{"):
-        try:
-            obj = json.loads(text)
-        except ValueError:
-            obj = None
-        if isinstance(obj, dict) and "event" in obj:
-            record = obj
-            ts = obj.get("timestamp")
-            if isinstance(ts, str) and _LEADING_TIME.match(ts):
-                when = when or _norm_time(_LEADING_TIME.match(ts).group(1))  # type: ignore[union-attr]
+    obj = json_record(text) if text.startswith("{") else None
+    if obj is not None and "event" in obj:
+        record = obj
+        ts = obj.get("timestamp")
+        if isinstance(ts, str) and _LEADING_TIME.match(ts):
+            when = when or _norm_time(_LEADING_TIME.match(ts).group(1))  # type: ignore[union-attr]
     if not when:
         m2 = _LEADING_TIME.match(text)
         when = _norm_time(m2.group(1)) if m2 else previous_time  # a traceback line: its error's time
