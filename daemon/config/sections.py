@@ -26,7 +26,8 @@ class TrainConfig(Section):
     # Where a group runs and how long: its own business.
     local = frozenset({"device", "torch_threads", "num_workers", "dist_timeout_seconds", "max_steps", "epochs"})
 
-    task: str = Field("causal_lm", description="a registered task: causal_lm or twotower")
+    task: str = Field("causal_lm", description="the task to train: a name in the task registry (an unknown one "
+                      "is refused with the list)")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     batch_size: int = Field(256, gt=0, description="micro-batch per process")
     effective_batch_size: int = Field(256, gt=0, description="samples per inner step over all ranks")
