@@ -40,6 +40,13 @@ class TestRoundTrip:
                 assert y[n].shape == x[n].shape
                 assert torch.allclose(y[n], x[n], atol=1e-4), (spec, n)
 
+    def test_the_largest_block_the_config_allows_round_trips(self) -> None:
+        """181 x 181 = 32,761 values: the last index still fits the int16 the artifact stores."""
+        x = {"w": torch.randn(181, 362)}
+        enc = encode(x, CodecSpec("topk", block=181, keep=1.0, quantize=False))
+        assert enc.tensors["w.indices"].dtype == torch.int16 and int(enc.tensors["w.indices"].max()) == 181 * 181 - 1
+        assert torch.allclose(decode(enc)["w"], x["w"], atol=1e-5)
+
     @pytest.mark.parametrize("name", ["topk", "dct_topk"])
     @pytest.mark.parametrize("quantize", [False, True])
     def test_error_within_the_bound(self, name: str, quantize: bool) -> None:

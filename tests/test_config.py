@@ -311,6 +311,8 @@ class TestHostileInput:
             ("upload.compression=zstd", "upload.compression: input should be 'none', 'topk' or 'dct_topk'"),
             ("compression.keep=0", "compression.keep: input should be greater than 0"),
             ("compression.block=1", "compression.block: input should be greater than or equal to 2"),
+            # An index inside a 182 x 182 block overflows the artifact's int16.
+            ("compression.block=182", "compression.block: input should be less than or equal to 181"),
         ],
     )
     def test_values_that_would_fail_at_run_time(self, setting: str, expected: str) -> None:

@@ -137,7 +137,11 @@ class CompressionConfig(Section):
     key = "compression"
     agreed = "all"
 
-    block: int = Field(64, ge=2, le=256, description="largest block side (blocks of up to block x block)")
+    # A kept value's index inside its block is an int16: a block may hold at most 32,767 values
+    # (181 x 181 = 32,761). A larger side passed validation, published, and made every
+    # revision fail verify-upload (and the compressed outer sync fail to decode).
+    block: int = Field(64, ge=2, le=181, description="largest block side (blocks of up to block x block; at "
+                       "most 181, so that an index in a block fits 16 bits)")
     keep: float = Field(1 / 32, gt=0, le=1, description="share of each block's values sent")
     quantize: bool = Field(True, description="kept values as int8 with one scale per block")
 
