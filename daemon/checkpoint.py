@@ -146,7 +146,7 @@ class CheckpointStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         for where, base in written.items():  # only now: a failed save is no base
-            self._bases[where] = replace(base, checkpoint=final.name)
+            self._bases[where] = replace(base, checkpoint=final.name, digest=files[STATE_TENSORS]["sha256"])
         self._prune()
         return final
 
@@ -214,15 +214,20 @@ class CheckpointStore:
 
     def load(self, path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
         meta = self.verify(path)
+        bases = {}
         for dep in meta.get("depends_on", []):
             try:
-                self.verify(self.root / dep)
+                bases[dep] = self.verify(self.root / dep)
             except CheckpointCorrupt as exc:
                 raise CheckpointCorrupt(f"{path}: its base {dep} is unusable ({exc})") from None
 
-        def base_tensor(name: str, key: str) -> torch.Tensor:
+        def base_tensor(name: str, key: str, digest: str) -> torch.Tensor:
             if name not in meta.get("depends_on", []):
                 raise ValueError(f"a row table refers to {name}, which the manifest does not list")
+            # The base verified above is this one, not another history's checkpoint of the same
+            # name (one copied from another machine would mix both tables, silently).
+            if digest != bases[name]["files"][STATE_TENSORS]["sha256"]:
+                raise ValueError(f"a row table was written against another {name} (another lineage)")
             with safe_open(str(self.root / name / STATE_TENSORS), framework="pt", device=str(map_location)) as fh:
                 return fh.get_tensor(key)
 

@@ -34,18 +34,22 @@ FORMAT = 1
 
 @dataclass(frozen=True)
 class RowBase:
-    """A row table written in full: which checkpoint, at which version, under which keys."""
+    """A row table written in full: which checkpoint, at which version, under which keys, and
+    the sha256 of that checkpoint's tensor file (a delta names it: a base of the same name from
+    another history, a machine's copied-in checkpoint, is then told apart and refused)."""
 
     checkpoint: str
     lineage: str
     version: int
     keys: dict[str, str]
+    digest: str = ""
 
 
 # Given where a row table sits in the tree and the table, the base to write it against (or None: in full).
 ChooseBase = Callable[[str, RowTable], "RowBase | None"]
-# Fetches tensor ``key`` of checkpoint ``name``'s training state.
-BaseTensor = Callable[[str, str], torch.Tensor]
+# Fetches tensor ``key`` of checkpoint ``name``'s training state, whose tensor file must have
+# sha256 ``digest`` (else ValueError: the delta was not written against this base).
+BaseTensor = Callable[[str, str, str], torch.Tensor]
 
 
 def pack(
@@ -75,7 +79,7 @@ def pack(
         return {"__rows__": {
             "ids": put(ids),
             "tensors": {name: put(t.index_select(0, ids.to(t.device))) for name, t in x.tensors.items()},
-            "base": {"checkpoint": base.checkpoint, "keys": base.keys},
+            "base": {"checkpoint": base.checkpoint, "keys": base.keys, "digest": base.digest},
         }}
 
     def enc(x: Any, where: str) -> Any:
@@ -122,7 +126,8 @@ def unpack(tensors: dict[str, torch.Tensor], skeleton: dict[str, Any], base_tens
             raise ValueError("a row table's changed rows do not match its base")
         full = {}
         for name, rows in own.items():
-            t = base_tensor(str(base["checkpoint"]), str(base["keys"][name])).to(rows.device)
+            t = base_tensor(str(base["checkpoint"]), str(base["keys"][name]), str(base.get("digest", ""))).to(
+                rows.device)
             if t.dtype != rows.dtype or t.shape[1:] != rows.shape[1:] or len(rows) != len(ids) or (
                     len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= len(t))):
                 raise ValueError(f"the changed rows of {name!r} do not fit its base")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -224,6 +225,41 @@ class TestRowTables:
         ck = store.load_latest()
         assert ck is not None and ck.path.name == "step-0000000001"
         assert float(ck.state["rows"].tensors["table"][0, 0]) == 1.0
+
+    def test_a_delta_of_another_lineage_is_refused(self, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        """Two machines each write a whole table at step 1 and its changed rows after; one
+        machine's delta copied into the other's folder names a base "step-0000000001" that is
+        not the one it was written against: refused, and the miner falls back to its own."""
+        here, there = CheckpointStore(tmp_path / "a", keep=3), CheckpointStore(tmp_path / "b", keep=3)
+        for store, value in ((here, 1.0), (there, 9.0)):
+            table, changes = torch.full((self.N, 8), value), RowChanges(self.N)
+            self.save_rows(store, 1, table, changes)
+            self.touch(table, changes, [5], value + 1)
+            self.save_rows(store, 2 if store is here else 3, table, changes)
+        shutil.copytree(tmp_path / "b" / "step-0000000003", tmp_path / "a" / "step-0000000003")
+        with pytest.raises(CheckpointCorrupt, match="another lineage"):
+            here.load(tmp_path / "a" / "step-0000000003")
+        ck = here.load_latest()
+        assert ck is not None and ck.path.name == "step-0000000002"
+        rows = ck.state["rows"].tensors["table"]
+        assert float(rows[0, 0]) == 1.0 and float(rows[5, 0]) == 2.0  # its own history only
+
+    def test_a_delta_without_its_bases_digest_is_refused(self, tmp_path: Path) -> None:
+        store = CheckpointStore(tmp_path, keep=3)
+        table, changes = torch.zeros(self.N, 8), RowChanges(self.N)
+        self.save_rows(store, 1, table, changes)
+        self.touch(table, changes, [5], 2.0)
+        path = self.save_rows(store, 2, table, changes)
+        skeleton_path = path / "train_state.json"
+        skeleton = json.loads(skeleton_path.read_text())
+        del skeleton["tree"]["__dict__"][0][1]["__rows__"]["base"]["digest"]
+        skeleton_path.write_text(json.dumps(skeleton))
+        manifest = json.loads((path / "manifest.json").read_text())
+        manifest["files"]["train_state.json"] = {"size": skeleton_path.stat().st_size,
+                                                 "sha256": hashlib.sha256(skeleton_path.read_bytes()).hexdigest()}
+        (path / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(CheckpointCorrupt, match="another lineage"):
+            store.load(path)
 
     @pytest.mark.parametrize("tamper", ["ids out of range", "base not listed", "a path as base"])
     def test_tampered_deltas_are_refused(self, tmp_path: Path, tamper: str) -> None:
