@@ -146,7 +146,7 @@ class CheckpointStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         for where, base in written.items():  # only now: a failed save is no base
-            self._bases[where] = replace(base, checkpoint=final.name, digest=files[STATE_TENSORS]["sha256"])
+            self._bases[where] = replace(base, checkpoint=final.name, digest=str(files[STATE_TENSORS]["sha256"]))
         self._prune()
         return final
 

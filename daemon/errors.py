@@ -15,3 +15,9 @@ class CorruptState(RuntimeError):
 
     def line(self) -> str:
         return f"corrupt state: {self}; {self.remedy}"
+
+
+class TrainingDiverged(RuntimeError):
+    """Training cannot take a finite step even from the last good checkpoint: the runner ends
+    with exit 1 and one line, for the supervisor to start it afresh (a loop of restores that
+    never trains would look alive forever)."""

@@ -63,6 +63,9 @@ class MinerState:
     last_checkpoint_time: float | None = None
     checkpoint_bytes: int | None = None  # room one checkpoint may take (the largest kept)
     not_ready_reason: str | None = None  # e.g. waiting for disk space; /readyz says it
+    # Training goes on but is not healthy (restored after non-finite steps, no finite step since):
+    # /livez answers 503 with it, whatever the heartbeat says.
+    live_problem: str | None = None
     requests_shed: int = 0  # API requests answered 429 for being over the request budget
     diagnostics: dict[str, Any] = field(default_factory=dict)
     controls: Controls = field(default_factory=Controls)

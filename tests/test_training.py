@@ -9,8 +9,10 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from daemon.checkpoint import CheckpointStore
+from daemon.engine.outer import OuterOptimizer, update_problem
 from daemon.engine.protocols import EvalPoint
 from daemon.engine.trainer import Trainer
+from daemon.errors import TrainingDiverged
 from daemon.gpu import GpuProbe
 from daemon.metrics import build_core_metrics
 from daemon.run.build import Run
@@ -163,6 +165,66 @@ class TestSteps:
         t.inner_step()
         assert t.progress.global_step == 5 and t.progress.nonfinite_in_row == 0
         assert all(torch.equal(good[k], v) for k, v in params(t).items())
+
+
+class TestPoison:
+    """A poisoned state is never saved, never applied, and never looped on for ever."""
+
+    def test_a_restore_that_cannot_train_ends_the_run(self, tmp_path: Path) -> None:
+        run, _, state = build(tmp_path, "train.max_steps=5", "train.max_nonfinite_in_row=2")
+        t, task = run.trainer, run.task
+        t.run()
+        t.checkpoint("stop")
+        real_loss = task.loss
+        task.loss = lambda model, batch, step: torch.tensor(float("nan"), requires_grad=True)  # type: ignore
+        t.inner_step()
+        t.inner_step()  # the second in a row: the last good checkpoint is restored
+        assert state.live_problem is not None and "restored" in state.live_problem
+        t.inner_step()
+        with pytest.raises(TrainingDiverged, match="again after restoring"):
+            t.inner_step()
+        # A finite step after a restore is recovery: the flag and /livez's reason go.
+        run2, _, state2 = build(tmp_path / "b", "train.max_steps=5", "train.max_nonfinite_in_row=2")
+        run2.trainer.run()
+        run2.trainer.checkpoint("stop")
+        run2.task.loss = lambda model, batch, step: torch.tensor(float("nan"), requires_grad=True)  # type: ignore
+        run2.trainer.inner_step()
+        run2.trainer.inner_step()
+        assert state2.live_problem is not None
+        run2.task.loss = real_loss  # type: ignore[method-assign]
+        assert run2.trainer.inner_step() == "ok" and state2.live_problem is None
+
+    def test_no_checkpoint_holds_a_non_finite_tensor(self, tmp_path: Path) -> None:
+        from structlog.testing import capture_logs
+
+        run, reg, _ = build(tmp_path, "train.max_steps=3")
+        run.trainer.run()
+        with torch.no_grad():
+            next(run.trainer.model.parameters())[0] = float("nan")
+        with capture_logs() as logs:
+            run.trainer.checkpoint("stop")
+        assert [e["event"] for e in logs if e["event"].startswith("CHECKPOINT REFUSED")], logs
+        assert run.store.checkpoints() == [] and reg.get_sample_value("minerd_checkpoints_total") == 0
+
+    def test_a_non_finite_average_is_not_applied(self) -> None:
+        params = [torch.zeros(3, requires_grad=True)]
+        def poisoned(grads: list[torch.Tensor]) -> None:  # a peer's NaN in the average
+            grads[0].fill_(float("nan"))
+
+        outer = OuterOptimizer(params, lr=0.7, momentum=0.9, reduce=poisoned)
+        with torch.no_grad():
+            params[0].add_(1.0)
+        report = outer.step()
+        assert report["committed"] is False and "not finite" in report["error"]
+        assert torch.equal(outer.anchor[0], torch.zeros(3))  # the anchor stays where it was
+
+    def test_update_problem(self) -> None:
+        ok = [torch.ones(4)]
+        assert update_problem(ok, 2.0, 10) is None
+        assert "over 10 times" in str(update_problem([torch.full((4,), 100.0)], 2.0, 10))
+        assert update_problem([torch.full((4,), 100.0)], 2.0, 0) is None  # the norm check off
+        assert update_problem([torch.full((4,), 100.0)], 0.0, 10) is None  # nothing of its own to compare
+        assert "not finite (1 values)" in str(update_problem([torch.tensor([1.0, float("inf")])], 2.0, 10))
 
 
 @pytest.mark.slow

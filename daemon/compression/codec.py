@@ -7,8 +7,8 @@ each block into the 2-D DCT-II domain (orthonormal, so the inverse is the transp
 where a pseudo-gradient's energy gathers in few coefficients; then the ``keep`` share of
 each block's values with the largest magnitude is kept, with its index inside the block
 (int16: a block holds at most 181 x 181 values, the limit on ``compression.block``). With
-``quantize``, the kept values are int8 with one float scale per block. Vectors and small tensors (biases, norms: a few hundred
-values) are sent dense. ``none`` sends everything dense.
+``quantize``, the kept values are int8 with one float scale per block. Vectors and small
+tensors (biases, norms: a few hundred values) are sent dense. ``none`` sends everything dense.
 
 An encoding is a flat dict of tensors (safetensors-ready: no pickle) plus a JSON header
 naming the codec, its parameters and each tensor's shape and layout.

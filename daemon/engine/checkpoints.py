@@ -1,7 +1,9 @@
 """The trainer's checkpoints: when one is due, writing it, and the room one takes.
 
 Only the main rank writes; every rank reads the one it resumes from. A full disk skips a
-checkpoint with one ``DISK FULL`` line (the previous one stays) until the next is due.
+checkpoint with one ``DISK FULL`` line (the previous one stays) until the next is due. A
+state holding a non-finite tensor is never written: restoring "the last good checkpoint"
+must give a state that can train, not the poison again.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from daemon import disk
 from daemon.checkpoint import Checkpoint, CheckpointStore
 from daemon.config import CheckpointConfig
 from daemon.metrics import CoreMetrics
+from daemon.rowtable import RowTable
 from daemon.state import MinerState
 
 log = structlog.get_logger("minerd.train")
@@ -36,6 +39,7 @@ class Checkpoints:
         self.metrics = metrics
         self.on_disk_full = on_disk_full
         self._global_step: int | None = None  # of the newest checkpoint written or read
+        self.refused = 0  # checkpoints not written for holding non-finite tensors
         self._monotonic: float | None = None  # when this process last wrote one
 
     def due(self, global_step: int) -> bool:
@@ -76,6 +80,13 @@ class Checkpoints:
         assert self.store is not None
         t0 = time.perf_counter()
         weights, training, meta = contents()
+        bad, total = nonfinite({"model": weights, "state": training})
+        if bad:
+            self.refused += 1
+            log.error(f"CHECKPOINT REFUSED: {len(bad)} of {total} tensors are not finite ({', '.join(bad[:3])}"
+                      f"{', ...' if len(bad) > 3 else ''}); the last good checkpoint stays", global_step=global_step,
+                      reason=reason)
+            return
         path = self.store.save(global_step, weights, training, {**meta, "reason": reason})
         self.state.checkpoint_bytes = self.room(weights)
         self._global_step = global_step
@@ -87,3 +98,28 @@ class Checkpoints:
                  seconds=round(time.perf_counter() - t0, 3),
                  bytes=sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
                  depends_on=self.store.depends_on(path) or None)
+
+
+def nonfinite(tree: Any, where: str = "") -> tuple[list[str], int]:
+    """(where the floating tensors with a NaN or an infinity sit, how many floating tensors)."""
+    bad: list[str] = []
+    total = 0
+
+    def walk(x: Any, at: str) -> None:
+        nonlocal total
+        if isinstance(x, RowTable):
+            walk(x.tensors, at)
+        elif isinstance(x, torch.Tensor):
+            if x.is_floating_point():
+                total += 1
+                if not bool(torch.isfinite(x).all()):
+                    bad.append(at)
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, f"{at}.{k}" if at else str(k))
+        elif isinstance(x, list | tuple):
+            for i, v in enumerate(x):
+                walk(v, f"{at}[{i}]")
+
+    walk(tree, where)
+    return bad, total

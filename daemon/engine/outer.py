@@ -10,6 +10,7 @@ or under DDP, an averaging all-reduce over the torchrun ranks (DiLoCo).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,6 +21,29 @@ Reduce = Callable[[list[torch.Tensor]], "dict[str, float] | None"]
 
 
 def identity_reduce(_: list[torch.Tensor]) -> None:
+    return None
+
+
+def norm(tensors: Sequence[torch.Tensor]) -> float:
+    return float(sum(float(t.float().pow(2).sum()) for t in tensors)) ** 0.5
+
+
+def update_problem(reduced: Sequence[torch.Tensor], local_norm: float, max_ratio: float = 0.0) -> str | None:
+    """Why an averaged pseudo-gradient must not be applied, or None.
+
+    Not finite: one peer's NaN would otherwise be committed and checkpointed by everyone.
+    With ``max_ratio`` > 0, a norm over ``max_ratio`` times this replica's own: an average of
+    honest peers' updates is no longer than the longest of them, so a far longer one means a
+    peer sent something else (a replica with nothing trained yet, local norm 0, has nothing to
+    compare with and checks finiteness only).
+    """
+    total = norm(reduced)
+    if not math.isfinite(total):
+        bad = sum(int((~torch.isfinite(t)).sum()) for t in reduced)
+        return f"the averaged update is not finite ({bad} values)"
+    if max_ratio > 0 and local_norm > 0 and total > max_ratio * local_norm:
+        return (f"the averaged update's norm {total:.4g} is over {max_ratio:g} times this replica's own "
+                f"({local_norm:.4g})")
     return None
 
 
@@ -43,9 +67,14 @@ class OuterOptimizer:
     @torch.no_grad()
     def step(self) -> dict[str, Any]:
         """Apply one outer step; returns the reduced pseudo-gradient's L2 norm
-        (``pseudo_grad_norm``) and whatever the reduction reported."""
+        (``pseudo_grad_norm``) and whatever the reduction reported. A reduced pseudo-gradient
+        that is not finite is not applied: the anchor stays, and the round's progress goes
+        with the next outer step (every rank sees the same average, so all of them skip it)."""
         grads = self.pseudo_gradient()
         report = self.reduce(grads) or {}
+        problem = update_problem(grads, 0.0)
+        if problem is not None:
+            return {"committed": False, "error": problem, **report}
         return {**self.apply(grads), **report}
 
     def pseudo_gradient(self) -> list[torch.Tensor]:

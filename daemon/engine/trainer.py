@@ -43,6 +43,7 @@ from daemon.engine.protocols import (
     Task,
 )
 from daemon.engine.sampler import EpochSampler
+from daemon.errors import TrainingDiverged
 from daemon.metrics import CoreMetrics
 from daemon.state import MinerState
 from daemon.telemetry import StepReporter, Throughput
@@ -110,6 +111,7 @@ class Trainer:
                                        parts.on_disk_full)
         self._lr = 0.0  # of the inner step under way
         self._grad_scale = 1.0  # the loss scale of the last applied inner step's gradients
+        self._restored_without_progress = False  # restored after non-finite steps, none finite since
 
     # ---- set-up -----------------------------------------------------------
     def _amp_dtype(self) -> torch.dtype | None:
@@ -307,6 +309,9 @@ class Trainer:
         if any_rank(not math.isfinite(loss_value), p.device):
             return self._nonfinite(loss_value)
         c.nonfinite_in_row = 0
+        if self._restored_without_progress:
+            self._restored_without_progress = False
+            self.state.live_problem = None
         if self.cfg.train.grad_clip > 0:
             self.scaler.unscale_(p.optimizer)
             nn.utils.clip_grad_norm_(p.model.parameters(), self.cfg.train.grad_clip)
@@ -362,7 +367,13 @@ class Trainer:
         self.metrics.nonfinite_steps.inc()
         log.warning("non-finite loss: inner step skipped", loss=str(loss_value),
                     in_a_row=c.nonfinite_in_row, global_step=c.global_step)
-        if c.nonfinite_in_row >= self.cfg.train.max_nonfinite_in_row:
+        limit = self.cfg.train.max_nonfinite_in_row
+        if c.nonfinite_in_row >= limit:
+            if self._restored_without_progress:
+                # Restoring again would loop for ever while looking alive: end the process instead.
+                raise TrainingDiverged(f"{limit} non-finite inner steps in a row again after restoring the last "
+                                       "good checkpoint: no finite step is possible from it; exiting for a fresh "
+                                       "start")
             ckpt = self.checkpoints.latest(p.device)
             if ckpt is None:
                 log.error("non-finite losses in a row and no checkpoint to restore; continuing")
@@ -371,7 +382,11 @@ class Trainer:
                 self._restore(ckpt)
                 log.error("non-finite losses in a row: restored the last good checkpoint",
                           path=str(ckpt.path), global_step=self.c.global_step)
-        self.state.beat()
+            self._restored_without_progress = True
+            self.state.live_problem = (f"{limit} non-finite inner steps in a row; restored, and no finite step "
+                                       "since")
+        # A skipped step is no progress: the heartbeat is left alone (the watchdog still sees a
+        # loop of them as a stall).
         return "nonfinite"
 
     def _after_step(self, lr: float, loss: float, seconds: float, samples: int) -> None:

@@ -18,7 +18,7 @@ from api.server import ApiServer
 from daemon import diagnostics, disk
 from daemon.config import Config, ConfigError
 from daemon.distributed import Launch, destroy_process_group, init_process_group
-from daemon.errors import CorruptState
+from daemon.errors import CorruptState, TrainingDiverged
 from daemon.gpu import GpuProbe
 from daemon.logsetup import bind_process_fields, configure_logging
 from daemon.metrics import build_core_metrics
@@ -107,6 +107,9 @@ def run(cfg: Config) -> int:
         code = EXIT_CONFIG
     except _StoppedWhileWaiting:
         log.info("stop requested while waiting for disk space")
+    except TrainingDiverged as exc:
+        log.error(f"TRAINING DIVERGED: {exc}", global_step=state.global_step)
+        code = EXIT_FAILURE
     except CorruptState as exc:
         # A file on disk is broken: restarting would read it again and fail again (exit 2 is not
         # restarted by the pm2 and systemd files shipped here).

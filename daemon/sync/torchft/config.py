@@ -27,6 +27,10 @@ class FtConfig(Section):
     )
     connect_timeout_seconds: float = Field(10, gt=0, le=3600, description="one try to reach the lighthouse")
     sync_attempts: int = Field(3, ge=1, le=100, description="tries of one outer step before it is left for the next")
+    max_update_norm: float = Field(
+        10, ge=0, le=1e6, description="an averaged update longer than this many times this replica's own is voted "
+        "down (0 = off; non-finite ones always are)"
+    )
 
     @field_validator("lighthouse")
     @classmethod

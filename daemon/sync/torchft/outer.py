@@ -44,7 +44,7 @@ import torch.distributed as dist
 
 from daemon.config import Config, ConfigError
 from daemon.distributed import copy_flat_into
-from daemon.engine.outer import OuterOptimizer, Reduce, identity_reduce
+from daemon.engine.outer import OuterOptimizer, Reduce, identity_reduce, norm, update_problem
 from daemon.engine.protocols import StateExchange, StopSignal
 from daemon.state import MinerState
 from daemon.sync.torchft.config import FtConfig
@@ -60,6 +60,10 @@ TIE_PATIENCE_SECONDS = 15.0
 
 class ConfigMismatch(Exception):
     """A peer's training config is not ours."""
+
+
+class PoisonedUpdate(Exception):
+    """The quorum's averaged update is not one to apply (not finite, or far too long)."""
 
 
 class FtOuterOptimizer(OuterOptimizer):
@@ -239,7 +243,14 @@ class FtOuterOptimizer(OuterOptimizer):
             grads = self.pseudo_gradient()  # after the quorum: a recovery there replaced the weights
             self.reduce(grads)  # the group's own ranks first (torchrun); the identity alone
             flat = torch.cat([g.reshape(-1) for g in grads])
+            local_norm = norm([flat])
             mgr.allreduce(flat).wait()  # the average over the quorum; a failure is reported by should_commit
+            # A peer's NaN or outsized update is voted down before anyone commits it: an error
+            # reported here makes this replica's should_commit vote no, and the step is applied
+            # nowhere (every member sees the same average, so every honest one votes no).
+            poisoned = update_problem([flat], local_norm, self.ft.max_update_norm)
+            if poisoned is not None:
+                mgr.report_error(PoisonedUpdate(poisoned))
             if mgr.should_commit():
                 copy_flat_into(flat, grads)
                 seconds = time.perf_counter() - t0
