@@ -22,8 +22,11 @@
 // Fault tolerance across machines (ft.enabled): on the one host that runs the torchft
 // lighthouse, set MINERD_LIGHTHOUSE_MIN_REPLICAS and the lighthouse app is listed too:
 //   MINERD_LIGHTHOUSE_MIN_REPLICAS=2 pm2 start ecosystem.config.js --only minerd_lighthouse
-// (MINERD_LIGHTHOUSE_BIND: the address and port, [::]:29510 by default). Each miner then runs
-// with MINERD_FT__ENABLED=true and MINERD_FT__LIGHTHOUSE=http://<that host>:29510.
+// (MINERD_LIGHTHOUSE_BIND: the address and port, [::]:29510 by default; bind it to the private
+// network only: the lighthouse authenticates nobody). Each miner then runs with
+// MINERD_FT__ENABLED=true, MINERD_FT__LIGHTHOUSE=http://<that host>:29510 and
+// MINERD_FT__TOKEN_FILE=<a file holding the groups' shared secret, the same on every machine>
+// (MINERD_FT__HOST and MINERD_FT__PORTS: where the miner listens for its peers).
 'use strict';
 
 const path = require('path');

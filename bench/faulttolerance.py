@@ -44,7 +44,11 @@ class Replica:
     def __init__(self, root: Path, group: int, lighthouse: int) -> None:
         self.state = root / f"r{group}"
         self.log = root / f"r{group}-{time.monotonic_ns()}.log"
+        token = root / "ft.token"  # the group's shared secret, the same file for every replica
+        if not token.exists():
+            token.write_bytes(b"the benchmark group's shared secret")
         sets = [*COMMON, f"paths.state_dir={self.state}", "train.sync=diloco", f"train.inner_steps_per_outer={INNER}",
+                f"ft.token_file={token}",
                 "train.effective_batch_size=128", "train.max_steps=100000000", "ft.enabled=true",
                 f"ft.lighthouse=http://127.0.0.1:{lighthouse}", "ft.host=127.0.0.1", f"ft.replica_group={group}",
                 "ft.min_replicas=2", "ft.quorum_timeout_seconds=10", "ft.timeout_seconds=10",

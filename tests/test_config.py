@@ -325,17 +325,31 @@ class TestHostileInput:
         ("ft.quorum_timeout_seconds=900", "config error: ft.quorum_timeout_seconds: must be under "
                                           "watchdog.stall_seconds (600)"),
         ("ft.host=bad host", "config error: ft.host: must be an IP address or a host name"),
+        ("ft.token_file=", "config error: ft.token_file: is required with ft.enabled: replica groups prove a "
+                           "shared secret"),
+        ("ft.token_file=/dev/zero", "config error: ft.token_file: must be a regular file of 16 to 4096 bytes"),
+        ("ft.token_file={short}", "config error: ft.token_file: must be a regular file of 16 to 4096 bytes"),
+        ("ft.ports=80-90", "config error: ft.ports: must be ports between 1024 and 65535"),
+        ("ft.ports=29600-29601", "config error: ft.ports: must hold at least 3 ports"),
+        ("ft.ports=some", "config error: ft.ports: must be a range of ports, like 29600-29699"),
+        ("ft.max_update_norm=-1", "config error: ft.max_update_norm: input should be greater than or equal to 0"),
     ])
-    def test_fault_tolerance_settings(self, setting: str, expected: str) -> None:
-        (line,) = problems("ft.enabled=true", "ft.lighthouse=http://127.0.0.1:29510", setting)
+    def test_fault_tolerance_settings(self, setting: str, expected: str, tmp_path: Path) -> None:
+        token, short = tmp_path / "token", tmp_path / "short"
+        token.write_bytes(b"0123456789abcdef0123")
+        short.write_bytes(b"1234")
+        (line,) = problems("ft.enabled=true", "ft.lighthouse=http://127.0.0.1:29510", f"ft.token_file={token}",
+                           setting.format(short=short))
         assert line.startswith(expected), line
 
     @pytest.mark.parametrize("sync", ["ddp", "diloco"])
-    def test_fault_tolerance_under_torchrun(self, sync: str) -> None:
+    def test_fault_tolerance_under_torchrun(self, sync: str, tmp_path: Path) -> None:
         # A torchrun job is one replica group: DDP or DiLoCo inside it, torchft's DiLoCo across groups.
+        (tmp_path / "token").write_bytes(b"0123456789abcdef0123")
         cfg = load_config(None, ["ft.enabled=true", "ft.lighthouse=http://127.0.0.1:29510",
+                                 f"ft.token_file={tmp_path / 'token'}", "ft.ports=29600-29699",
                                  "train.effective_batch_size=32", f"train.sync={sync}"], environ={}, world_size=2)
-        assert cfg.ft.enabled and cfg.train.sync == sync
+        assert cfg.ft.enabled and cfg.train.sync == sync and cfg.ft.ports == "29600-29699"
 
     def test_outer_compression_needs_diloco(self) -> None:
         (line,) = problems("train.sync=ddp", "train.outer_compression=dct_topk")

@@ -6,6 +6,7 @@ differs is refused; a lighthouse that is not up yet is waited for, not crash-loo
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import signal
@@ -18,7 +19,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import torch
 
+from daemon.checkpoint import CheckpointStore
 from daemon.logsetup import json_records
 from tests.conftest import ROOT, MinerProcess, free_port, get_json, small_sets
 
@@ -45,8 +48,20 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(10)
 
 
+TOKEN = b"the group's shared secret, 42 bytes long."
+
+
+def token_file(folder: Path, content: bytes = TOKEN) -> Path:
+    path = folder / ("ft.token" if content == TOKEN else f"ft-{hashlib.sha256(content).hexdigest()[:8]}.token")
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    return path
+
+
 def replica_sets(state: Path, lighthouse: int, group: int, *extra: str) -> list[str]:
     return small_sets(state, "ft.enabled=true", f"ft.lighthouse=http://127.0.0.1:{lighthouse}",
+                      f"ft.token_file={token_file(state.parent)}",
                       "ft.host=127.0.0.1", f"ft.replica_group={group}", "ft.min_replicas=2",
                       "ft.quorum_timeout_seconds=5", "ft.timeout_seconds=5", "ft.connect_timeout_seconds=2",
                       "train.inner_steps_per_outer=5", "train.max_steps=1000000", "telemetry.param_digest=true",
@@ -146,11 +161,11 @@ class TestReplicaGroups:
 
 
 class TestLighthouseDown:
-    def test_waits_not_ready_then_trains_then_leaves_a_group_of_another_config(self, tmp_path: Path,
+    def test_waits_not_ready_then_trains_then_refuses_groups_of_another_config(self, tmp_path: Path,
                                                                               miner_factory) -> None:
         port, api = free_port(), free_port()
         state = tmp_path / "r0"
-        # Another model than the two groups that join it later: when they do, they are the majority.
+        # Another model than the two groups that join it later.
         sets = replica_sets(state, port, 5, "ft.min_replicas=1", "twotower.hidden_dim=48")
         sets = [s for s in sets if not s.startswith("api.port=")] + [f"api.port={api}"]
         m = miner_factory(state, sets)
@@ -171,19 +186,85 @@ class TestLighthouseDown:
             with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
                 body = resp.read().decode()
             assert "minerd_ft_participants 1.0" in body and 'minerd_ft_outer_syncs_total{result="committed"}' in body
-            # Two groups of another config join. The lone one is ahead, so they would recover from it:
-            # they refuse its state instead, and it, the minority, leaves with one line.
+            # Two groups of another config join, outnumbering it. Nobody leaves: each side refuses the
+            # other's updates and state, says so once, and trains on alone.
             pair = [miner_factory(tmp_path / f"p{i}", replica_sets(tmp_path / f"p{i}", port, i, "ft.min_replicas=1"))
                     for i in range(2)]
-            assert m.wait(90) == 2, m.text()[-3000:]
-            refused = [e for e in m.events() if "refused to join the group" in str(e.get("event", ""))]
-            assert len(refused) == 1 and "2 of its 3 replica groups" in refused[0]["event"], m.text()[-3000:]
-            assert "Traceback" not in m.text()
+
+            def refusing(x: MinerProcess) -> list[dict]:
+                return [e for e in x.events() if str(e.get("event", "")).startswith(
+                    "FT REFUSED: replica groups of another training config are in the quorum")]
+
+            wait_until(lambda: refusing(m) and all(refusing(p) for p in pair), 90, "each side refusing the other",
+                       m, *pair)
+            step = get_json(f"{url}/status")[1]["global_step"]
+            wait_until(lambda: get_json(f"{url}/status")[1]["global_step"] > step + 10, 60, "training on alone", m)
+            assert len(refusing(m)) == 1 and m.proc.poll() is None, m.text()[-3000:]
+            assert get_json(f"{url}/status")[1]["ft"]["phase"] == "refusing_peers"
+            assert "Traceback" not in m.text() and "refused to join" not in m.text()
+            # Its operator stops it: the pair trains together, never having taken its state.
+            m.signal(signal.SIGINT)
+            assert m.wait(60) == 0, m.text()[-3000:]
             wait_until(lambda: all(any(e.get("participants") == 2 for e in committed(p)) for p in pair), 90,
                        "the two groups training together without it", *pair)
+            # A pair member behind the other recovers from it, once the other config is gone: never before.
+            gone = next(e["timestamp"] for e in m.events() if e.get("event") == "minerd stopped")
             for p in pair:
-                assert not any(e.get("event") == "FT RECOVERED: took the current weights and training state from "
-                               "a live peer" and e.get("global_step", 0) > 0 for e in p.events())
+                assert all(e["timestamp"] > gone for e in p.events()
+                           if str(e.get("event", "")).startswith("FT RECOVERED") and e.get("global_step", 0) > 0)
+                assert p.proc.poll() is None
+        finally:
+            stop(lighthouse)
+
+
+class TestHostilePeers:
+    """Peers with the honest group's config that send poison, or lack its token."""
+
+    def test_a_peer_sending_nan_is_never_committed_nor_saved(self, tmp_path: Path, miner_factory) -> None:
+        port = free_port()
+        lighthouse = start_lighthouse(port, 2, tmp_path / "lighthouse.log")
+        try:
+            honest = miner_factory(tmp_path / "h", replica_sets(tmp_path / "h", port, 0))
+            rogue = miner_factory(tmp_path / "r", replica_sets(tmp_path / "r", port, 1),
+                                  module="tests.scripts.nan_replica")
+
+            def failed(x: MinerProcess) -> list[dict]:
+                return [e for e in x.events() if e.get("event", "").startswith("FT: outer sync attempt failed")
+                        and "not finite" in str(e.get("error"))]
+
+            wait_until(lambda: len(failed(honest)) >= 3, 120, "three outer syncs voted down", honest, rogue)
+            wait_until(lambda: any(e.get("event") == "checkpoint saved" and e["global_step"] >= 20
+                                   for e in honest.events()), 60, "checkpoints after the poison", honest, rogue)
+            assert committed(honest) == []
+            assert not any("TRAINING DIVERGED" in str(e.get("event")) or "restored the last good" in
+                           str(e.get("event")) for e in honest.events())
+            store = CheckpointStore(tmp_path / "h" / "checkpoints", keep=3)
+            for path in store.checkpoints():
+                ck = store.load(path)
+                assert all(bool(torch.isfinite(t).all()) for t in ck.model.values()), path
+        finally:
+            stop(lighthouse)
+
+    def test_a_peer_without_the_token_gets_no_state(self, tmp_path: Path, miner_factory) -> None:
+        port = free_port()
+        lighthouse = start_lighthouse(port, 1, tmp_path / "lighthouse.log")
+        try:
+            honest = miner_factory(tmp_path / "h", replica_sets(tmp_path / "h", port, 0, "ft.min_replicas=1"))
+            wait_until(lambda: len(committed(honest)) >= 2, 90, "the honest group training", honest)
+            other = token_file(tmp_path / "elsewhere", b"not the group's secret, 36 bytes...")
+            sets = [s for s in replica_sets(tmp_path / "s", port, 1, "ft.min_replicas=1")
+                    if not s.startswith("ft.token_file=")] + [f"ft.token_file={other}"]
+            stranger = miner_factory(tmp_path / "s", sets)
+
+            def said(x: MinerProcess, text: str) -> bool:
+                return any(str(e.get("event", "")).startswith("FT REFUSED") and text in str(e["event"])
+                           for e in x.events())
+
+            wait_until(lambda: said(honest, "asked for this replica's state: no valid signature")
+                       and said(stranger, "did not send its state: it refused this replica's token"), 90,
+                       "both sides saying the stranger was refused", honest, stranger)
+            assert not any(str(e.get("event", "")).startswith("FT RECOVERED") for e in stranger.events())
+            assert honest.proc.poll() is None
         finally:
             stop(lighthouse)
 

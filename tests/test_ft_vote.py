@@ -1,12 +1,10 @@
-"""Counting the training configs of a quorum: which replica group leaves when they differ."""
+"""Counting the training configs of a quorum: the foreign ones, refused, whatever their number."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
-import pytest
-
-from daemon.sync.torchft.vote import QuorumWatch, digest_of, replica_id, verdict
+from daemon.sync.torchft.vote import QuorumWatch, digest_of, foreign, replica_id
 
 A, B = "6a72d3291f0c33e5", "0123456789abcdef"
 
@@ -15,21 +13,14 @@ def ids(*digests: str) -> list[str]:
     return [f"{replica_id(d, i)}:5f0c-uuid" for i, d in enumerate(digests)]
 
 
-@pytest.mark.parametrize(("quorum", "expected"), [
-    ((A,), "same"),
-    ((A, A, A), "same"),
-    ((A, A, B), "majority"),
-    ((A, B, B), "minority"),
-    ((A, B), "tie"),
-    ((), "same"),  # this replica alone, whatever the quorum listed
-])
-def test_verdict(quorum: tuple[str, ...], expected: str) -> None:
-    assert verdict(A, ids(*quorum))[0] == expected
+def test_foreign_digests_are_counted_and_mine_is_not() -> None:
+    assert foreign(A, ids(A, A, A)) == {} and foreign(A, []) == {}
+    # Outnumbered or not, a foreign digest is only a refusal: nothing here decides who leaves.
+    assert foreign(A, ids(A, B, B)) == {B: 2} and foreign(A, ids(A, A, B)) == {B: 1}
+    assert foreign(A, [*ids(A), "someone-else:uuid"]) == {"?": 1}
 
 
-def test_counts_and_foreign_ids() -> None:
-    standing, counts = verdict(A, [*ids(A, A), "someone-else:uuid"])
-    assert standing == "majority" and counts == {A: 2, "?": 1}
+def test_digests_of_ids() -> None:
     assert digest_of(replica_id(B, 12) + ":x") == B and digest_of("minerd_zz_1") == "?"
 
 

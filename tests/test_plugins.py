@@ -256,12 +256,14 @@ class TestDaemonsOwnChoices:
         ((), 1, "none"),
         (("train.sync=diloco",), 2, "diloco"),
         (("train.sync=ddp",), 2, "none"),
-        (("ft.enabled=true", "ft.lighthouse=http://127.0.0.1:29510"), 1, "torchft"),
-        (("ft.enabled=true", "ft.lighthouse=http://127.0.0.1:29510", "train.sync=ddp"), 2, "torchft"),
+        (("ft.enabled=true", "ft.lighthouse=http://127.0.0.1:29510", "ft.token_file={token}"), 1, "torchft"),
+        (("ft.enabled=true", "ft.lighthouse=http://127.0.0.1:29510", "ft.token_file={token}", "train.sync=ddp"), 2,
+         "torchft"),
     ])
     def test_sync_for(self, tmp_path: Path, sets: tuple[str, ...], world: int, chosen: str) -> None:
-        cfg = CATALOG.load(sets=[f"paths.state_dir={tmp_path}", "train.batch_size=8",
-                                 "train.effective_batch_size=16", *sets], environ={}, world_size=world)
+        (tmp_path / "token").write_bytes(b"0123456789abcdef0123")
+        cfg = CATALOG.load(sets=[f"paths.state_dir={tmp_path}", "train.batch_size=8", "train.effective_batch_size=16",
+                                 *(s.format(token=tmp_path / "token") for s in sets)], environ={}, world_size=world)
         assert CATALOG.sync_for(cfg, world).name == chosen
 
     def test_every_registered_task_has_a_small_job_in_the_tests(self) -> None:

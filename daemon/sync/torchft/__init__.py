@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from daemon.config import Config, problem
 from daemon.plugin.entries import SyncEntry
 from daemon.sync.torchft.config import FtConfig
+from daemon.sync.torchft.tokens import token_problem
 
 if TYPE_CHECKING:
     from daemon.plugin.parts import SyncContext, SyncParts
@@ -25,6 +26,8 @@ def replica(cfg: Config) -> int:
 def validate(cfg: Config, world_size: int) -> list[str]:
     ft, t = FtConfig.of(cfg), cfg.train
     out = []
+    if why := token_problem(ft.token_file):
+        out.append(problem("ft.token_file", why, ft.token_file))
     if not ft.lighthouse:
         out.append(problem("ft.lighthouse", "is required with ft.enabled (http://host:port of torchft_lighthouse)",
                            ft.lighthouse))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 
 from daemon.config import DAY, Section
+from daemon.sync.torchft.net import parse_ports
 from daemon.urls import http_url_problem, is_host
 
 
@@ -19,7 +20,8 @@ class FtConfig(Section):
     enabled: bool = False
     lighthouse: str = Field("", description="the lighthouse's address, http://host:port (torchft_lighthouse --bind)")
     replica_group: int = Field(0, ge=0, le=1_000_000, description="this group's number, unique in the job")
-    host: str = Field("", description="name or address peers reach this replica at; empty = the host name")
+    host: str = Field("", description="the address this replica listens on and peers reach it at; empty = every "
+                      "interface, reached at the host name")
     min_replicas: int = Field(1, ge=1, le=10_000, description="fewest replica groups an outer step may commit with")
     timeout_seconds: float = Field(60, gt=0, le=DAY, description="an outer sync's collectives")
     quorum_timeout_seconds: float = Field(
@@ -27,6 +29,14 @@ class FtConfig(Section):
     )
     connect_timeout_seconds: float = Field(10, gt=0, le=3600, description="one try to reach the lighthouse")
     sync_attempts: int = Field(3, ge=1, le=100, description="tries of one outer step before it is left for the next")
+    token_file: str = Field(
+        "", description="the group's shared secret (16 to 4096 bytes, the same file on every replica group): "
+        "peers prove it before they are handed this replica's state"
+    )
+    ports: str = Field(
+        "", description="ports the state server, the store and the manager server listen on, e.g. 29600-29699 "
+        "(on ft.host); empty = any free port"
+    )
     max_update_norm: float = Field(
         10, ge=0, le=1e6, description="an averaged update longer than this many times this replica's own is voted "
         "down (0 = off; non-finite ones always are)"
@@ -37,6 +47,14 @@ class FtConfig(Section):
     def _lighthouse_url(cls, value: str) -> str:
         if value and http_url_problem(value):
             raise ValueError(f"must be http://host:port ({http_url_problem(value)})")
+        return value
+
+    @field_validator("ports")
+    @classmethod
+    def _port_range(cls, value: str) -> str:
+        parse_ports(value)  # ValueError with its own message
+        if value and len(parse_ports(value) or ()) < 3:
+            raise ValueError("must hold at least 3 ports (the state server, the store, the manager server)")
         return value
 
     @field_validator("host")

@@ -1,12 +1,12 @@
-"""Which training config a quorum runs: every replica group's digest, counted.
+"""Which training configs a quorum runs: every replica group's digest, counted.
 
 A replica group's torchft id is ``minerd_<training digest>_<group>`` (torchft adds
 ``:<uuid>``), so each quorum says which configs its members run. Groups that run
-another model or other data must never be averaged together, and one such group must
-not stop the others: the group whose digest is in the minority leaves (exit 2 with one
-line), the majority goes on without it. With no majority (one group against one), the
-groups refuse each other's updates and say so at each outer step; which config is
-right is for the operator to decide.
+another model or other data must never be averaged together. A digest is what a peer
+says of itself, so no count of them decides anything final: a quorum with a foreign
+digest in it is one this replica takes no update and no state from, and it trains on
+alone until the quorum is clean again (a forged majority cannot make an honest miner
+leave). Which config is right is for the operator to decide.
 """
 
 from __future__ import annotations
@@ -14,12 +14,9 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 REPLICA_ID = re.compile(r"minerd_([0-9a-f]+)_[0-9]+")
-
-Verdict = Literal["same", "majority", "minority", "tie"]
-
 
 def replica_id(digest: str, group: int) -> str:
     return f"minerd_{digest}_{group}"
@@ -31,16 +28,10 @@ def digest_of(rid: str) -> str:
     return m.group(1) if m else "?"
 
 
-def verdict(mine: str, replica_ids: list[str]) -> tuple[Verdict, dict[str, int]]:
-    """Where ``mine`` stands in a quorum of ``replica_ids``, and the count of each digest."""
+def foreign(mine: str, replica_ids: list[str]) -> dict[str, int]:
+    """The digests of a quorum other than ``mine``, each with the number of groups saying it."""
     counts = Counter(digest_of(r) for r in replica_ids)
-    counts[mine] = max(counts[mine], 1)  # this replica, whatever the quorum listed
-    others = max((c for d, c in counts.items() if d != mine), default=0)
-    if others == 0:
-        return "same", dict(counts)
-    if counts[mine] > others:
-        return "majority", dict(counts)
-    return ("minority" if counts[mine] < others else "tie"), dict(counts)
+    return {d: c for d, c in counts.items() if d != mine}
 
 
 class QuorumWatch:
