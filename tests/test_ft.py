@@ -217,6 +217,41 @@ class TestLighthouseDown:
             stop(lighthouse)
 
 
+def listening(pid: int) -> list[tuple[str, int]]:
+    """(address, port) of every TCP socket process ``pid`` listens on (its threads included)."""
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    found = []
+    for line in out.splitlines():
+        if f"pid={pid}," in line:
+            local = line.split()[3]
+            host, _, port = local.rpartition(":")
+            found.append((host.strip("[]"), int(port)))
+    return found
+
+
+class TestWhereItListens:
+    """With ft.host and ft.ports, what the miner opens for its peers is there and nowhere else."""
+
+    def test_host_and_port_range(self, tmp_path: Path, miner_factory) -> None:
+        port, api = free_port(), free_port()
+        first = free_port()
+        ports = range(first + 1, first + 6) if first + 6 < 65535 else range(first - 6, first - 1)
+        lighthouse = start_lighthouse(port, 1, tmp_path / "lighthouse.log")
+        try:
+            sets = [s for s in replica_sets(tmp_path / "r", port, 0, "ft.min_replicas=1")
+                    if not s.startswith("api.port=")] + [f"api.port={api}", f"ft.ports={ports.start}-{ports.stop - 1}"]
+            m = miner_factory(tmp_path / "r", sets)
+            wait_until(lambda: len(committed(m)) >= 2, 90, "outer steps", m)
+            socks = [s for s in listening(m.proc.pid) if s[1] != api]
+            assert all(host == "127.0.0.1" for host, _ in socks), socks
+            # The state server, the group's store and the manager server in the range; gloo's own
+            # listener (the all-reduce between groups) takes a port torch does not let one choose.
+            inside = [p for _, p in socks if p in ports]
+            assert len(inside) == 3 and len(socks) - len(inside) <= 1, socks
+        finally:
+            stop(lighthouse)
+
+
 class TestHostilePeers:
     """Peers with the honest group's config that send poison, or lack its token."""
 
