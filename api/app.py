@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from api.limits import LoadShedder
+from api.limits import LoadShedder, probe_reserve
 from api.models import ControlAccepted, ControlAction, Liveness, Problem, Readiness, Status
 from daemon import __version__
 from daemon.config import ApiConfig, WatchdogConfig
@@ -142,24 +142,37 @@ def create_app(
         version=__version__,
         description="Health, status, diagnostics, Prometheus metrics and controls of a running miner.",
     )
-    app.add_middleware(LoadShedder, rate=api_cfg.requests_per_second, on_shed=state.count_shed_request)
+    app.add_middleware(
+        LoadShedder,
+        rate=api_cfg.requests_per_second,
+        metrics_rate=api_cfg.metrics_requests_per_second or None,
+        control_rate=api_cfg.control_requests_per_second or None,
+        # The rest of api.max_connections is the health probes' (api/limits.py).
+        max_in_flight=api_cfg.max_connections - probe_reserve(api_cfg.max_connections),
+        on_shed=state.count_shed_request,
+    )
 
     @app.get(
         "/livez",
         response_model=Liveness,
-        responses={503: {"model": Liveness, "description": "no training progress for stall_seconds"}},
+        responses={503: {"model": Liveness, "description": "no training progress for stall_seconds, or a "
+                                                           "training loop that is failing (the reason)"}},
         summary="200 while the training heartbeat is fresh",
     )
     async def livez() -> Any:
         age = state.progress_age()
         stalled = age > stall
+        # A loop that makes no progress (restoring after non-finite steps) is not alive either,
+        # whatever the heartbeat says.
+        failing = state.live_problem
         body = Liveness(
-            status="stalled" if stalled else "ok",
+            status="stalled" if stalled else "failing" if failing else "ok",
             progress_age_seconds=age,
             stall_seconds=stall,
             phase=state.phase,
+            reason=failing,
         )
-        return JSONResponse(body.model_dump(), status_code=503) if stalled else body
+        return JSONResponse(body.model_dump(), status_code=503) if stalled or failing else body
 
     @app.get(
         "/readyz",

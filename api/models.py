@@ -19,10 +19,12 @@ class Problem(BaseModel):
 
 
 class Liveness(BaseModel):
-    status: Literal["ok", "stalled"]
+    status: Literal["ok", "stalled", "failing"]
     progress_age_seconds: float = Field(description="seconds since the last training progress (heartbeat)")
     stall_seconds: float = Field(description="watchdog.stall_seconds: older progress means stalled")
     phase: str
+    reason: str | None = Field(None, description="why training is failing though the process runs (status "
+                               "failing): e.g. restored after non-finite steps, none finite since")
 
 
 class Readiness(BaseModel):

@@ -10,7 +10,6 @@ loggers on our structlog pipeline (daemon/logsetup.py).
 from __future__ import annotations
 
 import ipaddress
-import logging
 import threading
 import time
 
@@ -18,17 +17,10 @@ import structlog
 import uvicorn
 from fastapi import FastAPI
 
+from api.connections import guarded_protocol
 from daemon.config import ApiConfig
 
 log = structlog.get_logger(__name__)
-
-
-class _QuietOverload(logging.Filter):
-    """uvicorn logs a warning for every request past its concurrency limit: under a flood, thousands
-    of lines a second. The count is in the metrics instead (answered 503)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.getMessage() != "Exceeded concurrency limit."
 
 
 class ApiStartError(RuntimeError):
@@ -61,6 +53,8 @@ class ApiServer:
     def __init__(self, app: FastAPI, api_cfg: ApiConfig, *, port_offset: int = 0) -> None:
         self._cfg = api_cfg
         port = api_cfg.port + port_offset if api_cfg.port != 0 else 0
+        self._protocol = guarded_protocol(api_cfg.header_timeout_seconds, api_cfg.max_connections)
+        self.connections = self._protocol.guard  # open / waiting / timed-out / evicted counts
         self._config = uvicorn.Config(
             app,
             host=api_cfg.host,
@@ -69,11 +63,13 @@ class ApiServer:
             access_log=False,  # a line per scrape would drown the step lines
             lifespan="off",  # the app has no start-up work; the miner owns the lifecycle
             timeout_graceful_shutdown=2,
-            # A bound on sockets and requests in flight: past it uvicorn answers 503 at once.
-            limit_concurrency=api_cfg.max_connections,
+            # The header deadline and the connection bound (api/connections.py), in place of
+            # uvicorn's limit_concurrency, which answered 503 to the health probes as well once
+            # idle sockets filled it.
+            http=self._protocol,
+            ws="none",
         )
         self._server = uvicorn.Server(self._config)
-        logging.getLogger("uvicorn.error").addFilter(_QuietOverload())
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.port: int | None = None

@@ -289,6 +289,16 @@ class TestStall:
             miner.step()
             assert miner.client.get("/livez").status_code == 200
 
+    def test_livez_503_while_training_fails(self, miner: Miner) -> None:
+        """A loop restoring after non-finite steps beats on, and is not alive all the same."""
+        miner.step()
+        miner.state.live_problem = "2 non-finite inner steps in a row; restored, and no finite step since"
+        r = miner.client.get("/livez")
+        assert r.status_code == 503 and r.json()["status"] == "failing"
+        assert r.json()["reason"].startswith("2 non-finite inner steps")
+        miner.state.live_problem = None
+        assert miner.client.get("/livez").status_code == 200
+
 
 def control(client: httpx.Client, action: str, token: str | None) -> httpx.Response:
     headers = {"Authorization": f"Bearer {token}"} if token is not None else {}

@@ -99,9 +99,25 @@ class ApiConfig(Section):
     port: int = Field(9108, ge=0, le=65535, description="0 = pick a free port (tests)")
     token: SecretStr | None = None
     requests_per_second: float = Field(
-        20, gt=0, le=10_000, description="request budget (the health probes have their own); over it: wait, then 429"
+        20, gt=0, le=10_000, description="request budget of each client address for /status, /diagnostics and "
+        "other routes (the health probes, /metrics and /control/* have their own); over it: wait, then 429"
     )
-    max_connections: int = Field(512, ge=8, le=65_536, description="open connections and requests in flight; over: 503")
+    metrics_requests_per_second: float = Field(
+        0, ge=0, le=10_000, description="request budget of each client address for /metrics; 0 = "
+        "api.requests_per_second"
+    )
+    control_requests_per_second: float = Field(
+        0, ge=0, le=10_000, description="request budget of each client address for /control/*; 0 = "
+        "api.requests_per_second"
+    )
+    max_connections: int = Field(
+        512, ge=8, le=65_536, description="open connections: past it the one waiting longest for its request "
+        "is closed; requests in flight past it less a reserve for the health probes: 503"
+    )
+    header_timeout_seconds: float = Field(
+        5, gt=0, le=60, description="a connection sending no request, or not finishing its headers, within "
+        "this many seconds (from connecting or from the last response) is closed"
+    )
     token_file: str = Field(
         "", description="a file holding the token (a systemd credential: %d/api-token); instead of api.token"
     )
