@@ -263,6 +263,11 @@ class TestHostileInput:
                           environ={})
         assert cfg.train.max_steps == 5 and cfg.mining.enabled is True and cfg.train.amp == "off"
 
+    def test_a_tokenizer_path_is_not_a_secret(self) -> None:
+        """"token" makes a key secret; "tokenizer" does not: its error line names the path."""
+        (line,) = problems("lm.tokenizer=/no/such/tokenizer.json")
+        assert "'/no/such/tokenizer.json'" in line and "*" not in line, line
+
     def test_a_mistyped_secret_key_does_not_echo_its_value(self) -> None:
         (line,) = problems("api.tokn=SECRET-VALUE")
         assert "SECRET-VALUE" not in line and "did you mean 'api.token'?" in line

@@ -185,12 +185,63 @@ BAD_INPUTS = [
     ("lm.corpus={empty}", "lm.corpus: empty"),
     ("lm.corpus={tmp}/doc.pdf", "lm.corpus: unsupported file type .pdf"),
     ("lm.corpus={tmp}/notext.jsonl", 'lm.corpus: line 1 of'),
+    ("lm.corpus={tmp}/loop/**/*.txt", "lm.corpus: the pattern matches no file"),  # ends, links to "." or not
+    ("lm.corpus={tmp}/bomb.parquet", "lm.corpus: row group 1 of"),  # 1.3 GB of text in under 1 KB
+    ("lm.tokenizer={tmp}/gap.json", "lm.tokenizer: the tokenizer can produce token id 5000, but the model has 4"),
+    ("lm.tokenizer={tmp}/remote", "lm.tokenizer: its tokenizer_config.json names code to run (auto_map)"),
     ("lm.vocab_size=100", "lm.vocab_size: input should be greater than or equal to 512"),
     ("lm.seq_len=4096", "lm.seq_len: is over the model's 1024 positions (lm.preset=tiny)"),
     ("lm.init_from={tmp}", "lm.init_from: not a Hugging Face model directory (no config.json)"),
     ("mining.enabled=true", "config error: mining.enabled: hard-negative mining needs train.task=twotower "
                             "(got 'causal_lm')"),
 ]
+
+# The exact line for the two inputs that crashed with exit 1 (a crash loop under a supervisor).
+EXACT_LINES = [
+    ("lm.corpus={tmp}/zerodir", "config error: lm.corpus: {tmp}/zerodir/zero.txt is a character device (a link "
+                                "to /dev/zero), not a regular file: a corpus reads regular files only "
+                                "(got '{tmp}/zerodir')"),
+    ("lm.corpus={tmp}/deep.jsonl", "config error: lm.corpus: line 2 of {tmp}/deep.jsonl nests deeper than the JSON "
+                                   "reader follows (got '" + "[" * 60 + "')"),
+]
+
+
+def bad_files(tmp: Path) -> None:
+    """The bad inputs' files under ``tmp``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    (tmp / "empty").mkdir()
+    (tmp / "doc.pdf").write_bytes(b"%PDF-1.4")
+    (tmp / "notext.jsonl").write_text('{"body": "no text field"}\n')
+    (tmp / "zerodir").mkdir()
+    (tmp / "zerodir" / "a.txt").write_text("text\n" * 100)
+    (tmp / "zerodir" / "zero.txt").symlink_to("/dev/zero")
+    (tmp / "deep.jsonl").write_text('{"text": "fine"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    (tmp / "loop").mkdir()
+    (tmp / "loop" / "one").symlink_to(".")
+    (tmp / "loop" / "two").symlink_to(".")
+    text = pa.DictionaryArray.from_arrays(pa.array([0] * 1300, pa.int32()), pa.array(["x" * 1_000_000]))
+    pq.write_table(pa.table({"text": text}), tmp / "bomb.parquet", compression="zstd")
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "b": 5000}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<eos>"])
+    tok.save(str(tmp / "gap.json"))
+    (tmp / "remote").mkdir()
+    (tmp / "remote" / "tokenizer_config.json").write_text('{"auto_map": {"AutoTokenizer": ["x.Tok", null]}}')
+
+
+def run_bad(tmp: Path, setting: str) -> tuple[subprocess.CompletedProcess[str], list[str], Path]:
+    """`minerd run` on ``setting``: the process, its config error lines (the text of a JSON
+    record's event), and its state directory."""
+    state = tmp / "state"
+    args = [sys.executable, "-m", "daemon", "run", "--set", f"paths.state_dir={state}",
+            "--set", "api.enabled=false", "--set", "telemetry.log_format=json", "--set", setting]
+    out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    errors = [str(json.loads(line)["event"]) if line.startswith("{") else line
+              for line in out.stderr.splitlines() if "config error" in line]
+    return out, errors, state
 
 
 @pytest.mark.integration
@@ -200,16 +251,46 @@ class TestBadInput:
     @pytest.mark.parametrize(("setting", "expected"), BAD_INPUTS, ids=[b[0].split("=")[0] + "-" + str(i)
                                                                         for i, b in enumerate(BAD_INPUTS)])
     def test_exit_2_one_line_nothing_written(self, tmp_path: Path, setting: str, expected: str) -> None:
-        (tmp_path / "empty").mkdir()
-        (tmp_path / "doc.pdf").write_bytes(b"%PDF-1.4")
-        (tmp_path / "notext.jsonl").write_text('{"body": "no text field"}\n')
+        bad_files(tmp_path)
         setting = setting.format(tmp=tmp_path, empty=tmp_path / "empty")
-        state = tmp_path / "state"
-        args = [sys.executable, "-m", "daemon", "run", "--set", f"paths.state_dir={state}",
-                "--set", "api.enabled=false", "--set", "telemetry.log_format=json", "--set", setting]
-        out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        out, errors, state = run_bad(tmp_path, setting)
         assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
-        errors = [line for line in out.stderr.splitlines() if "config error" in line]
         assert len(errors) == 1 and expected in errors[0], out.stderr[-2000:]
         assert "Traceback" not in out.stdout + out.stderr
         assert not state.exists()
+
+    @pytest.mark.parametrize(("setting", "expected"), EXACT_LINES, ids=["dev-zero", "nested-json"])
+    def test_the_exact_line(self, tmp_path: Path, setting: str, expected: str) -> None:
+        bad_files(tmp_path)
+        out, errors, state = run_bad(tmp_path, setting.format(tmp=tmp_path))
+        assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+        assert errors == [expected.format(tmp=tmp_path)], out.stderr[-2000:]
+        assert "Traceback" not in out.stdout + out.stderr
+        assert not state.exists()
+
+
+class TestTokenIds:
+    """A tokenizer that can produce an id past the model's embedding rows is refused when the model is built."""
+
+    def test_a_kept_tokenizer_grown_a_hole_is_refused(self, tmp_path: Path) -> None:
+        from daemon.data.text import corpus, tokenizer
+        from daemon.errors import CorruptState
+        from daemon.run.catalog import load_config
+        from daemon.tasks.causal_lm import text_spec
+        from daemon.tasks.causal_lm.config import LmConfig
+
+        # The tokenizer trained at the first start, then edited: an id past the model's rows
+        # (lm.vocab_size=1024, the tokenizer's length 1025). The text source sizes no model:
+        # the model's own rows decide.
+        sets = small_lm_sets(tmp_path)
+        spec = text_spec(LmConfig.of(load_config(sets=sets, environ={})))
+        tokenizer.load_or_train(spec, corpus.discover(list(spec.corpus)), tmp_path / "lm")
+        path = tmp_path / "lm" / "tokenizer.json"
+        data = json.loads(path.read_text())
+        data["model"]["vocab"]["zzqq"] = 5000
+        path.write_text(json.dumps(data))
+        with pytest.raises(CorruptState) as exc:
+            cpu_run(sets)
+        assert exc.value.line() == (
+            f"corrupt state: {path}: the tokenizer can produce token id 5000, but the model has 1025 embedding rows "
+            "(the model's input embedding): every id must be below 1025; restore the state directory from a backup")

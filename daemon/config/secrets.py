@@ -14,7 +14,8 @@ SECRET_KEYS = frozenset({"api.token"})
 # Words that make a key a secret, alone or inside a name (MINIO_SECRET_KEY, private_key, api-token),
 # in the config (a mistyped key included) and in the text a support bundle gathers.
 SECRET_KEY_WORDS = (
-    r"token|secret|password|passwd|passphrase|credentials?|cookie|session|private[_-]?key|"
+    # "token" but not "tokenizer" (lm.tokenizer names a file, and was masked in its error lines).
+    r"token(?!i[sz])|secret|password|passwd|passphrase|credentials?|cookie|session|private[_-]?key|"
     r"api[_-]?key|access[_-]?key|auth(?:orization)?"
 )
 _SECRET_WORDS = re.compile(SECRET_KEY_WORDS, re.IGNORECASE)

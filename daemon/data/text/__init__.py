@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 
 
 def check(spec: TextSpec) -> list[str]:
-    """The corpus's files are there and of a kind it reads (no file is opened)."""
+    """The corpus's files are there, regular files of a kind it reads, text files within the
+    per-document cap, and not too many (each file is stat'ed; none is opened)."""
     try:
         discover(list(spec.corpus), spec.key("corpus"))
     except ConfigError as exc:

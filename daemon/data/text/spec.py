@@ -15,6 +15,11 @@ class TextSpec:
     init_from: str  # a model directory whose tokenizer to use when ``tokenizer`` is ""
     vocab_size: int  # of the BPE trained on the corpus
     eval_fraction: float  # share of documents held out, chosen by a hash of their key
+    # The input-embedding rows of the model a named tokenizer feeds, when the task knows
+    # them before any model is built (a model to continue from); None: the model is sized
+    # from the tokenizer, one row per token. A named tokenizer producing an id at or above
+    # them is refused before the corpus is tokenised.
+    embedding_rows: int | None = None
 
     def key(self, name: str) -> str:
         return f"{self.section}.{name}"

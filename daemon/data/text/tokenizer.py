@@ -8,7 +8,9 @@ another, remove that file and the checkpoints. The same corpus gives a byte-iden
 ``tokenizer.json``.
 
 A named tokenizer (``lm.tokenizer``: a ``tokenizer.json`` or a Hugging Face tokenizer
-directory) or the one of ``lm.init_from`` is loaded as it is, offline.
+directory) or the one of ``lm.init_from`` is loaded as it is, offline, never running
+code from the directory, and refused when it can produce a token id the model has no
+embedding row for (see ``vocab.py``).
 """
 
 from __future__ import annotations
@@ -24,15 +26,17 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 import daemon.data.text.corpus as corpus
+import daemon.data.text.vocab as vocab
 from daemon import atomic
 from daemon.config import ConfigError, problem
 from daemon.data.text.corpus import Source
 from daemon.data.text.spec import TextSpec
+from daemon.errors import CorruptState
 
 log = structlog.get_logger("minerd.lm")
 
 EOS = "<|endoftext|>"
-TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_FILE = vocab.TOKENIZER_FILE
 META_FILE = "tokenizer.meta.json"
 
 
@@ -55,24 +59,45 @@ def wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS)
 
 
+def max_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The largest id ``tokenizer`` can produce: over its vocabulary and its added tokens
+    (not ``len(tokenizer) - 1``: a vocabulary may have holes)."""
+    ids = [*tokenizer.get_vocab().values(), *getattr(tokenizer, "added_tokens_decoder", {})]
+    return max(ids, default=-1)
+
+
 def _load_named(path: str, key: str) -> PreTrainedTokenizerBase:
+    if why := vocab.named_problem(path):
+        raise ConfigError([problem(key, why, path)])
     p = Path(path).expanduser()
     try:
-        if p.is_file():
-            return PreTrainedTokenizerFast(tokenizer_file=str(p))
         if p.is_dir():
-            return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-    except (OSError, ValueError, TypeError, json.JSONDecodeError) as exc:
-        raise ConfigError([problem(key, f"cannot load a tokenizer from it: {exc}", path)]) from None
-    raise ConfigError([problem(key, "no such file or directory", path)])
+            # Code from a directory never runs (named_problem refused an auto_map already).
+            return AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
+        return PreTrainedTokenizerFast(tokenizer_file=str(p))
+    except Exception as exc:  # the tokenizers library raises a plain Exception for a bad file
+        raise ConfigError([problem(key, f"cannot load a tokenizer from it: {str(exc)[:200]}", path)]) from None
+
+
+def _check_ids(tok: PreTrainedTokenizerBase, spec: TextSpec, key: str, value: str) -> PreTrainedTokenizerBase:
+    """``tok``, or one line when it can produce an id the model has no embedding row for."""
+    if spec.embedding_rows is not None:
+        rows, rows_from = spec.embedding_rows, f"the vocab_size of {spec.key('init_from')}'s config.json"
+    else:
+        rows, rows_from = len(tok), f"one per token of the tokenizer, which has {len(tok)}"
+    if why := vocab.ids_problem(max_token_id(tok), rows, rows_from):
+        raise ConfigError([problem(key, why, value)])
+    return tok
 
 
 def load_or_train(spec: TextSpec, sources: list[Source], folder: Path) -> PreTrainedTokenizerBase:
     """The spec's named tokenizer, or the one trained on the corpus and kept in ``folder``."""
     if spec.tokenizer:
-        return _load_named(spec.tokenizer, spec.key("tokenizer"))
+        key = spec.key("tokenizer")
+        return _check_ids(_load_named(spec.tokenizer, key), spec, key, spec.tokenizer)
     if spec.init_from:
-        return _load_named(spec.init_from, spec.key("init_from"))
+        key = spec.key("init_from")
+        return _check_ids(_load_named(spec.init_from, key), spec, key, spec.init_from)
     path, meta_path = folder / TOKENIZER_FILE, folder / META_FILE
     if path.is_file():
         meta = _read_meta(meta_path)
@@ -83,7 +108,10 @@ def load_or_train(spec: TextSpec, sources: list[Source], folder: Path) -> PreTra
                 f"must not change under it: remove {path} and the checkpoints to train another",
                 spec.vocab_size,
             )])
-        tok = Tokenizer.from_file(str(path))
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as exc:  # the tokenizers library raises a plain Exception for a bad file
+            raise CorruptState(f"{path} does not load as a tokenizer ({str(exc)[:200]})") from None
         if meta.get("corpus") not in (None, corpus.fingerprint(sources)):
             log.warning("the corpus changed since the tokenizer was trained; keeping the tokenizer", path=str(path))
         log.info("tokenizer reused", path=str(path), vocab_size=tok.get_vocab_size())
@@ -107,7 +135,7 @@ def load_or_train(spec: TextSpec, sources: list[Source], folder: Path) -> PreTra
 def _read_meta(path: Path) -> dict[str, object]:
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
 

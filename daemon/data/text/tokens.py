@@ -28,7 +28,7 @@ import daemon.data.text.corpus as corpus
 from daemon import atomic
 from daemon.data.text.corpus import Document, Source
 from daemon.data.text.spec import TextSpec
-from daemon.data.text.tokenizer import tokenizer_digest
+from daemon.data.text.tokenizer import max_token_id, tokenizer_digest
 
 log = structlog.get_logger("minerd.lm")
 
@@ -48,7 +48,9 @@ class Tokens:
 
 
 def _dtype(tokenizer: PreTrainedTokenizerBase) -> np.dtype[Any]:
-    return np.dtype(np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32)
+    # By the largest id, not the length: a vocabulary with holes has ids past its length.
+    top = max(len(tokenizer) - 1, max_token_id(tokenizer))
+    return np.dtype(np.uint16 if top < 1 << 16 else np.uint32)
 
 
 def cache_key(sources: list[Source], tokenizer: PreTrainedTokenizerBase, spec: TextSpec) -> dict[str, Any]:
@@ -76,7 +78,7 @@ def _sha256(path: Path) -> str:
 def _read(folder: Path, key: dict[str, Any]) -> Tokens | None:
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(manifest, dict) or manifest.get("key") != key:
         return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import daemon.data.text.vocab as vocab
 from daemon.config import Config, problem
 from daemon.data.text.spec import TextSpec
 from daemon.plugin.entries import DataRequest, TaskEntry
@@ -25,7 +26,10 @@ if TYPE_CHECKING:
 
 
 def text_spec(lm: LmConfig) -> TextSpec:
-    return TextSpec("lm", tuple(lm.corpus), lm.tokenizer, lm.init_from, lm.vocab_size, lm.eval_fraction)
+    # A model continued from has its embedding rows in its config; a preset's are decided
+    # from the tokenizer (daemon/tasks/causal_lm/build.py).
+    rows = vocab.model_rows(lm.init_from) if lm.init_from else None
+    return TextSpec("lm", tuple(lm.corpus), lm.tokenizer, lm.init_from, lm.vocab_size, lm.eval_fraction, rows)
 
 
 def data(cfg: Config) -> DataRequest:
@@ -38,13 +42,43 @@ def validate(cfg: Config, world_size: int) -> list[str]:
     problems = []
     if lm.init_from and (why := model_dir_problem(lm.init_from)):
         problems.append(problem("lm.init_from", why, lm.init_from))
-    if lm.tokenizer and not Path(lm.tokenizer).expanduser().exists():
-        problems.append(problem("lm.tokenizer", "no such file or directory", lm.tokenizer))
+    if lm.tokenizer and (why := vocab.named_problem(lm.tokenizer)):
+        problems.append(problem("lm.tokenizer", why, lm.tokenizer))
+    if not problems:
+        problems += _token_id_problems(lm)
     positions = max_positions(lm) if not problems else None
     if positions is not None and lm.seq_len > positions:
         origin = "lm.init_from's config" if lm.init_from else f"lm.preset={lm.preset}"
         problems.append(problem("lm.seq_len", f"is over the model's {positions} positions ({origin})", lm.seq_len))
     return problems
+
+
+def _token_id_problems(lm: LmConfig) -> list[str]:
+    """A named tokenizer that can produce an id the model has no embedding row for, where
+    both are known without building the model: the ids of a tokenizer.json against the
+    vocab_size of lm.init_from's config.json, or against the tokenizer's own length for a
+    preset (sized from it). A preset fed a tokenizer directory is checked when it is
+    loaded (transformers may add tokens from the directory's other files)."""
+    key, path = ("lm.tokenizer", lm.tokenizer) if lm.tokenizer else ("lm.init_from", lm.init_from)
+    if not path:
+        return []
+    if not lm.tokenizer and (why := vocab.named_problem(lm.init_from)):
+        return [problem("lm.init_from", why, lm.init_from)]  # the tokenizer of the model's directory
+    try:
+        ids = vocab.file_ids(path)
+    except ValueError as exc:
+        return [problem(key, f"cannot load a tokenizer from it: {str(exc)[:200]}", path)]
+    if ids is None:
+        return []
+    largest, count = ids
+    rows = vocab.model_rows(lm.init_from) if lm.init_from else None
+    if rows is not None:
+        why = vocab.ids_problem(largest, rows, "the vocab_size of lm.init_from's config.json")
+    elif not lm.init_from and Path(path).expanduser().is_file():
+        why = vocab.ids_problem(largest, count, f"one per token of the tokenizer, which has {count}")
+    else:
+        why = None
+    return [problem(key, why, path)] if why else []
 
 
 def build(ctx: BuildContext, text: Any) -> TaskParts:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import daemon.data.text.vocab as vocab
+from daemon.config import ConfigError, problem
 from daemon.data.text.build import TextData
+from daemon.data.text.tokenizer import TOKENIZER_FILE, max_token_id
+from daemon.errors import CorruptState
 from daemon.plugin.parts import BuildContext, TaskParts
 from daemon.tasks.causal_lm.config import LmConfig
 from daemon.tasks.causal_lm.export import HfLayout
-from daemon.tasks.causal_lm.model import build_model, flops_per_token
+from daemon.tasks.causal_lm.model import build_model, embedding_rows, flops_per_token
 from daemon.tasks.causal_lm.task import EVAL_GAUGES, CausalLmTask
 
 
@@ -16,8 +20,18 @@ def build(ctx: BuildContext, text: TextData) -> TaskParts:
     task = CausalLmTask(cfg, text.tokens, tok, ctx.launch.world_size)
     # A trained BPE may stop short of lm.vocab_size on a small corpus; the model keeps
     # the configured size so its shape does not depend on the text.
-    vocab = len(tok) if lm.tokenizer or lm.init_from else max(len(tok), lm.vocab_size)
-    model = build_model(lm, vocab, tok.eos_token_id, ctx.device)
+    vocab_size = len(tok) if lm.tokenizer or lm.init_from else max(len(tok), lm.vocab_size)
+    model = build_model(lm, vocab_size, tok.eos_token_id, ctx.device)
+    # Every id the tokenizer can produce must have an embedding row: a larger one is an
+    # IndexError on a CPU and a device-side assert on a GPU, at the first batch holding it.
+    # The text source refused such a tokenizer already where it could know the rows; here
+    # they are the model's own.
+    if why := vocab.ids_problem(max_token_id(tok), embedding_rows(model), "the model's input embedding"):
+        if lm.tokenizer or lm.init_from:
+            key = "lm.tokenizer" if lm.tokenizer else "lm.init_from"
+            raise ConfigError([problem(key, why, lm.tokenizer or lm.init_from)])
+        # The BPE trained at the first start has no holes: this one was edited since.
+        raise CorruptState(f"{cfg.state_dir / 'lm' / TOKENIZER_FILE}: {why}")
     return TaskParts(
         task=task,
         model=model,
