@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 
 import typer
 
@@ -121,12 +122,16 @@ def status(
 def verify_upload(
     target: str = typer.Argument(..., help="a directory or s3://bucket/prefix"),
     endpoint_url: str = typer.Option("", "--endpoint-url", help="S3-compatible endpoint (R2, MinIO)"),
+    max_params: int | None = typer.Option(None, "--max-params", min=1, help="most parameters a revision without "
+                                          "its weights may describe (default: twice the largest preset's)"),
 ) -> None:
     """Check a published target as a validator would: pointer, manifest, sizes, sha256; a Hugging Face
-    revision must also load offline with from_pretrained and give a finite loss on a fixed text."""
-    from daemon.upload import verify_target
+    revision must also load offline with from_pretrained and give a finite loss on a fixed text. Every
+    file is treated as hostile: reads are bounded, no code of the upload's runs."""
+    from daemon.upload import LIMITS, verify_target
 
-    problems = verify_target(target, endpoint_url or None)
+    limits = replace(LIMITS, params=max_params) if max_params else LIMITS
+    problems = verify_target(target, endpoint_url or None, limits)
     for problem in problems:
         _err(problem)
     if problems:

@@ -16,26 +16,40 @@ feedback belongs to the outer sync (``sync.py``), where what is left out of one 
 otherwise be lost to training.
 
 ``problems`` is what ``minerd verify-upload`` runs on a published artifact: a known codec,
-tensors that add up to the header's layout, indices inside their blocks, finite numbers,
-and shapes that are the model's.
+the model's shapes, exactly the layout the encoder gives each shape, tensors that add up to
+it, indices inside their blocks, and numbers that decode finite. The file is hostile until
+checked: everything its header says is checked against the shapes before a tensor is read,
+tensors are read one at a time, and nothing is decoded (a block of one kept value stands
+for up to 32,761, so decoding is what a small forged file would make expensive): whether
+the decoded values are finite follows from the kept values alone.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
+from safetensors import safe_open
 
 from daemon import atomic
-from daemon.compression.codec import CODECS, FORMAT, Encoded, decode
+from daemon.compression.codec import CODECS, FORMAT, CodecSpec, Encoded, block_layout, keep_count
 from daemon.disk import save_safetensors
 
 TENSORS_FILE = "pseudo_gradient.safetensors"
 HEADER_FILE = "pseudo_gradient.json"
-MAX_HEADER_BYTES = 16 << 20
+# An index inside a block is an int16: a block holds at most 181 x 181 = 32,761 values
+# (compression.block's limit).
+MAX_BLOCK = 181
+# Lines of findings reported for one artifact: a forged header may describe a million tensors.
+MAX_LINES = 20
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+_DTYPES = {"I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "U8": torch.uint8,
+           "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+           "BOOL": torch.bool}
 
 
 def write(enc: Encoded, folder: Path, **about: Any) -> list[str]:
@@ -50,23 +64,57 @@ def header_bytes(header: dict[str, Any]) -> bytes:
     return (json.dumps(header, indent=1, sort_keys=True) + "\n").encode()
 
 
+class TensorFile(Mapping[str, torch.Tensor]):
+    """The tensors of a safetensors file, each read from disk only when asked for; their dtypes
+    and shapes come from the header, so they can be checked before anything is read."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = safe_open(str(path), framework="pt")
+        self._keys = list(self._file.keys())
+
+    def spec(self, key: str) -> tuple[torch.dtype | None, list[int]] | None:
+        if key not in self._keys:
+            return None
+        part = self._file.get_slice(key)
+        return _DTYPES.get(part.get_dtype()), list(part.get_shape())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        return cast(torch.Tensor, self._file.get_tensor(key))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _spec(tensors: Mapping[str, torch.Tensor], key: str) -> tuple[torch.dtype | None, list[int]] | None:
+    if isinstance(tensors, TensorFile):
+        return tensors.spec(key)
+    t = tensors.get(key)
+    return None if t is None else (t.dtype, list(t.shape))
+
+
 def problems(
-    header: Any, tensors: dict[str, torch.Tensor], expected: dict[str, list[int]] | None, complete: bool = True
+    header: Any, tensors: Mapping[str, torch.Tensor], expected: dict[str, list[int]] | None, complete: bool = True
 ) -> list[str]:
-    """What is wrong with an artifact (one line per finding, at most one per parameter);
-    empty when it decodes to finite tensors of the model's shapes. ``expected`` maps the
-    model's parameter names to their shapes (None: not known, shapes are checked against
-    the header alone); with ``complete`` every one of them must be there (off when
-    ``expected`` came from a weights file, which holds buffers too)."""
+    """What is wrong with an artifact (one line per finding, at most one per parameter and
+    ``MAX_LINES`` in all); empty when it decodes to finite tensors of the model's shapes.
+    ``expected`` maps the model's parameter names to their shapes (None: not known, shapes are
+    checked against the header alone); with ``complete`` every one of them must be there (off
+    when ``expected`` came from a weights file, which holds buffers too)."""
     head = _header_problem(header)
     if head:
         return [head]
     found: list[str] = []
     named: set[str] = set()
     layouts: dict[str, Any] = header["tensors"]
+    spec = CodecSpec.of(header["codec"], header["block"], header["keep"], header["quantize"])
     for name, lay in layouts.items():
-        why = _tensor_problem(header, name, lay, tensors, expected)
         named.update(f"{name}.{part}" for part in ("dense", "indices", "values", "scales"))
+        why = _tensor_problem(spec, name, lay, tensors, expected)
         if why:
             found.append(f"tensor {name[:80]!r}: {why}")
     stray = sorted(set(tensors) - named)
@@ -76,25 +124,23 @@ def problems(
         missing = sorted(set(expected) - set(layouts))
         if missing:
             found.append(f"lacks {len(missing)} of the model's parameters, e.g. {missing[0][:80]!r}")
-    if found:
-        return found
-    decoded = decode(Encoded(tensors, header))
-    bad = next((n for n, t in decoded.items() if not bool(torch.isfinite(t).all())), None)
-    return [f"tensor {bad[:80]!r}: decodes to non-finite values"] if bad else []
+    if len(found) > MAX_LINES:
+        found = [*found[: MAX_LINES - 1], f"and {len(found) - MAX_LINES + 1} more findings"]
+    return found
 
 
 def _header_problem(header: Any) -> str | None:
     if not isinstance(header, dict):
         return "header is not a JSON object"
     if header.get("format") != FORMAT:
-        return f"header format {header.get('format')!r} is not {FORMAT}"
+        return f"header format {str(header.get('format'))[:40]} is not {FORMAT}"
     if header.get("codec") not in CODECS:
         return f"unknown codec {str(header.get('codec'))[:40]!r}; known: {', '.join(CODECS)}"
-    if not _is_int(header.get("block")) or not 2 <= header["block"] <= 256:
-        return f"block {header.get('block')!r} is not an integer in 2..256"
+    if not _is_int(header.get("block")) or not 2 <= header["block"] <= MAX_BLOCK:
+        return f"block {str(header.get('block'))[:40]} is not an integer in 2..{MAX_BLOCK}"
     keep = header.get("keep")
     if not isinstance(keep, int | float) or isinstance(keep, bool) or not 0 < keep <= 1:
-        return f"keep {keep!r} is not a share in (0, 1]"
+        return f"keep {str(keep)[:40]} is not a share in (0, 1]"
     if not isinstance(header.get("quantize"), bool):
         return "quantize is not true or false"
     if not isinstance(header.get("tensors"), dict) or not header["tensors"]:
@@ -107,8 +153,7 @@ def _is_int(x: Any) -> bool:
 
 
 def _tensor_problem(
-    header: dict[str, Any], name: str, lay: Any, tensors: dict[str, torch.Tensor],
-    expected: dict[str, list[int]] | None,
+    spec: CodecSpec, name: str, lay: Any, tensors: Mapping[str, torch.Tensor], expected: dict[str, list[int]] | None,
 ) -> str | None:
     if not isinstance(lay, dict):
         return "its layout is not a JSON object"
@@ -119,54 +164,65 @@ def _tensor_problem(
         if name not in expected:
             return "not a parameter of the model"
         if list(expected[name]) != shape:
-            return f"shape {shape} but the model's is {list(expected[name])}"
-    numel = math.prod(shape)
-    if lay.get("layout") == "dense":
-        t = tensors.get(f"{name}.dense")
-        if t is None:
-            return "dense values missing"
-        if t.numel() != numel or not t.is_floating_point():
-            return f"dense values: {t.numel()} {t.dtype} for a shape of {numel}"
-        return None if bool(torch.isfinite(t).all()) else "dense values not finite"
+            return f"shape {str(shape)[:60]} but the model's is {str(list(expected[name]))[:60]}"
+    blocks = block_layout(shape, spec)
+    if blocks is None:
+        if lay.get("layout") != "dense":
+            return f"layout {str(lay.get('layout'))[:40]!r}, but the codec sends a tensor of this shape dense"
+        return _dense_problem(name, math.prod(shape), tensors)
     if lay.get("layout") != "blocks":
-        return f"unknown layout {str(lay.get('layout'))[:40]!r}"
-    return _blocks_problem(header, name, lay, shape, tensors)
+        return f"layout {str(lay.get('layout'))[:40]!r}, but the codec sends a tensor of this shape in blocks"
+    rows, cols, bm, bn = blocks
+    k = keep_count(bm, bn, spec.keep)
+    if lay.get("block") != [bm, bn] or lay.get("k") != k:
+        return f"blocks {str(lay.get('block'))[:40]} keeping {str(lay.get('k'))[:20]}, but the codec cuts a " \
+               f"{rows}x{cols} tensor into blocks of {bm}x{bn} and keeps {k} of each"
+    return _blocks_problem(spec, name, (rows // bm) * (cols // bn), bm * bn, k, tensors)
+
+
+def _dense_problem(name: str, numel: int, tensors: Mapping[str, torch.Tensor]) -> str | None:
+    got = _spec(tensors, f"{name}.dense")
+    if got is None:
+        return "dense values missing"
+    dtype, shape = got
+    if shape != [numel] or dtype is None or not dtype.is_floating_point:
+        return f"dense values: {str(shape)[:40]} {dtype} for a shape of {numel}"
+    return None if bool(torch.isfinite(tensors[f"{name}.dense"]).all()) else "dense values not finite"
 
 
 def _blocks_problem(
-    header: dict[str, Any], name: str, lay: dict[str, Any], shape: list[int], tensors: dict[str, torch.Tensor]
+    spec: CodecSpec, name: str, nblocks: int, size: int, k: int, tensors: Mapping[str, torch.Tensor]
 ) -> str | None:
-    block, k_raw = lay.get("block"), lay.get("k")
-    if not (isinstance(block, list) and len(block) == 2 and all(_is_int(b) and b > 0 for b in block)):
-        return f"block {str(block)[:40]} is not two sizes"
-    bm, bn = block
-    if not isinstance(k_raw, int) or isinstance(k_raw, bool) or not 1 <= k_raw <= bm * bn:
-        return f"k {k_raw!r} is not in 1..{bm * bn}"
-    k = k_raw
-    if len(shape) < 2:
-        return "blocks need at least two dimensions"
-    rows, cols = shape[0], math.prod(shape[1:])
-    if rows % bm or cols % bn or max(bm, bn) > header["block"]:
-        return f"blocks of {bm}x{bn} do not tile {rows}x{cols} within the codec's block {header['block']}"
-    nblocks = (rows // bm) * (cols // bn)
-    idx, vals = tensors.get(f"{name}.indices"), tensors.get(f"{name}.values")
-    if idx is None or vals is None:
-        return "indices or values missing"
-    if idx.dtype != torch.int16 or tuple(idx.shape) != (nblocks, k):
-        return f"indices are {idx.dtype} {list(idx.shape)}, expected int16 [{nblocks}, {k}]"
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= bm * bn):
-        return f"an index lies outside its block of {bm * bn} values (range {int(idx.min())}..{int(idx.max())})"
+    want = torch.int8 if spec.quantize else torch.float32
+    for part, dtype, shape in (("indices", torch.int16, [nblocks, k]), ("values", want, [nblocks, k]),
+                               ("scales", torch.float32, [nblocks])):
+        if part == "scales" and not spec.quantize:
+            continue
+        got = _spec(tensors, f"{name}.{part}")
+        if got is None:
+            return f"{part} missing"
+        if got != (dtype, shape):
+            return f"{part} are {got[0]} {str(got[1])[:40]}, expected {dtype} {shape}"
+    # Sizes and dtypes checked: reading them allocates what the file holds, no more.
+    idx = tensors[f"{name}.indices"]
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
+        return f"an index lies outside its block of {size} values (range {int(idx.min())}..{int(idx.max())})"
     if k > 1 and bool((idx.sort(dim=1).values.diff(dim=1) == 0).any()):
         return "an index repeats within a block"
-    want = torch.int8 if header["quantize"] else torch.float32
-    if vals.dtype != want or tuple(vals.shape) != (nblocks, k):
-        return f"values are {vals.dtype} {list(vals.shape)}, expected {want} [{nblocks}, {k}]"
-    if header["quantize"]:
-        scales = tensors.get(f"{name}.scales")
-        if scales is None or scales.dtype != torch.float32 or tuple(scales.shape) != (nblocks,):
-            return f"scales missing or not float32 [{nblocks}]"
+    del idx
+    vals = tensors[f"{name}.values"]
+    if spec.quantize:
+        scales = tensors[f"{name}.scales"]
         if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
             return "scales not finite and non-negative"
-    elif not bool(torch.isfinite(vals).all()):
-        return "values not finite"
+        top = 128.0 * float(scales.max()) if scales.numel() else 0.0  # |int8| <= 128
+    else:
+        if not bool(torch.isfinite(vals).all()):
+            return "values not finite"
+        top = float(vals.abs().max()) if vals.numel() else 0.0
+    # Decoding puts a block's kept values in place (topk) or multiplies the block by DCT bases
+    # whose entries are at most sqrt(2) in size (dct_topk): no decoded value, nor any partial
+    # sum on the way, exceeds 2 x the sum of the block's |kept values| <= 2 x k x top.
+    if 2.0 * k * top >= FLOAT32_MAX / 2:
+        return f"decodes to values too large for float32 (kept values up to {top:.3g})"
     return None

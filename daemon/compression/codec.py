@@ -17,6 +17,7 @@ naming the codec, its parameters and each tensor's shape and layout.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, Literal, cast
@@ -75,8 +76,9 @@ def dct_basis(n: int) -> torch.Tensor:
     return basis.float()
 
 
-def _layout(shape: torch.Size, spec: CodecSpec) -> tuple[int, int, int, int] | None:
-    """(rows, cols, block rows, block cols) of a tensor sent in blocks; None for dense."""
+def block_layout(shape: Sequence[int], spec: CodecSpec) -> tuple[int, int, int, int] | None:
+    """(rows, cols, block rows, block cols) of a tensor sent in blocks; None for dense. The
+    only layout ``encode`` produces for a shape, so a reader can demand exactly it."""
     if spec.name == "none" or len(shape) < 2 or math.prod(shape) < DENSE_BELOW:
         return None
     rows, cols = shape[0], math.prod(shape[1:])
@@ -102,7 +104,7 @@ def encode(tensors: dict[str, torch.Tensor], spec: CodecSpec) -> Encoded:
     for name, t in tensors.items():
         x = t.detach().float()
         shapes[name] = list(t.shape)
-        lay = _layout(t.shape, spec)
+        lay = block_layout(t.shape, spec)
         if lay is None:
             out[f"{name}.dense"] = x.reshape(-1).contiguous()
             layouts[name] = {"shape": list(t.shape), "layout": "dense"}
@@ -129,28 +131,28 @@ def encode(tensors: dict[str, torch.Tensor], spec: CodecSpec) -> Encoded:
 
 def decode(enc: Encoded, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """The tensors again (lossy); KeyError/ValueError for an encoding that does not add up
-    (``verify.py`` checks a file before it gets here)."""
-    header = enc.header
-    out: dict[str, torch.Tensor] = {}
-    dct = header["codec"] == "dct_topk"
-    for name, lay in header["tensors"].items():
-        shape = torch.Size(lay["shape"])
-        if lay["layout"] == "dense":
-            out[name] = enc.tensors[f"{name}.dense"].to(device, torch.float32).reshape(shape)
-            continue
-        bm, bn = lay["block"]
-        rows, cols = shape[0], math.prod(shape[1:])
-        idx = enc.tensors[f"{name}.indices"].to(device).long()
-        vals = enc.tensors[f"{name}.values"].to(device)
-        if header["quantize"]:
-            vals = vals.float() * enc.tensors[f"{name}.scales"].to(device)[:, None]
-        flat = torch.zeros(idx.shape[0], bm * bn, device=device)
-        flat.scatter_(1, idx, vals.float())
-        blocks = flat.reshape(-1, bm, bn)
-        if dct:
-            blocks = dct_basis(bm).to(device).T @ blocks @ dct_basis(bn).to(device)
-        out[name] = _from_blocks(blocks, rows, cols, bm, bn).reshape(shape)
-    return out
+    (``artifact.problems`` checks a file before it gets here)."""
+    return {name: decode_tensor(enc, name, device) for name in enc.header["tensors"]}
+
+
+def decode_tensor(enc: Encoded, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """One tensor of an encoding: a reader of a large one decodes, uses and frees them one at a time."""
+    header, lay = enc.header, enc.header["tensors"][name]
+    shape = torch.Size(lay["shape"])
+    if lay["layout"] == "dense":
+        return enc.tensors[f"{name}.dense"].to(device, torch.float32).reshape(shape)
+    bm, bn = lay["block"]
+    rows, cols = shape[0], math.prod(shape[1:])
+    idx = enc.tensors[f"{name}.indices"].to(device).long()
+    vals = enc.tensors[f"{name}.values"].to(device)
+    if header["quantize"]:
+        vals = vals.float() * enc.tensors[f"{name}.scales"].to(device)[:, None]
+    flat = torch.zeros(idx.shape[0], bm * bn, device=device)
+    flat.scatter_(1, idx, vals.float())
+    blocks = flat.reshape(-1, bm, bn)
+    if header["codec"] == "dct_topk":
+        blocks = dct_basis(bm).to(device).T @ blocks @ dct_basis(bn).to(device)
+    return _from_blocks(blocks, rows, cols, bm, bn).reshape(shape)
 
 
 class ErrorFeedback:

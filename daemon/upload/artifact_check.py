@@ -1,108 +1,98 @@
-"""What a validator does with a pseudo-gradient artifact: decode it and check it fits the model.
+"""What a validator does with a pseudo-gradient artifact: check it fits the model and decodes.
 
-Run by ``minerd verify-upload`` after the manifest's checksums held. The shapes are
-checked against what the revision says of the model: the weights file's header when the
-weights are there; else ``config.json`` (a Hugging Face model is built from it on the
-meta device: shapes without memory); else ``model_shapes.json``.
+Run by ``minerd verify-upload`` on a revision whose files matched their manifest, in the
+folder they were verified into. What the artifact may decode to is bounded by the model's
+shapes, taken from:
+
+- the weights' safetensors header when the weights are in the revision: the real shapes,
+  backed by the weights' own bytes (the uploader's shape files are not asked);
+- else ``config.json`` (a Hugging Face model built on the meta device: shapes without
+  memory) or ``model_shapes.json``, which the uploader wrote: then the model they describe
+  may have at most ``Limits.params`` parameters in all.
+
+The artifact's header is checked against those shapes before any tensor is read, and the
+tensors are read one parameter at a time (``daemon/compression/artifact.py``).
 """
 
 from __future__ import annotations
 
-import json
-import tempfile
-from pathlib import Path
+import math
 from typing import Any
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
 
 from daemon.compression import artifact
-from daemon.upload.hf_check import HF_CONFIG, _first_line
 from daemon.upload.layout import MODEL_FILE, SHAPES_FILE
-from daemon.upload.revision import read_manifest, read_pointer, safetensors_header
-from daemon.upload.storage import Storage, StorageError
+from daemon.upload.limits import LIMITS, Limits, Refused, first_line, read_json
+from daemon.upload.model_size import HF_CONFIG, model_size, read_config
+from daemon.upload.storage import MANIFEST
+from daemon.upload.verify import Revision, safetensors_header, tensor_shapes
+
+Shapes = dict[str, list[int]]
 
 
-def check_artifact(storage: Storage) -> list[str]:
-    """Problems with the pseudo-gradient of the revision LATEST names; empty without one."""
-    name = read_pointer(storage)
-    manifest = read_manifest(storage, name) if name else None
-    files = (manifest or {}).get("files")
-    if not name or not isinstance(files, dict):
-        return []
-    where = f"{storage.describe()}: {name}"
+def check_artifact(rev: Revision, limits: Limits = LIMITS) -> list[str]:
+    """Problems with the pseudo-gradient of a verified revision; empty without one."""
+    files = rev.files
     has_header, has_tensors = artifact.HEADER_FILE in files, artifact.TENSORS_FILE in files
     if not has_header and not has_tensors:
         return []
     if has_header != has_tensors:
-        return [f"{where}: lists only one of {artifact.HEADER_FILE} and {artifact.TENSORS_FILE}"]
-    try:
-        raw_header = _get(storage, f"{name}/{artifact.HEADER_FILE}", artifact.MAX_HEADER_BYTES)
-        raw_tensors = _get(storage, f"{name}/{artifact.TENSORS_FILE}", None)
-    except (StorageError, ValueError) as exc:
-        return [f"{where}: {exc}"]
-    try:
-        header = json.loads(raw_header)
-    except ValueError as exc:
-        return [f"{where}/{artifact.HEADER_FILE}: not valid JSON: {exc}"]
-    try:
-        tensors = load_safetensors(raw_tensors)
-    except (SafetensorError, ValueError, RuntimeError) as exc:
-        return [f"{where}/{artifact.TENSORS_FILE}: unreadable: {_first_line(exc)}"]
-    expected, complete, why = _model_shapes(storage, name, files)
+        return [f"{rev.where}: lists only one of {artifact.HEADER_FILE} and {artifact.TENSORS_FILE}"]
+    expected, complete, why = model_shapes(rev, limits)
     if why:
-        return [f"{where}: {why}"]
-    found = artifact.problems(header, tensors, expected, complete)
-    return [f"{where}/{artifact.TENSORS_FILE}: {p}" for p in found]
+        return [f"{rev.where}/{why}"]
+    try:
+        header = read_json(rev.folder / artifact.HEADER_FILE, limits.description_bytes, limits.json_depth)
+    except Refused as exc:
+        return [f"{rev.where}/{artifact.HEADER_FILE}: {exc}"]
+    where = f"{rev.where}/{artifact.TENSORS_FILE}"
+    try:
+        tensors = artifact.TensorFile(rev.folder / artifact.TENSORS_FILE)
+        return [f"{where}: {p}" for p in artifact.problems(header, tensors, expected, complete)]
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        return [f"{where}: unreadable: {first_line(exc)}"]
 
 
-def _get(storage: Storage, key: str, cap: int | None) -> bytes:
-    data = storage.get_bytes(key)
-    if data is None:
-        raise ValueError(f"{key}: missing")
-    if cap is not None and len(data) > cap:
-        raise ValueError(f"{key}: {len(data)} bytes, over the {cap} a header may take")
-    return data
-
-
-def _model_shapes(storage: Storage, name: str, files: dict[str, Any]
-                  ) -> tuple[dict[str, list[int]] | None, bool, str | None]:
-    """(parameter name -> shape, whether every one must be in the artifact, a problem)."""
+def model_shapes(rev: Revision, limits: Limits = LIMITS) -> tuple[Shapes | None, bool, str | None]:
+    """(parameter name -> shape, whether every one must be in the artifact, a problem: "<file>: why")."""
+    files = rev.files
     if MODEL_FILE in files:
-        entry = files[MODEL_FILE]
-        size = entry.get("size") if isinstance(entry, dict) else None
-        got = safetensors_header(storage, f"{name}/{MODEL_FILE}", size if isinstance(size, int) else -1)
-        if isinstance(got, str):
-            return None, False, f"{MODEL_FILE}: {got}"
-        return {k: list(v.get("shape", [])) for k, v in got.items() if k != "__metadata__"}, False, None
+        header = safetensors_header(rev.folder / MODEL_FILE, limits)
+        if isinstance(header, str):
+            return None, False, f"{MODEL_FILE}: not a safetensors file: {header}"
+        return tensor_shapes(header), False, None
     if HF_CONFIG in files:
-        return _shapes_from_config(storage, name)
+        config = read_config(rev.folder, limits)
+        if isinstance(config, str):
+            return None, False, f"{HF_CONFIG}: {config}"
+        size = model_size(rev.folder)
+        if isinstance(size, str):
+            return None, False, f"{HF_CONFIG}: {size}"
+        return _bounded(size.params, HF_CONFIG, limits)
     if SHAPES_FILE in files:
         try:
-            shapes = json.loads(_get(storage, f"{name}/{SHAPES_FILE}", artifact.MAX_HEADER_BYTES))
-        except (StorageError, ValueError) as exc:
+            shapes = read_json(rev.folder / SHAPES_FILE, limits.description_bytes, limits.json_depth)
+        except Refused as exc:
             return None, False, f"{SHAPES_FILE}: {exc}"
-        if not isinstance(shapes, dict) or not all(isinstance(v, list) for v in shapes.values()):
+        if not _is_shapes(shapes):
             return None, False, f"{SHAPES_FILE}: not a mapping of names to shapes"
-        return shapes, True, None
-    return None, False, f"nothing to check the pseudo-gradient's shapes against ({MODEL_FILE}, {HF_CONFIG} " \
-        f"or {SHAPES_FILE})"
+        return _bounded(shapes, SHAPES_FILE, limits)
+    return None, False, f"{MANIFEST}: lists nothing to check the pseudo-gradient's shapes against " \
+        f"({MODEL_FILE}, {HF_CONFIG} or {SHAPES_FILE})"
 
 
-def _shapes_from_config(storage: Storage, name: str) -> tuple[dict[str, list[int]] | None, bool, str | None]:
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _is_shapes(shapes: Any) -> bool:
+    return isinstance(shapes, dict) and all(
+        isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v)
+        for v in shapes.values())
 
-    try:
-        raw = _get(storage, f"{name}/{HF_CONFIG}", artifact.MAX_HEADER_BYTES)
-    except (StorageError, ValueError) as exc:
-        return None, False, f"{HF_CONFIG}: {exc}"
-    with tempfile.TemporaryDirectory(prefix="minerd-verify-") as tmp:
-        (Path(tmp) / HF_CONFIG).write_bytes(raw)
-        try:
-            config = AutoConfig.from_pretrained(tmp, local_files_only=True)
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(config)
-        except Exception as exc:  # whatever the library raises, the config is the finding
-            return None, False, f"{HF_CONFIG}: cannot build the model: {_first_line(exc)}"
-    return {n: list(p.shape) for n, p in model.named_parameters()}, True, None
+
+def _bounded(shapes: Shapes, source: str, limits: Limits) -> tuple[Shapes | None, bool, str | None]:
+    """Shapes the uploader described: what the artifact decodes to is at most their total,
+    and that total at most ``limits.params``."""
+    total = sum(math.prod(shape) for shape in shapes.values())
+    if total > limits.params:
+        return None, False, f"{source}: describes {total:,} parameters, over the {limits.params:,} a revision " \
+            "without its weights may describe"
+    return shapes, True, None

@@ -1,24 +1,26 @@
 """What a validator does with a Hugging Face revision: load it offline, run it once.
 
-A revision whose manifest lists ``config.json`` is in the Hugging Face layout. Its
-files are fetched from the target (they are read in place from a local target), then
-``AutoTokenizer.from_pretrained`` and ``AutoModelForCausalLM.from_pretrained`` load
-them with no network, and a forward pass over a fixed text must give a finite loss.
-The optimizer state is not needed for that and is not fetched.
+A revision whose manifest lists ``config.json`` and ``model.safetensors`` is in the Hugging
+Face layout. It is checked in the folder its files were verified into (``verify.py``), so
+what loads is what was hashed. Before anything is allocated, the parameters the config
+describes (counted on the meta device, ``model_size.py``) must be exactly those the weights'
+header holds: ``from_pretrained`` then allocates no more than the weights' own bytes. Then
+``AutoTokenizer.from_pretrained`` and ``AutoModelForCausalLM.from_pretrained`` load it with no
+network and no code of the upload's (``trust_remote_code=False``), and a forward pass over a
+fixed text must give a finite loss.
 """
 
 from __future__ import annotations
 
 import math
-import tempfile
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 from daemon.upload.layout import MODEL_FILE
-from daemon.upload.revision import OPTIMIZER_FILE, read_manifest, read_pointer
-from daemon.upload.storage import LocalStorage, Storage, StorageError
+from daemon.upload.limits import LIMITS, Limits, first_line
+from daemon.upload.model_size import HF_CONFIG, model_size, read_config
+from daemon.upload.verify import Revision, safetensors_header, tensor_elements
 
-HF_CONFIG = "config.json"
 # Code and prose, as the default corpus holds: any tokenizer gives it a few dozen tokens.
 PROBE_TEXT = (
     'def add(a, b):\n    """Return the sum of a and b."""\n    return a + b\n\n'
@@ -26,43 +28,33 @@ PROBE_TEXT = (
 )
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
-
-
-def check_latest(storage: Storage) -> list[str]:
-    """Problems loading the revision LATEST names, for a target whose manifest already
-    verified (pointer, manifest and checksums: ``revision.verify``)."""
-    name = read_pointer(storage)
-    manifest = read_manifest(storage, name) if name else None
-    files = (manifest or {}).get("files")
-    if not name or not isinstance(files, dict):
+def check_loadable(rev: Revision, limits: Limits = LIMITS) -> list[str]:
+    """Problems loading a verified revision as a validator would; empty when it loads and runs
+    (or is not in the Hugging Face layout: the artifact's check covers a revision without weights)."""
+    if HF_CONFIG not in rev.files or MODEL_FILE not in rev.files:
         return []
-    return check_loadable(storage, name, files)
+    why = size_problem(rev.folder, limits)
+    if why:
+        return [f"{rev.where}/{why}"]
+    return _load_and_run(rev.folder, rev.where)
 
 
-def check_loadable(storage: Storage, name: str, files: dict[str, Any]) -> list[str]:
-    """Problems loading revision ``name`` as a validator would; empty when it loads and runs."""
-    if HF_CONFIG not in files or MODEL_FILE not in files:  # no weights: the artifact's check covers it
-        return []
-    where = f"{storage.describe()}: {name}"
-    with tempfile.TemporaryDirectory(prefix="minerd-verify-") as tmp:
-        if isinstance(storage, LocalStorage):
-            folder = storage.root / name
-        else:
-            folder = Path(tmp)
-            for fname in files:
-                if fname == OPTIMIZER_FILE:
-                    continue
-                try:
-                    data = storage.get_bytes(f"{name}/{fname}")
-                except StorageError as exc:
-                    return [f"{where}/{fname}: unreadable: {exc}"]
-                if data is None:
-                    return [f"{where}/{fname}: missing"]
-                (folder / fname).write_bytes(data)
-        return _load_and_run(folder, where)
+def size_problem(folder: Path, limits: Limits = LIMITS) -> str | None:
+    """Why the model of ``folder``'s config.json does not match its weights, as "<file>: why",
+    or None when the config builds a model of exactly the weights' parameter count."""
+    config = read_config(folder, limits)
+    if isinstance(config, str):
+        return f"{HF_CONFIG}: {config}"
+    header = safetensors_header(folder / MODEL_FILE, limits)
+    if isinstance(header, str):
+        return f"{MODEL_FILE}: not a safetensors file: {header}"
+    size = model_size(folder)
+    if isinstance(size, str):
+        return f"{HF_CONFIG}: {size}"
+    held = tensor_elements(header)
+    if held not in (size.param_elements, size.param_elements + size.buffer_elements):
+        return f"{HF_CONFIG}: describes a model of {size.param_elements:,} parameters, {MODEL_FILE} holds {held:,}"
+    return None
 
 
 def _load_and_run(folder: Path, where: str) -> list[str]:
@@ -73,13 +65,14 @@ def _load_and_run(folder: Path, where: str) -> list[str]:
     hf_logging.disable_progress_bar()  # a check's output is its one line, not a loading bar on stderr
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # any failure to load is the finding, whatever the library raises
-        return [f"{where}: AutoTokenizer.from_pretrained fails: {_first_line(exc)}"]
+        return [f"{where}: AutoTokenizer.from_pretrained fails: {first_line(exc)}"]
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder), local_files_only=True, trust_remote_code=False, dtype=torch.float32)
     except Exception as exc:
-        return [f"{where}: AutoModelForCausalLM.from_pretrained fails: {_first_line(exc)}"]
+        return [f"{where}: AutoModelForCausalLM.from_pretrained fails: {first_line(exc)}"]
     ids = tok(PROBE_TEXT, return_tensors="pt").input_ids
     if ids.shape[1] < 2:
         return [f"{where}: the tokenizer turns the probe text into {ids.shape[1]} token(s)"]

@@ -24,6 +24,7 @@ from daemon.disk import save_safetensors
 
 MODEL_FILE = "model.safetensors"
 SHAPES_FILE = "model_shapes.json"
+OPTIMIZER_FILE = "optimizer.pt"
 
 
 class RevisionLayout(Protocol):

@@ -1,5 +1,5 @@
-"""A revision: what is snapshotted on the training thread, what is written, and
-how a validator checks it.
+"""A revision: what is snapshotted on the training thread and what is written (how a
+validator reads it back: verify.py).
 
 Layout of a target::
 
@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -32,10 +30,14 @@ import torch
 from daemon import atomic
 from daemon.compression import CodecSpec, CompressionStats, artifact, encode
 from daemon.tensors import aliases
-from daemon.upload.layout import MODEL_FILE, RevisionLayout, WeightsLayout
-from daemon.upload.storage import MANIFEST, POINTER, Storage, StorageError, revision_key
+from daemon.upload.layout import OPTIMIZER_FILE, RevisionLayout, WeightsLayout
 
-OPTIMIZER_FILE = "optimizer.pt"
+# How a validator reads a revision back lives in verify.py; the publisher and the bundle
+# read these names from here.
+from daemon.upload.verify import read_manifest as read_manifest
+from daemon.upload.verify import read_pointer as read_pointer
+from daemon.upload.verify import verify as verify
+
 FORMAT = 1
 
 
@@ -223,118 +225,3 @@ def _artifact_kind(weights: bool, pseudo_gradient: bool) -> str:
 
 def manifest_bytes(manifest: dict[str, Any]) -> bytes:
     return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
-
-
-def read_pointer(storage: Storage) -> str | None:
-    raw = storage.get_bytes(POINTER)
-    return None if raw is None else raw.decode("utf-8", "replace").strip()
-
-
-def read_manifest(storage: Storage, name: str) -> dict[str, Any] | None:
-    raw = storage.get_bytes(f"{name}/{MANIFEST}")
-    if raw is None:
-        return None
-    data = json.loads(raw)
-    if not isinstance(data, dict):
-        raise ValueError("manifest is not a JSON object")
-    return data
-
-
-def verify(storage: Storage) -> list[str]:
-    """Check a target the way a validator would; one line per problem."""
-    where = storage.describe()
-    try:
-        name = read_pointer(storage)
-        if name is None:
-            return [f"{where}: {POINTER}: missing"]
-        key = revision_key(name)
-        if key is None:
-            return [f"{where}: {POINTER}: does not name a revision (got {name[:80]!r})"]
-        try:
-            manifest = read_manifest(storage, name)
-        except (ValueError, UnicodeDecodeError) as exc:
-            return [f"{where}: {name}/{MANIFEST}: not valid JSON: {exc}"]
-        if manifest is None:
-            return [f"{where}: {name}/{MANIFEST}: missing"]
-        return _check_manifest(storage, where, name, key, manifest)
-    except StorageError as exc:
-        return [f"{where}: unreadable: {exc}"]
-
-
-def _check_manifest(
-    storage: Storage, where: str, name: str, key: tuple[int, int], manifest: dict[str, Any]
-) -> list[str]:
-    problems = []
-    mpath = f"{where}: {name}/{MANIFEST}"
-    steps = (manifest.get("outer_step"), manifest.get("inner_step"))
-    if steps != key:
-        problems.append(f"{mpath}: outer/inner steps {steps} do not match the revision name")
-    loss = manifest.get("loss")
-    if not isinstance(loss, int | float) or not math.isfinite(loss):
-        problems.append(f"{mpath}: loss is not a finite number (got {loss!r})")
-    for required in ("created_at", "minerd_version", "config_hash"):
-        if required not in manifest:
-            problems.append(f"{mpath}: {required} missing")
-    files = manifest.get("files")
-    if not isinstance(files, dict) or (MODEL_FILE not in files and artifact.HEADER_FILE not in files):
-        problems.append(f"{mpath}: files lists neither {MODEL_FILE} nor {artifact.HEADER_FILE}")
-        return problems
-    for fname, entry in sorted(files.items()):
-        fpath = f"{where}: {name}/{fname}"
-        if not FILE_NAME.fullmatch(fname):
-            problems.append(f"{mpath}: names a file outside the revision ({fname[:80]!r})")
-            continue
-        if not isinstance(entry, dict) or "size" not in entry or "sha256" not in entry:
-            problems.append(f"{fpath}: manifest entry lacks size or sha256")
-            continue
-        got = storage.digest(f"{name}/{fname}")
-        if got is None:
-            problems.append(f"{fpath}: missing")
-            continue
-        size, sha = got
-        if size != entry["size"]:  # truncated or grown: the checksum cannot match either
-            problems.append(f"{fpath}: size {size} != manifest {entry['size']}")
-        elif sha != entry["sha256"]:
-            problems.append(f"{fpath}: sha256 {sha[:16]}... != manifest {str(entry['sha256'])[:16]}...")
-        elif fname.endswith(".safetensors") and (why := safetensors_problem(storage, f"{name}/{fname}", size)):
-            problems.append(f"{fpath}: not a safetensors file: {why}")
-    return problems
-
-
-# A plain file name inside the revision folder: no path, nothing hidden.
-FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
-MAX_HEADER = 100 << 20  # safetensors caps its JSON header at 100 MB
-
-
-def safetensors_problem(storage: Storage, key: str, size: int) -> str | None:
-    """Why the object is not a well-formed safetensors file (read from its header alone), or None."""
-    got = safetensors_header(storage, key, size)
-    return got if isinstance(got, str) else None
-
-
-def safetensors_header(storage: Storage, key: str, size: int) -> dict[str, Any] | str:
-    """The parsed header of a safetensors object whose tensors fill it exactly, or why not."""
-    head = storage.head_bytes(key, 8)
-    if head is None or len(head) < 8:
-        return "shorter than its 8-byte header length"
-    n = int.from_bytes(head, "little")
-    if n > MAX_HEADER or 8 + n > size:
-        return f"header length {n} does not fit the file ({size} bytes)"
-    raw = storage.head_bytes(key, 8 + n) or b""
-    try:
-        header = json.loads(raw[8:])
-    except ValueError:
-        return "its header is not JSON"
-    if not isinstance(header, dict):
-        return "its header is not a JSON object"
-    end = 0
-    for tensor, spec in header.items():
-        if tensor == "__metadata__":
-            continue
-        offsets = spec.get("data_offsets") if isinstance(spec, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            return f"tensor {tensor[:60]!r} has no data offsets"
-        end = max(end, offsets[1])
-    if 8 + n + end != size:
-        return f"its tensors end at byte {8 + n + end}, the file has {size}"
-    return header

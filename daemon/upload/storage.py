@@ -14,9 +14,11 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 from daemon import atomic
 from daemon.urls import redact_url
@@ -26,10 +28,60 @@ MANIFEST = "metadata.json"
 # ASCII digits only: \d also matches other scripts' digits, which int() reads but no validator would.
 REVISION_RE = re.compile(r"^rev-([0-9]+)-([0-9]+)$")
 _CHUNK = 1 << 20
+# What get_bytes reads when the caller names no bound: every read has one.
+MAX_OBJECT_BYTES = 16 << 20
 
 
 class StorageError(Exception):
     """A backend operation failed (network, permissions, server down)."""
+
+
+class TooLarge(StorageError):
+    """An object holds more bytes than the reader takes (``size`` None: it did not say how many)."""
+
+    def __init__(self, key: str, size: int | None, limit: int) -> None:
+        self.size, self.limit = size, limit
+        held = f"{size} bytes" if size is not None else f"more than {limit} bytes"
+        super().__init__(f"{key}: {held}, over the {limit} it may take")
+
+
+def _bounded(chunks: Iterator[bytes], key: str, max_bytes: int) -> Iterator[bytes]:
+    """``chunks`` until they pass ``max_bytes``: then TooLarge, and nothing more is read."""
+    total = 0
+    for chunk in chunks:
+        total += len(chunk)
+        if total > max_bytes:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+            raise TooLarge(key, None, max_bytes)
+        yield chunk
+
+
+def _store(chunks: Iterator[bytes], dest: Path | None) -> tuple[int, str]:
+    h, size = hashlib.sha256(), 0
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(open(dest, "xb")) if dest is not None else None
+        for chunk in chunks:
+            h.update(chunk)
+            size += len(chunk)
+            if out is not None:
+                out.write(chunk)
+    return size, h.hexdigest()
+
+
+def _what(mode: int) -> str:
+    kinds = ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symbolic link"),
+             (stat.S_ISFIFO, "a pipe"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))
+    for test, what in kinds:
+        if test(mode):
+            return what
+    return "a special file"
+
+
+def _not_a_file(mode: int) -> str:
+    # A directory reads as a plain read says it, as it always has.
+    return os.strerror(errno.EISDIR) if stat.S_ISDIR(mode) else f"{_what(mode)}, not a regular file"
 
 
 def revision_key(name: str) -> tuple[int, int] | None:
@@ -60,16 +112,15 @@ class Storage(Protocol):
 
     def put_bytes(self, key: str, data: bytes) -> None: ...
 
-    def get_bytes(self, key: str) -> bytes | None:
-        """The object's bytes, or None when it does not exist."""
+    def get_bytes(self, key: str, max_bytes: int = MAX_OBJECT_BYTES) -> bytes | None:
+        """The object's bytes, or None when it does not exist; TooLarge when it holds more
+        than ``max_bytes``, found before reading or, for an object that lied about its size,
+        once the read passes ``max_bytes`` (nothing more is read)."""
         ...
 
-    def head_bytes(self, key: str, n: int) -> bytes | None:
-        """The object's first ``n`` bytes (fewer if it is shorter), or None when it does not exist."""
-        ...
-
-    def digest(self, key: str) -> tuple[int, str] | None:
-        """(size, sha256 hex) streamed from storage, or None when missing."""
+    def fetch(self, key: str, dest: Path | None, max_bytes: int) -> tuple[int, str] | None:
+        """Stream the object into ``dest`` (None: only hash it), reading at most ``max_bytes``;
+        (size, sha256 hex), None when it does not exist, TooLarge as ``get_bytes``."""
         ...
 
     def list_revisions(self) -> list[str]:
@@ -119,32 +170,72 @@ class LocalStorage:
     def put_bytes(self, key: str, data: bytes) -> None:
         atomic.write_bytes(self._path(key), data)
 
-    def get_bytes(self, key: str) -> bytes | None:
-        try:
-            return self._path(key).read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:  # a directory, no permission: one line, not a traceback
-            raise StorageError(f"read {key}: {exc.strerror or exc}") from None
+    def get_bytes(self, key: str, max_bytes: int = MAX_OBJECT_BYTES) -> bytes | None:
+        chunks = self._chunks(key, max_bytes)
+        return None if chunks is None else b"".join(chunks)
 
-    def head_bytes(self, key: str, n: int) -> bytes | None:
+    def fetch(self, key: str, dest: Path | None, max_bytes: int) -> tuple[int, str] | None:
+        chunks = self._chunks(key, max_bytes)
+        return None if chunks is None else _store(chunks, dest)
+
+    def _chunks(self, key: str, max_bytes: int) -> Iterator[bytes] | None:
+        fd = self._open_regular(key)
+        if fd is None:
+            return None
+        fh = os.fdopen(fd, "rb")  # closed when read to the end, or when dropped unread
+        size = os.fstat(fd).st_size
+        if size > max_bytes:
+            fh.close()
+            raise TooLarge(key, size, max_bytes)
+        return _bounded(self._read(fh, key), key, max_bytes)
+
+    @staticmethod
+    def _read(fh: IO[bytes], key: str) -> Iterator[bytes]:
+        with fh:
+            while True:
+                try:
+                    chunk = fh.read(_CHUNK)
+                except OSError as exc:
+                    raise StorageError(f"read {key}: {exc.strerror or exc}") from None
+                if not chunk:
+                    return
+                yield chunk
+
+    def _open_regular(self, key: str) -> int | None:
+        """A descriptor of the regular file at ``key``, or None when there is none. The target
+        itself may be a link (the operator's choice); inside it nothing is followed: the
+        publisher writes plain files and folders only, and a link in a revision could point
+        at a device (endless reads), a pipe (a read that blocks) or a file outside it."""
+        parts = check_key(key).split("/")
         try:
-            with open(self._path(key), "rb") as fh:
-                return fh.read(n)
+            dirfd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise StorageError(f"read {key}: {exc.strerror or exc}") from None
-
-    def digest(self, key: str) -> tuple[int, str] | None:
         try:
-            with open(self._path(key), "rb") as fh:
-                h = hashlib.file_digest(fh, "sha256")
-                return fh.tell(), h.hexdigest()
+            for part in parts[:-1]:
+                st = os.stat(part, dir_fd=dirfd, follow_symlinks=False)
+                if not stat.S_ISDIR(st.st_mode):
+                    raise StorageError(f"read {key}: {part} is {_what(st.st_mode)}, not a folder")
+                inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+                os.close(dirfd)
+                dirfd = inner
+            # Looked at before it is opened: opening a device can act on it.
+            st = os.stat(parts[-1], dir_fd=dirfd, follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode):
+                raise StorageError(f"read {key}: {_not_a_file(st.st_mode)}")
+            fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dirfd)
         except FileNotFoundError:
             return None
-        except OSError as exc:
+        except OSError as exc:  # no permission, or replaced by a link between the two looks
             raise StorageError(f"read {key}: {exc.strerror or exc}") from None
+        finally:
+            os.close(dirfd)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # replaced between the two looks
+            os.close(fd)
+            raise StorageError(f"read {key}: not a regular file")
+        return fd
 
     def list_revisions(self) -> list[str]:
         if not self.root.is_dir():
@@ -187,7 +278,8 @@ class S3Storage:
             raise StorageError(f"the s3 backend needs boto3: {exc}") from None
         self._errors: tuple[type[Exception], ...] = (BotoCoreError, ClientError)
         self._client_error: type[Exception] = ClientError
-        # upload_file also raises OSError (reading the staged file, sockets).
+        # upload_file also raises OSError (reading the staged file, sockets), and so may a
+        # body's stream.
         self._put_errors: tuple[type[Exception], ...] = (BotoCoreError, ClientError, OSError)
         # Our publisher retries whole revisions with backoff; boto's own retries
         # are kept short so a dead endpoint fails an attempt in seconds, not minutes.
@@ -238,36 +330,38 @@ class S3Storage:
         except self._errors as exc:
             raise self._wrap(f"put {key}", exc) from None
 
-    def get_bytes(self, key: str) -> bytes | None:
+    def get_bytes(self, key: str, max_bytes: int = MAX_OBJECT_BYTES) -> bytes | None:
+        chunks = self._chunks(key, max_bytes)
+        return None if chunks is None else b"".join(chunks)
+
+    def fetch(self, key: str, dest: Path | None, max_bytes: int) -> tuple[int, str] | None:
+        chunks = self._chunks(key, max_bytes)
+        return None if chunks is None else _store(chunks, dest)
+
+    def _chunks(self, key: str, max_bytes: int) -> Iterator[bytes] | None:
+        """The object as a stream: the GET returns once the headers are in, and the body is read
+        a chunk at a time, so an object over ``max_bytes`` is refused by its Content-Length
+        before any of it is read, and one whose length lied is cut off at ``max_bytes``."""
         try:
-            body = self._client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
-            return bytes(body.read())
+            response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
         except self._errors as exc:
             if self._missing(exc):
                 return None
             raise self._wrap(f"get {key}", exc) from None
+        body = response["Body"]
+        length = response.get("ContentLength")
+        if isinstance(length, int) and length > max_bytes:
+            body.close()
+            raise TooLarge(key, length, max_bytes)
+        return _bounded(self._read(body, key), key, max_bytes)
 
-    def head_bytes(self, key: str, n: int) -> bytes | None:
+    def _read(self, body: Any, key: str) -> Iterator[bytes]:
         try:
-            body = self._client.get_object(Bucket=self.bucket, Key=self._key(key), Range=f"bytes=0-{n - 1}")["Body"]
-            return bytes(body.read())
-        except self._errors as exc:
-            if self._missing(exc):
-                return None
-            raise self._wrap(f"get {key}", exc) from None
-
-    def digest(self, key: str) -> tuple[int, str] | None:
-        try:
-            body = self._client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
-            h, size = hashlib.sha256(), 0
-            for chunk in body.iter_chunks(_CHUNK):
-                h.update(chunk)
-                size += len(chunk)
-            return size, h.hexdigest()
-        except self._errors as exc:
-            if self._missing(exc):
-                return None
+            yield from body.iter_chunks(_CHUNK)
+        except self._put_errors as exc:
             raise self._wrap(f"read {key}", exc) from None
+        finally:
+            body.close()
 
     def list_revisions(self) -> list[str]:
         base = self._key("")

@@ -39,12 +39,15 @@ def build_model(lm: LmConfig, vocab_size: int, eos_id: int | None, device: torch
     """The model in float32 on ``device`` (AMP casts per operation; the master weights stay fp32)."""
     if lm.init_from:
         try:
+            # Never the directory's own code: model_dir_problem refuses a directory that has
+            # some, and transformers must not offer to run it either.
             model = AutoModelForCausalLM.from_pretrained(
-                str(Path(lm.init_from).expanduser()), local_files_only=True, dtype=torch.float32,
-                attn_implementation="sdpa",
+                str(Path(lm.init_from).expanduser()), local_files_only=True, trust_remote_code=False,
+                dtype=torch.float32, attn_implementation="sdpa",
             )
         except (OSError, ValueError) as exc:
-            raise ConfigError([problem("lm.init_from", f"cannot load the model: {exc}", lm.init_from)]) from None
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # one config line, not a page
+            raise ConfigError([problem("lm.init_from", f"cannot load the model: {why}", lm.init_from)]) from None
         if embedding_rows(model) < vocab_size:
             raise ConfigError([problem(
                 "lm.tokenizer", f"has {vocab_size} tokens, more than the model's {embedding_rows(model)} embeddings",
