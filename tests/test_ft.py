@@ -280,6 +280,34 @@ class TestHostilePeers:
         finally:
             stop(lighthouse)
 
+    def test_a_peers_pickle_is_never_run(self, tmp_path: Path, miner_factory) -> None:
+        """A replica group ahead of this one serves its state as torchft would by itself, a pickle
+        whose unpickling writes a file: the recovering miner refuses it unread and trains on."""
+        port = free_port()
+        marker = tmp_path / "ran"
+        lighthouse = start_lighthouse(port, 1, tmp_path / "lighthouse.log")
+        try:
+            rogue = miner_factory(tmp_path / "r", replica_sets(tmp_path / "r", port, 1, "ft.min_replicas=1"),
+                                  env={"PICKLE_REPLICA_MARKER": str(marker)}, module="tests.scripts.pickle_replica")
+            wait_until(lambda: len(committed(rogue)) >= 3, 90, "the hostile group ahead", rogue)
+            honest = miner_factory(tmp_path / "h", replica_sets(tmp_path / "h", port, 0, "ft.min_replicas=1"))
+
+            def refused(e: dict) -> bool:
+                return "not minerd's" in str(e.get("error", "")) + str(e.get("exception", ""))
+
+            wait_until(lambda: any(refused(e) for e in honest.events()), 120,
+                       "the honest miner refusing the pickle", honest, rogue)
+            step = max((e["global_step"] for e in honest.events() if "global_step" in e), default=0)
+            wait_until(lambda: max((e["global_step"] for e in honest.events() if "global_step" in e), default=0)
+                       > step + 5, 60, "the honest miner training on", honest)
+            assert not marker.exists()
+            assert not any(str(e.get("event", "")).startswith("FT RECOVERED") for e in honest.events())
+            lines = [e for e in honest.events() if str(e.get("event", "")).startswith("FT REFUSED: not taking")]
+            assert len(lines) == 1 and "not minerd's" in lines[0]["event"], lines
+            assert not any("StateRefused" in str(e.get("exception", "")) for e in honest.events())  # no traceback
+        finally:
+            stop(lighthouse)
+
     def test_a_peer_without_the_token_gets_no_state(self, tmp_path: Path, miner_factory) -> None:
         port = free_port()
         lighthouse = start_lighthouse(port, 1, tmp_path / "lighthouse.log")

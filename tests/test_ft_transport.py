@@ -142,6 +142,7 @@ class TestBetweenReplicas:
         lines = [e["event"] for e in logs if str(e["event"]).startswith("FT REFUSED")]
         assert any("a peer at 127.0.0.1 asked for this replica's state: no valid signature" in x for x in lines)
         assert any("did not send its state: it refused this replica's token" in x for x in lines)
+        assert len(lines) == 2  # one line on each side
         # The source says it once per peer, not once per request.
         assert not any("asked for this replica's state" in str(e["event"]) for e in again)
 

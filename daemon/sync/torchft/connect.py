@@ -11,6 +11,7 @@ ready, not exiting: a supervisor restart would only find it unreachable again).
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import time
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from daemon.sync.torchft.config import FtConfig
 from daemon.sync.torchft.net import bound_store, free_port, manager_server_on, parse_ports
 from daemon.sync.torchft.stats import FtStats
 from daemon.sync.torchft.tokens import read_token
-from daemon.sync.torchft.transport import SignedTransport
+from daemon.sync.torchft.transport import SignedTransport, StateRefused
 from daemon.sync.torchft.vote import QuorumWatch, replica_id
 
 log = structlog.get_logger(__name__)
@@ -41,6 +42,17 @@ class Peers:
     state_bound: Callable[[], int]  # bytes of state this replica accepts from a peer
     foreign_offered: Callable[[str], None]  # a peer of another config offered its state
     saw_quorum: Callable[[list[str]], None]
+
+
+class _QuietRefusals(logging.Filter):
+    """torchft logs every failed recovery with its traceback at error level; a refusal by the
+    state transport has its own one line (``FT REFUSED``), so its traceback goes to debug."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, StateRefused):
+            record.levelno, record.levelname, record.exc_info, record.exc_text = logging.DEBUG, "DEBUG", None, None
+        return True
 
 
 class Connection:
@@ -62,6 +74,9 @@ class Connection:
         from torchft.manager import MANAGER_ADDR_KEY
 
         ft, host = self.ft, self.host
+        refusals = logging.getLogger("torchft.manager")
+        if not any(isinstance(f, _QuietRefusals) for f in refusals.filters):
+            refusals.addFilter(_QuietRefusals())
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self._open_store(rank, world)
         if self._transport is None:

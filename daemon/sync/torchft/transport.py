@@ -204,6 +204,17 @@ class SignedTransport(CheckpointTransport[Any]):
 
     # ---- receiving -------------------------------------------------------------------
     def recv_checkpoint(self, src_rank: int, metadata: str, step: int, timeout: timedelta) -> Any:
+        try:
+            return self._receive(metadata, step, timeout)
+        except StateRefused as exc:
+            # One line per reason (torchft logs its traceback of the refusal at debug level only:
+            # the filter in connect.py).
+            if str(exc) not in self._refused_from:
+                self._refused_from.add(str(exc))
+                log.warning(f"FT REFUSED: not taking the recovery source's state: {exc}", step=step)
+            raise
+
+    def _receive(self, metadata: str, step: int, timeout: timedelta) -> Any:
         if len(metadata) > MAX_METADATA_BYTES:
             raise StateRefused("metadata over its size")
         try:
@@ -232,13 +243,13 @@ class SignedTransport(CheckpointTransport[Any]):
                 sig = resp.headers.get(_SIG, "")
         except urllib.error.HTTPError as exc:
             why = "it refused this replica's token" if exc.code == 403 else f"HTTP {exc.code}"
-            log.warning(f"FT REFUSED: the recovery source at {url} did not send its state: {why}")
-            raise StateRefused(why) from None
+            raise StateRefused(f"the recovery source at {url} did not send its state: {why}") from None
+        except (OSError, ValueError) as exc:
+            raise StateRefused(f"the recovery source at {url} did not answer ({type(exc).__name__})") from None
         if len(body) > limit:
             raise StateRefused(f"a state over the {limit} bytes this replica accepts")
         if not hmac.compare_digest(sig, _sign(self.key, "STATE", nonce, hashlib.sha256(body).hexdigest())):
-            log.warning(f"FT REFUSED: the state from {url} is not signed with the group's token")
-            raise StateRefused("an unsigned or altered state")
+            raise StateRefused(f"the state from {url} is not signed with the group's token")
         return decode_state(body, self.digest, step)
 
     def shutdown(self, wait: bool = True) -> None:
