@@ -103,6 +103,7 @@ def training_epochs(quick: bool) -> tuple[float, float]:
                      "twotower.eval_queries=100", "mining.enabled=false", "upload.enabled=false",
                      "embeddings.enabled=false"]).run
     trainer, sampler = built.trainer, built.sampler
+    assert isinstance(sampler, EpochSampler)  # the two-tower task's
     shuffled_perm = sampler.permutation
     identity = torch.arange(sampler.num_items)
     steps = 10 if quick else 30

@@ -32,6 +32,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Show or check the resolved configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+data_app = typer.Typer(help="Prepare, inspect and replay token datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file")
 SetOpt = typer.Option([], "--set", help="override: section.key=value (repeatable)")
@@ -137,6 +139,67 @@ def verify_upload(
     if problems:
         raise typer.Exit(1)
     typer.echo(f"{target}: ok")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    sources: list[str] = typer.Argument(..., help="files, directories or globs (.txt .md .py .jsonl .parquet)"),
+    out: str = typer.Option(..., "--out", "-o", help="the dataset: a directory or s3://bucket/prefix"),
+    tokenizer: str = typer.Option("", "--tokenizer", help="tokenizer.json or a tokenizer directory (default: the "
+                                  "one already in --out, else a BPE trained on the sources)"),
+    vocab_size: int = typer.Option(8192, "--vocab-size", min=512, max=1_048_576, help="of the BPE trained"),
+    shard_tokens: int = typer.Option(1 << 26, "--shard-tokens", min=1024, max=1 << 32, help="tokens per shard"),
+    workers: int = typer.Option(0, "--workers", min=0, max=256, help="tokenising processes (0: one per core)"),
+    eval_fraction: float = typer.Option(0.01, "--eval-fraction", min=0.0, max=0.5,
+                                        help="share of documents held out"),
+) -> None:
+    """Tokenise sources into fixed-size token shards and an index (resumable, appendable)."""
+    import os
+
+    from daemon.data.prepared.commands import run_prepare
+
+    count = workers or len(os.sched_getaffinity(0))
+    raise typer.Exit(run_prepare(sources, out, tokenizer, vocab_size, shard_tokens, count, eval_fraction))
+
+
+@data_app.command("inspect")
+def data_inspect(
+    dest: str = typer.Argument(..., help="a prepared dataset: a directory or s3://bucket/prefix"),
+    verify: bool = typer.Option(False, "--verify", help="check every shard's size and sha256"),
+) -> None:
+    """Print a dataset's shards, tokens and bytes per split; --verify checks every checksum."""
+    from daemon.data.prepared.commands import run_inspect
+
+    raise typer.Exit(run_inspect(dest, verify))
+
+
+@data_app.command("sample")
+def data_sample(
+    dataset: str = typer.Option("", "--dataset", help="a prepared dataset (default: lm.dataset)"),
+    seed: int | None = typer.Option(None, "--seed", help="default: train.seed"),
+    replica: int = typer.Option(0, "--replica", min=0),
+    replicas: int | None = typer.Option(None, "--replicas", min=0, help="default: lm.replicas"),
+    rank: int = typer.Option(0, "--rank", min=0),
+    world_size: int = typer.Option(1, "--world-size", min=1, help="torchrun ranks of each replica"),
+    window: int = typer.Option(0, "--window", min=0, help="the outer step (0 = the first)"),
+    digest: bool = typer.Option(False, "--digest", help="print only the sha256 of the ids"),
+    config: str | None = ConfigOpt,
+    set_: list[str] = SetOpt,
+) -> None:
+    """Print the sequence ids a miner trained on in a window (one per line), as a validator replays them."""
+    from daemon.data.prepared.commands import run_sample
+    from daemon.diagnostics import accumulation_steps
+    from daemon.tasks.causal_lm.config import LmConfig
+
+    cfg = _load(config, set_)
+    lm = LmConfig.of(cfg)
+    if not (dataset or lm.dataset):
+        _err("minerd: error: --dataset: name a prepared dataset (or set lm.dataset)")
+        raise typer.Exit(EXIT_USAGE)
+    micro = cfg.train.inner_steps_per_outer * accumulation_steps(cfg, world_size)
+    raise typer.Exit(run_sample(dataset or lm.dataset, cfg.train.seed if seed is None else seed, replica,
+                                lm.replicas if replicas is None else replicas, rank, world_size, window,
+                                lm.seq_len, cfg.train.batch_size, micro, digest))
 
 
 @app.command()

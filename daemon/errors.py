@@ -21,3 +21,16 @@ class TrainingDiverged(RuntimeError):
     """Training cannot take a finite step even from the last good checkpoint: the runner ends
     with exit 1 and one line, for the supervisor to start it afresh (a loop of restores that
     never trains would look alive forever)."""
+
+
+class DataUnreachable(RuntimeError):
+    """Where the training data is kept did not answer (a bucket down, a network gone). At
+    start-up the runner waits, not ready, and tries again; while training, the fetch was
+    retried already, so the run ends (exit 1) and the next start waits."""
+
+
+class DataRefused(CorruptState):
+    """A piece of the training data does not match its dataset's index (a shard of another
+    size or checksum, fetched twice): restarting would read the same bytes."""
+
+    remedy = "prepare the dataset again (minerd data prepare) or restore its shards"

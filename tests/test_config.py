@@ -378,7 +378,7 @@ class TestHostileInput:
         assert "must be a regular file" in line
 
     def test_the_s3_target_never_shows_the_endpoint_password(self) -> None:
-        from daemon.upload.storage import S3Storage
+        from daemon.storage import S3Storage
 
         storage = S3Storage("s3://bucket/prefix", "https://user:pa@ss/word@127.0.0.1:9",
                             environ={"AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "secret"})

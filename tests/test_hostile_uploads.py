@@ -28,10 +28,10 @@ from safetensors.torch import save
 
 from daemon.compression import artifact
 from daemon.config import ConfigError
+from daemon.storage import S3Storage
 from daemon.tasks.causal_lm.config import LmConfig
 from daemon.upload import check_revision, verify_target
 from daemon.upload.limits import LIMITS
-from daemon.upload.storage import S3Storage
 from daemon.upload.verify import fetch_revision
 from tests import test_upload_s3
 from tests.conftest import ROOT, cli

@@ -1,5 +1,5 @@
 """The language model's data: corpus discovery and reading, the held-out split, the
-tokenizer trained once, and the token cache reused at restart."""
+tokenizer trained once, and the corpus prepared once and reused at restart."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import resource
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -17,7 +18,9 @@ from structlog.testing import capture_logs
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from daemon.config import ConfigError
-from daemon.data.text import corpus, tokenizer, tokens
+from daemon.data.prepared.dataset import PreparedDataset, locate, reader_for
+from daemon.data.text import corpus, tokenizer
+from daemon.data.text.build import _prepared_corpus
 from daemon.data.text.spec import TextSpec
 from daemon.run.catalog import load_config
 from daemon.tasks.causal_lm import text_spec
@@ -147,67 +150,82 @@ class TestTokenizer:
         assert len(named) == 1024 and not (tmp_path / "unused").exists()
 
 
-class TestTokenCache:
-    """The corpus is tokenised once; a restart reads the cache back."""
+class TestPreparedCorpus:
+    """The corpus is prepared once into the state directory; a restart reads its index back."""
+
+    def _prepare(self, lm: TextSpec, state: Path) -> tuple[PreparedDataset, list[str]]:
+        sources = corpus.discover(list(lm.corpus) or LM_CORPUS)
+        tok = tokenizer.load_or_train(lm, sources, state / "lm")
+        with capture_logs() as logs:
+            loc = locate("lm.corpus", str(_prepared_corpus(lm, tok, state)))
+        data = PreparedDataset(loc.index, reader_for(loc, state / "cache", 1 << 30), 32)
+        return data, [e["event"] for e in logs]
 
     def test_written_once_then_reused(self, tmp_path: Path) -> None:
-        lm = lm_cfg()
-        sources = corpus.discover(LM_CORPUS)
+        lm = lm_cfg(f"lm.corpus={LM_CORPUS[0]}")
+        first, events = self._prepare(lm, tmp_path)
+        assert events == ["dataset prepared"]
+        second, events = self._prepare(lm, tmp_path)
+        assert events == ["prepared corpus reused"]
+        assert first.index.digest == second.index.digest and first.index.dtype == "uint16"
+        sources = corpus.discover(LM_CORPUS[:1])
         tok = tokenizer.load_or_train(lm, sources, tmp_path / "lm")
-        with capture_logs() as logs:
-            first = tokens.load_or_build(sources, tok, lm, tmp_path / "data")
-            second = tokens.load_or_build(sources, tok, lm, tmp_path / "data")
-        events = [e["event"] for e in logs]
-        assert events == ["tokenising the corpus", "token cache written", "token cache reused"]
-        assert first.train.dtype == np.uint16 and np.array_equal(first.train, second.train)
-        assert np.array_equal(first.eval, second.eval)
         # The held-out split's first document comes back from its tokens, then end-of-text.
         held = next(corpus.split(sources, lm.eval_fraction, held=True))
         ids = tok.encode(held.text)
-        assert first.eval[: len(ids)].tolist() == ids and first.eval[len(ids)] == tok.eos_token_id
-        assert first.manifest["eval_docs"] + first.manifest["train_docs"] == len(list(corpus.documents(sources)))
+        eval_tokens = second.reader.get(second.index.split("eval")[0])
+        assert eval_tokens[: len(ids)].tolist() == ids and eval_tokens[len(ids)] == tok.eos_token_id
+        docs = sum(1 for _ in corpus.documents(sources))
+        tokens = sum(len(tok.encode(d.text)) + 1 for d in corpus.documents(sources))
+        assert first.index.tokens("train") + first.index.tokens("eval") == tokens and docs > 10
 
-    def test_a_cache_without_its_manifest_is_rebuilt(self, tmp_path: Path) -> None:
-        lm = lm_cfg()
-        sources = corpus.discover(LM_CORPUS)
-        tok = tokenizer.load_or_train(lm, sources, tmp_path / "lm")
-        built = tokens.load_or_build(sources, tok, lm, tmp_path / "data")
-        (built.folder / tokens.MANIFEST).unlink()  # a kill before the manifest was written
-        with (built.folder / "train.tokens").open("r+b") as fh:
-            fh.truncate(100)
-        with capture_logs() as logs:
-            again = tokens.load_or_build(sources, tok, lm, tmp_path / "data")
-        assert "token cache written" in [e["event"] for e in logs]
-        assert again.train.size == built.manifest["train_tokens"]
+    def test_an_added_file_is_appended_and_a_changed_one_prepares_again(self, tmp_path: Path) -> None:
+        folder = tmp_path / "corpus"
+        folder.mkdir()
+        for i in range(3):
+            (folder / f"{i}.txt").write_text(f"document {i} " * 400)
+        lm = lm_cfg(f"lm.corpus={folder}")
+        first, _ = self._prepare(lm, tmp_path / "state")
+        (folder / "3.txt").write_text("one more document " * 300)
+        second, events = self._prepare(lm, tmp_path / "state")
+        assert events == ["dataset prepared"]
+        assert second.index.shards[: len(first.index.shards)] == first.index.shards  # kept as they were
+        assert len(second.index.shards) > len(first.index.shards)
+        (folder / "0.txt").write_text("changed " * 100)
+        third, events = self._prepare(lm, tmp_path / "state")
+        assert "corpus files changed since they were prepared: preparing the corpus again" in events
+        assert [s.key for s in third.index.sources] == sorted(str(p) for p in folder.iterdir())
 
     def test_a_bad_document_leaves_nothing_behind(self, tmp_path: Path) -> None:
         lm = lm_cfg()
-        good = tmp_path / "corpus" / "a.txt"
-        good.parent.mkdir()
-        good.write_text("some text\n" * 50)
         sources = corpus.discover(LM_CORPUS)
         tok = tokenizer.load_or_train(lm, sources, tmp_path / "lm")
-        bad = tmp_path / "corpus" / "b.jsonl"
-        bad.write_text('{"text": 3}\n')
+        (tmp_path / "corpus").mkdir()
+        (tmp_path / "corpus" / "a.txt").write_text("some text\n" * 50)
+        (tmp_path / "corpus" / "b.jsonl").write_text('{"text": 3}\n')
         with pytest.raises(ConfigError):
-            tokens.load_or_build(corpus.discover([str(tmp_path / "corpus")]), tok, lm, tmp_path / "data")
-        assert not (tmp_path / "data").exists()
+            _prepared_corpus(lm_cfg(f"lm.corpus={tmp_path / 'corpus'}"), tok, tmp_path / "state")
+        assert not (tmp_path / "state" / "data" / "lm-dataset").exists()
 
-    def test_a_flipped_byte_is_caught_and_the_cache_rebuilt(self, tmp_path: Path) -> None:
-        lm = lm_cfg()
-        sources = corpus.discover(LM_CORPUS)
-        tok = tokenizer.load_or_train(lm, sources, tmp_path / "lm")
-        built = tokens.load_or_build(sources, tok, lm, tmp_path / "data")
-        path = built.folder / "train.tokens"
-        original = int(built.train[500])
+    def test_a_flipped_byte_is_caught_and_the_corpus_prepared_again(self, tmp_path: Path) -> None:
+        from daemon.data.text.build import build
+
+        lm = lm_cfg(f"lm.corpus={LM_CORPUS[0]}")
+        built, _ = self._prepare(lm, tmp_path)
+        shard = built.index.split("train")[0]
+        path = tmp_path / "data" / "lm-dataset" / shard.name
+        original = int(built.reader.get(shard)[500])
         data = bytearray(path.read_bytes())
         data[1001] ^= 0xFF  # same size: only the checksum sees it
         path.write_bytes(bytes(data))
+        cfg = load_config(sets=["lm.vocab_size=1024", "lm.eval_fraction=0.1", f"lm.corpus={LM_CORPUS[0]}",
+                                f"paths.state_dir={tmp_path}"], environ={})
+        ctx = SimpleNamespace(cfg=cfg, launch=SimpleNamespace(is_main=True))
         with capture_logs() as logs:
-            again = tokens.load_or_build(sources, tok, lm, tmp_path / "data")
+            again = build(ctx, lm)  # type: ignore[arg-type]
         events = [e["event"] for e in logs]
-        assert "token cache does not match its checksum; tokenising again" in events
-        assert "token cache written" in events and int(again.train[500]) == original
+        assert "the prepared corpus does not match its checksums; preparing it again" in events
+        assert int(again.reader.get(again.location.index.split("train")[0])[500]) == original
 
 
 def problem_of(call: Callable[[], object]) -> str:

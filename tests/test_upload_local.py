@@ -19,8 +19,8 @@ from prometheus_client import CollectorRegistry
 from safetensors.torch import load_file
 
 from daemon.config import UploadConfig
+from daemon.storage import LocalStorage, StorageError
 from daemon.upload import Uploader, verify_target
-from daemon.upload.storage import LocalStorage, StorageError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -317,7 +317,7 @@ CHILD_BETWEEN_FILES = textwrap.dedent(
     from prometheus_client import CollectorRegistry
     from daemon.config import UploadConfig
     from daemon.upload import Uploader
-    from daemon.upload.storage import LocalStorage
+    from daemon.storage import LocalStorage
 
     class Paused(LocalStorage):
         # Real files; after the weights of the second revision are in place,

@@ -20,9 +20,9 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from daemon.config import UploadConfig
+from daemon.storage import S3Storage, StorageError
 from daemon.upload import Uploader, verify_target
 from daemon.upload.revision import read_pointer, verify
-from daemon.upload.storage import S3Storage, StorageError
 
 pytestmark = pytest.mark.integration
 

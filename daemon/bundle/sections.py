@@ -163,8 +163,8 @@ def section_uploads(cfg: Config, logs: LogSources, live: dict[str, Any]) -> list
 
 
 def _upload_target(target: str, endpoint_url: str, max_age: float) -> list[str]:
+    from daemon.storage import StorageError, open_storage, revision_key
     from daemon.upload.revision import read_manifest, read_pointer
-    from daemon.upload.storage import StorageError, open_storage, revision_key
 
     if not target.startswith("s3://") and not Path(target).is_dir():
         return [f"Target {target}: does not exist (nothing uploaded yet, or another state_dir/target)."]

@@ -22,6 +22,10 @@ class ConfigError(Exception):
         super().__init__("\n".join(problems))
         self.problems = problems
 
+    def __reduce__(self) -> tuple[type[ConfigError], tuple[list[str]]]:
+        # Raised in a worker process (tokenising a corpus), it crosses back whole.
+        return (ConfigError, (self.problems,))
+
 
 def problem(path: str, what: str, value: Any, secret: bool = False) -> str:
     if (secret or is_secret_key(path)) and value is not None:

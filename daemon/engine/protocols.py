@@ -42,6 +42,16 @@ class EvalResult:
     line: str  # the log line operators grep for
 
 
+class Sampler(Protocol):
+    """Which items each micro-batch of an epoch holds, on this rank."""
+
+    @property
+    def batches_per_epoch(self) -> int: ...
+
+    def batch(self, epoch: int, index: int) -> torch.Tensor:
+        """Item indices of this rank's share of batch ``index`` of ``epoch`` (epochs from 1)."""
+
+
 class Task(Protocol):
     name: str
 

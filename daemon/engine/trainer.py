@@ -36,13 +36,13 @@ from daemon.engine.protocols import (
     EvalPoint,
     GroupJoin,
     OuterStep,
+    Sampler,
     Stateful,
     StepContext,
     StepHook,
     StopSignal,
     Task,
 )
-from daemon.engine.sampler import EpochSampler
 from daemon.errors import TrainingDiverged
 from daemon.metrics import CoreMetrics
 from daemon.state import MinerState
@@ -62,7 +62,7 @@ class Parts:
     model: nn.Module  # possibly wrapped (DDP); the underlying module is ``model.module``
     optimizer: torch.optim.Optimizer
     outer: OuterStep
-    sampler: EpochSampler
+    sampler: Sampler
     device: torch.device
     store: CheckpointStore | None  # read by every rank, written by the main rank only
     accumulation: int

@@ -22,7 +22,7 @@ from daemon.compression import CompressionStats
 from daemon.config import Config
 from daemon.disk import DiskFullReporter
 from daemon.distributed import CommCounter, Launch
-from daemon.engine.protocols import GroupJoin, OuterStep, Stateful, StepHook, Task
+from daemon.engine.protocols import GroupJoin, OuterStep, Sampler, Stateful, StepHook, Task
 from daemon.engine.sampler import EpochSampler
 from daemon.state import MinerState
 from daemon.upload.layout import RevisionLayout
@@ -70,7 +70,7 @@ class BuildContext:
 class TaskParts:
     task: Task
     model: nn.Module  # on the run's device, not wrapped (the outer sync wraps it for DDP)
-    sampler: EpochSampler
+    sampler: Sampler
     layout: RevisionLayout  # the files of an upload revision
     eval_gauges: EvalGauges
     hooks: list[StepHook] = field(default_factory=list)

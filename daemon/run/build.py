@@ -23,8 +23,7 @@ from daemon.config import Config
 from daemon.diagnostics import accumulation_steps
 from daemon.disk import DiskFullReporter
 from daemon.distributed import CommCounter, Launch, broadcast_params
-from daemon.engine.protocols import Stateful, StopSignal, Task
-from daemon.engine.sampler import EpochSampler
+from daemon.engine.protocols import Sampler, Stateful, StopSignal, Task
 from daemon.engine.trainer import Parts, Trainer
 from daemon.gpu import peak_flops
 from daemon.metrics import CoreMetrics, EvalCollector
@@ -45,7 +44,7 @@ class Run:
     trainer: Trainer
     task: Task
     components: list[Component]
-    sampler: EpochSampler
+    sampler: Sampler
     device: torch.device
     accumulation: int  # micro-batches per inner step
     stateful: dict[str, Stateful]  # the checkpointed parts beside the model and optimizers

@@ -18,7 +18,7 @@ from api.server import ApiServer
 from daemon import diagnostics, disk
 from daemon.config import Config, ConfigError
 from daemon.distributed import Launch, destroy_process_group, init_process_group
-from daemon.errors import CorruptState, TrainingDiverged
+from daemon.errors import CorruptState, DataUnreachable, TrainingDiverged
 from daemon.gpu import GpuProbe
 from daemon.logsetup import bind_process_fields, configure_logging
 from daemon.metrics import build_core_metrics
@@ -38,6 +38,8 @@ EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 # Room the start-up needs before anything is built: the tokenizer and the token cache of the
 # default corpus take under 20 MB; a checkpoint's own room is checked once the model exists.
 MIN_FREE_TO_BUILD = 64 << 20
+DATA_RETRY_SECONDS = 5.0  # between tries to reach an unreachable dataset at start
+DATA_WAIT_REPEAT_SECONDS = 300.0  # the DATASET UNREACHABLE line, again while it lasts
 
 
 def run(cfg: Config) -> int:
@@ -106,7 +108,10 @@ def run(cfg: Config) -> int:
         log.error(f"upload error: {exc}")
         code = EXIT_CONFIG
     except _StoppedWhileWaiting:
-        log.info("stop requested while waiting for disk space")
+        log.info("stop requested while waiting for disk space or the dataset")
+    except DataUnreachable as exc:
+        log.error(f"DATASET UNREACHABLE: {exc}; exiting for the supervisor to start again (the start waits)")
+        code = EXIT_FAILURE
     except TrainingDiverged as exc:
         log.error(f"TRAINING DIVERGED: {exc}", global_step=state.global_step)
         code = EXIT_FAILURE
@@ -164,10 +169,28 @@ def _build_with_room(
     corpus can need more than ``MIN_FREE_TO_BUILD``. Under torchrun the other ranks wait for rank 0
     in a collective with a timeout, so there the run ends (exit 1) and the next start waits."""
     needed = MIN_FREE_TO_BUILD
+    said = -DATA_WAIT_REPEAT_SECONDS
     while True:
         _wait_for_room(cfg, state, shutdown, needed, "the tokenizer and data caches")
         try:
-            return build()
+            built = build()
+            state.not_ready_reason = None
+            return built
+        except DataUnreachable as exc:
+            # A bucket that does not answer at start: wait, not ready (a restart would find it
+            # down again), and try again; said again every few minutes.
+            if launch.world_size > 1:
+                raise
+            state.not_ready_reason = f"dataset unreachable: {exc}"
+            if time.monotonic() - said >= DATA_WAIT_REPEAT_SECONDS:
+                said = time.monotonic()
+                log.error(f"DATASET UNREACHABLE: {exc}; waiting for it (/readyz answers 503 meanwhile)")
+            deadline = time.monotonic() + DATA_RETRY_SECONDS
+            while time.monotonic() < deadline:
+                if shutdown.requested:
+                    raise _StoppedWhileWaiting from None
+                state.beat()
+                time.sleep(0.5)
         except OSError as exc:
             if not disk.is_full(exc) or launch.world_size > 1:
                 raise

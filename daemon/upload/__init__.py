@@ -18,9 +18,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from daemon.storage import LocalStorage, S3Storage, Storage, StorageError, open_storage
 from daemon.upload.gate import GateDecision, GateState, decide
 from daemon.upload.limits import LIMITS, Limits
-from daemon.upload.storage import LocalStorage, S3Storage, Storage, StorageError, open_storage
 from daemon.upload.uploader import Uploader
 from daemon.upload.verify import Revision, fetch_revision
 

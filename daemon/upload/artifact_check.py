@@ -22,10 +22,10 @@ from typing import Any
 from safetensors import SafetensorError
 
 from daemon.compression import artifact
+from daemon.storage import MANIFEST
 from daemon.upload.layout import MODEL_FILE, SHAPES_FILE
 from daemon.upload.limits import LIMITS, Limits, Refused, first_line, read_json
 from daemon.upload.model_size import HF_CONFIG, model_size, read_config
-from daemon.upload.storage import MANIFEST
 from daemon.upload.verify import Revision, safetensors_header, tensor_shapes
 
 Shapes = dict[str, list[int]]

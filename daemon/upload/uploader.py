@@ -29,6 +29,15 @@ from daemon import __version__, disk
 from daemon.compression import CodecSpec, CompressionStats
 from daemon.config import UploadConfig
 from daemon.disk import DiskFullReporter
+from daemon.storage import (
+    MANIFEST,
+    POINTER,
+    LocalStorage,
+    S3Storage,
+    Storage,
+    StorageError,
+    revision_key,
+)
 from daemon.upload.gate import GateDecision, GateState, decide
 from daemon.upload.layout import RevisionLayout, WeightsLayout
 from daemon.upload.metrics import UploadMetrics, UploadStateCollector
@@ -40,15 +49,6 @@ from daemon.upload.revision import (
     read_manifest,
     read_pointer,
     write_revision,
-)
-from daemon.upload.storage import (
-    MANIFEST,
-    POINTER,
-    LocalStorage,
-    S3Storage,
-    Storage,
-    StorageError,
-    revision_key,
 )
 
 log = structlog.get_logger(__name__)

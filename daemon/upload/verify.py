@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from daemon.compression import artifact
+from daemon.storage import MANIFEST, POINTER, Storage, StorageError, TooLarge, revision_key
 from daemon.upload.layout import MODEL_FILE, OPTIMIZER_FILE
 from daemon.upload.limits import LIMITS, Limits, Refused, load_json
-from daemon.upload.storage import MANIFEST, POINTER, Storage, StorageError, TooLarge, revision_key
 
 # A plain file name inside the revision folder: no path, nothing hidden.
 FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")

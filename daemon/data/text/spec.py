@@ -20,6 +20,9 @@ class TextSpec:
     # from the tokenizer, one row per token. A named tokenizer producing an id at or above
     # them is refused before the corpus is tokenised.
     embedding_rows: int | None = None
+    dataset: str = ""  # a prepared dataset to read instead of preparing the corpus
+    cache_dir: str = ""  # where an s3:// dataset's shards are kept ("" = <state_dir>/data/cache)
+    cache_bytes: int = 2 << 30
 
     def key(self, name: str) -> str:
         return f"{self.section}.{name}"

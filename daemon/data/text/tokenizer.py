@@ -20,7 +20,9 @@ import json
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import structlog
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -66,7 +68,14 @@ def max_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return max(ids, default=-1)
 
 
-def _load_named(path: str, key: str) -> PreTrainedTokenizerBase:
+def dtype_for(tokenizer: PreTrainedTokenizerBase) -> np.dtype[Any]:
+    """The narrowest token dtype for ``tokenizer``'s ids: ``uint16`` while they fit."""
+    # By the largest id, not the length: a vocabulary with holes has ids past its length.
+    top = max(len(tokenizer) - 1, max_token_id(tokenizer))
+    return np.dtype(np.uint16 if top < 1 << 16 else np.uint32)
+
+
+def load_named(path: str, key: str) -> PreTrainedTokenizerBase:
     if why := vocab.named_problem(path):
         raise ConfigError([problem(key, why, path)])
     p = Path(path).expanduser()
@@ -94,10 +103,10 @@ def load_or_train(spec: TextSpec, sources: list[Source], folder: Path) -> PreTra
     """The spec's named tokenizer, or the one trained on the corpus and kept in ``folder``."""
     if spec.tokenizer:
         key = spec.key("tokenizer")
-        return _check_ids(_load_named(spec.tokenizer, key), spec, key, spec.tokenizer)
+        return _check_ids(load_named(spec.tokenizer, key), spec, key, spec.tokenizer)
     if spec.init_from:
         key = spec.key("init_from")
-        return _check_ids(_load_named(spec.init_from, key), spec, key, spec.init_from)
+        return _check_ids(load_named(spec.init_from, key), spec, key, spec.init_from)
     path, meta_path = folder / TOKENIZER_FILE, folder / META_FILE
     if path.is_file():
         meta = _read_meta(meta_path)

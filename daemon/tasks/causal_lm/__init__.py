@@ -29,7 +29,8 @@ def text_spec(lm: LmConfig) -> TextSpec:
     # A model continued from has its embedding rows in its config; a preset's are decided
     # from the tokenizer (daemon/tasks/causal_lm/build.py).
     rows = vocab.model_rows(lm.init_from) if lm.init_from else None
-    return TextSpec("lm", tuple(lm.corpus), lm.tokenizer, lm.init_from, lm.vocab_size, lm.eval_fraction, rows)
+    return TextSpec("lm", tuple(lm.corpus), lm.tokenizer, lm.init_from, lm.vocab_size, lm.eval_fraction, rows,
+                    lm.dataset, lm.cache_dir, lm.cache_bytes)
 
 
 def data(cfg: Config) -> DataRequest:

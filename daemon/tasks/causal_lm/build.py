@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import daemon.data.text.vocab as vocab
 from daemon.config import ConfigError, problem
+from daemon.data.prepared.dataset import PreparedDataset
+from daemon.data.prepared.metrics import DataCollector, ReaderClosed, data_status, fetch_histogram
+from daemon.data.prepared.order import DatasetOrder
 from daemon.data.text.build import TextData
 from daemon.data.text.tokenizer import TOKENIZER_FILE, max_token_id
 from daemon.errors import CorruptState
@@ -17,7 +20,13 @@ from daemon.tasks.causal_lm.task import EVAL_GAUGES, CausalLmTask
 def build(ctx: BuildContext, text: TextData) -> TaskParts:
     cfg, lm = ctx.cfg, LmConfig.of(ctx.cfg)
     tok = text.tokenizer
-    task = CausalLmTask(cfg, text.tokens, tok, ctx.launch.world_size)
+    data = PreparedDataset(text.location.index, text.reader, lm.seq_len)
+    replica = lm.replica if lm.replica >= 0 else ctx.replica
+    if lm.replicas and replica >= lm.replicas:
+        raise ConfigError([problem("lm.replica", f"is not under lm.replicas={lm.replicas}", replica)])
+    order = DatasetOrder(text.location.index.digest, cfg.train.seed, data.sequences, cfg.train.batch_size,
+                         ctx.launch.rank, ctx.launch.world_size, replica, lm.replicas)
+    task = CausalLmTask(cfg, data, order, tok, text.where)
     # A trained BPE may stop short of lm.vocab_size on a small corpus; the model keeps
     # the configured size so its shape does not depend on the text.
     vocab_size = len(tok) if lm.tokenizer or lm.init_from else max(len(tok), lm.vocab_size)
@@ -32,12 +41,16 @@ def build(ctx: BuildContext, text: TextData) -> TaskParts:
             raise ConfigError([problem(key, why, lm.tokenizer or lm.init_from)])
         # The BPE trained at the first start has no holes: this one was edited since.
         raise CorruptState(f"{cfg.state_dir / 'lm' / TOKENIZER_FILE}: {why}")
+    ctx.registry.register(DataCollector(text.reader))
+    text.reader.stats.observe = fetch_histogram(ctx.registry).observe
     return TaskParts(
         task=task,
         model=model,
-        sampler=ctx.sampler(task.num_items),
+        sampler=order,
         layout=HfLayout.of(model, tok),
         eval_gauges=EVAL_GAUGES,
         tokens_per_sample=lm.seq_len,
         flops_per_token=flops_per_token(model, lm.seq_len),
+        components=[ReaderClosed(text.reader)],
+        sections={"data": lambda: data_status(text.location, text.reader, replica, lm.replicas)},
     )

@@ -14,6 +14,8 @@ class LmConfig(Section):
 
     key = "lm"
     agreed = "all"
+    # Where this machine keeps its copy of the shards, how much, and which slice it trains.
+    local = frozenset({"cache_dir", "cache_bytes", "prefetch_shards", "replica"})
 
     preset: Literal["tiny", "small", "llama-1b"] = Field("tiny", description="model shape (ignored with init_from)")
     init_from: str = Field("", description="a local Hugging Face model directory to continue from")
@@ -23,6 +25,16 @@ class LmConfig(Section):
         default_factory=list,
         description="files, directories or globs (.txt .md .py .jsonl .parquet); empty = the standard library",
     )
+    dataset: str = Field(
+        "", description="a prepared dataset (a directory or s3://bucket/prefix, see `minerd data prepare`); "
+        "empty = lm.corpus prepared into the state directory at the first start")
+    cache_dir: str = Field("", description="where shards of an s3:// dataset are kept; empty = <state_dir>/data/cache")
+    cache_bytes: int = Field(2 << 30, ge=1 << 20, description="most bytes the shard cache holds on disk")
+    prefetch_shards: int = Field(1, ge=0, le=64, description="shards fetched ahead of the one being trained on")
+    replica: int = Field(-1, ge=-1, le=1_000_000, description="which slice of the data this replica trains; "
+                         "-1 = ft.replica_group under torchft, else 0")
+    replicas: int = Field(0, ge=0, le=1_000_000, description="how many replicas split the data into disjoint "
+                          "slices; 0 = each replica trains all of it, in its own order")
     seq_len: int = Field(256, ge=8, description="tokens per training sequence")
     eval_fraction: float = Field(0.01, gt=0, lt=1, description="share of documents held out, chosen by path hash")
     eval_every_steps: int = Field(200, gt=0, description="inner steps between held-out evaluations")

@@ -1,13 +1,13 @@
 """Next-token prediction on packed sequences of the token cache.
 
-The training split's token stream is cut into ``lm.seq_len + 1``-token windows that
-overlap by one token (inputs are a window's first ``seq_len`` tokens, targets its last
-``seq_len``): item ``i`` starts at token ``i * seq_len``, so an item is one slice and a
-micro-batch one gather. Documents run into each other across the end-of-text token,
-as in GPT-style pretraining.
+Each training shard of the prepared dataset is cut into ``lm.seq_len + 1``-token windows
+that overlap by one token (inputs are a window's first ``seq_len`` tokens, targets its last
+``seq_len``), numbered across shards: a sequence id is one slice of one shard and a
+micro-batch one gather per shard it touches, in the order data/prepared/order.py replays.
+Documents run into each other across the end-of-text token, as in GPT-style pretraining.
 
-Evaluation reads a fixed set of ``lm.eval_sequences`` windows spread evenly over the
-held-out split and reports the mean loss per token (nats), its perplexity, and bits
+Evaluation reads a fixed set of ``lm.eval_sequences`` windows spread evenly over the first
+held-out shards and reports the mean loss per token (nats), its perplexity, and bits
 per byte: the summed loss in bits over the UTF-8 bytes those targets decode to, which
 compares models with different tokenizers.
 """
@@ -17,14 +17,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from daemon.config import Config, ConfigError, problem
-from daemon.data.text.tokens import Tokens
+from daemon.data.prepared.dataset import PreparedDataset
+from daemon.data.prepared.order import DatasetOrder
 from daemon.engine.protocols import BatchPos, EvalPoint, EvalResult
 from daemon.tasks.causal_lm.config import LmConfig
 from daemon.tasks.causal_lm.model import unwrap
@@ -37,35 +37,26 @@ EVAL_GAUGES = {
 }
 
 
-def eval_windows(stream: np.ndarray, seq_len: int, count: int) -> torch.Tensor:
-    """``count`` non-overlapping windows of ``seq_len + 1`` tokens spread evenly over ``stream``."""
-    available = (len(stream) - 1) // seq_len
-    n = min(count, available)
-    starts = (np.arange(n, dtype=np.int64) * available // max(n, 1)) * seq_len
-    rows = stream[starts[:, None] + np.arange(seq_len + 1)]
-    return torch.from_numpy(rows.astype(np.int64))
-
-
 class CausalLmTask:
     name = "causal_lm"
 
-    def __init__(self, cfg: Config, tokens: Tokens, tokenizer: PreTrainedTokenizerBase, world_size: int = 1) -> None:
+    def __init__(self, cfg: Config, data: PreparedDataset, order: DatasetOrder, tokenizer: PreTrainedTokenizerBase,
+                 where: str = "lm.corpus") -> None:
         lm = LmConfig.of(cfg)
         self.cfg = cfg
         self.seq_len = lm.seq_len
         self.eval_every_steps = lm.eval_every_steps
-        self.train_stream = tokens.train
-        self._offsets = torch.arange(self.seq_len + 1).numpy()
-        self._num_items = max(0, (len(tokens.train) - 1) // self.seq_len)
-        per_step = cfg.train.batch_size * world_size
-        if self._num_items < per_step:
+        self.data, self.order, self.prefetch = data, order, lm.prefetch_shards
+        self._num_items = data.num_sequences
+        if order.batches_per_epoch == 0:
             raise ConfigError([problem(
-                "lm.corpus", f"the training split holds {self._num_items} sequences of lm.seq_len={self.seq_len} "
-                f"tokens, fewer than one batch ({per_step}); add text or lower lm.seq_len", len(tokens.train))])
-        self.eval_set = eval_windows(tokens.eval, self.seq_len, lm.eval_sequences)
+                where, f"the training split holds {self._num_items} sequences of lm.seq_len={self.seq_len} "
+                "tokens, fewer than one batch of every rank and replica; add text or lower lm.seq_len",
+                data.index.tokens("train"))])
+        self.eval_set = torch.from_numpy(data.eval_rows(lm.eval_sequences))
         if len(self.eval_set) == 0:
             raise ConfigError([problem(
-                "lm.eval_fraction", f"the held-out split has {len(tokens.eval)} tokens, not one sequence of "
+                "lm.eval_fraction", f"the held-out split has {data.eval_tokens()} tokens, not one sequence of "
                 f"lm.seq_len+1; raise lm.eval_fraction or add documents", lm.eval_fraction)])
         self.eval_bytes = sum(
             len(str(tokenizer.decode(row[1:].tolist(), skip_special_tokens=True)).encode("utf-8"))
@@ -79,9 +70,9 @@ class CausalLmTask:
         return self._num_items
 
     def get_batch(self, idx: torch.Tensor, device: torch.device, pos: BatchPos) -> torch.Tensor:
-        starts = idx.numpy() * self.seq_len
-        rows = self.train_stream[starts[:, None] + self._offsets]  # one gather from the memory map
-        batch = torch.from_numpy(rows.astype(np.int64))
+        if self.prefetch:  # the shards the walk reaches next, fetched while this batch trains
+            self.data.prefetch(self.order.shards_ahead(pos.epoch, pos.index, self.prefetch))
+        batch = torch.from_numpy(self.data.rows(idx.numpy()))  # one gather per shard touched
         if device.type == "cuda":
             return batch.pin_memory().to(device, non_blocking=True)
         return batch
