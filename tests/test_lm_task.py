@@ -162,6 +162,10 @@ class TestHuggingFaceRevision:
             assert torch.equal(model(ids).logits, t.model(ids).logits)
         assert "lm_head.weight" not in load_file(str(rev / "model.safetensors"))  # tied, stored once
         assert verify_target(str(target)) == []
+        # It says what it was trained on: the dataset, and the ids of its last window by digest.
+        data = json.loads((rev / "metadata.json").read_text())["data"]
+        assert data["dataset"] == run.task.data.index.digest and data["global_step"] == 4  # type: ignore[attr-defined]
+        assert len(data["last_window_sample_ids_sha256"]) == 1 and data["windows"][0] == 0
         # Continue from the revision: its weights and its tokenizer.
         cont, _, _ = cpu_run(small_lm_sets(tmp_path / "c", f"lm.init_from={rev}"))
         got = cont.trainer.model.state_dict()

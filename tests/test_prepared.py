@@ -15,11 +15,11 @@ from structlog.testing import capture_logs
 
 from daemon.config import ConfigError
 from daemon.data.prepared.cache import ShardCache, ShardRefused
-from daemon.data.prepared.commands import sample_ids
 from daemon.data.prepared.dataset import PreparedDataset, locate
 from daemon.data.prepared.index import INDEX, Index
 from daemon.data.prepared.order import DatasetOrder, Permutation
 from daemon.data.prepared.prepare import Stale, Tok, prepare
+from daemon.data.prepared.record import DataRecord, ids_digest, sample_ids
 from daemon.data.text import corpus
 from daemon.data.text.build import tok_spec
 from daemon.data.text.tokenizer import train_bpe, wrap
@@ -295,3 +295,7 @@ class TestTraining:
         for window in (0, 1):
             replayed = sample_ids(index, 11, 32, 4, 1, 0, 0, 0, 6, window)
             assert np.array_equal(np.concatenate(seen[6 * window: 6 * window + 6]), replayed)
+        # What a revision published now says it trained on: the last window's ids, by digest.
+        record = DataRecord(index, 11, 32, 4, 1, 0, 0, 2, 3)(6)
+        assert record["dataset"] == index.digest and record["windows"] == [0, 1]
+        assert record["last_window_sample_ids_sha256"] == [ids_digest(np.concatenate(seen[6:12]))]

@@ -80,6 +80,8 @@ class TaskParts:
     sections: dict[str, StatusSection] = field(default_factory=dict)  # of /status
     tokens_per_sample: int | None = None  # tokens/s accounting (language models)
     flops_per_token: float | None = None  # training FLOPs per token, for MFU
+    # What a revision published at a global step was trained on, for its manifest's "data".
+    data_record: Callable[[int], dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)

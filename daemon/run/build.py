@@ -106,6 +106,7 @@ def build_run(
         codec = CodecSpec.of(upload.compression, cc.block, cc.keep, cc.quantize) if artifact else None
         uploader = Uploader.from_config(upload, cfg.state_dir, registry, config_hash=cfg.digest(),
                                         layout=parts.layout, on_disk_full=on_full, codec=codec, stats=codec_stats)
+        uploader.data_record = parts.data_record
         components.append(uploader)
         state.sections["upload"] = uploader.status
         hooks.append(UploadHook(uploader, state))

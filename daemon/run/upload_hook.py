@@ -23,4 +23,4 @@ class UploadHook:
             self.uploader.request_upload()
         loss = step.loss if step.loss is not None else float("nan")
         self.uploader.on_inner_step(step.outer_step, step.inner_step, loss, step.model, step.optimizer,
-                                    anchor=step.anchor)
+                                    anchor=step.anchor, global_step=step.global_step)

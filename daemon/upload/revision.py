@@ -56,6 +56,8 @@ class Snapshot:
     # publisher synchronises on it, the training thread never does.
     ready: Any = None
     taken_at: float = field(default_factory=time.time)
+    # What the revision was trained on (the task's data record), for a validator to replay.
+    data: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -216,6 +218,8 @@ def write_revision(
         "artifact": _artifact_kind(snap.model is not None, artifact.HEADER_FILE in entries),
         "files": entries,
     }
+    if snap.data is not None:
+        manifest["data"] = snap.data
     return files, manifest
 
 

@@ -95,6 +95,8 @@ class Uploader:
         self.metrics = UploadMetrics(registry)
         registry.register(UploadStateCollector(self._live_state))
         self._buffers = SnapshotBuffers()
+        # The task's record of the data a revision at a global step was trained on (None: none).
+        self.data_record: Callable[[int], dict[str, Any]] | None = None
         self._queue: queue.Queue[Snapshot | None] = queue.Queue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -206,6 +208,7 @@ class Uploader:
         optimizer: torch.optim.Optimizer | None,
         force: bool = False,
         anchor: Sequence[torch.Tensor] | None = None,
+        global_step: int | None = None,
     ) -> GateDecision:
         """Call after each optimizer step. Returns the gate's decision; when it is
         allowed, a snapshot has been taken and handed to the publisher. ``anchor``: the
@@ -239,6 +242,8 @@ class Uploader:
         snap = self._buffers.capture(outer_step, inner_step, float(loss), model,
                                      optimizer if weights else None,
                                      anchor=anchor if artifact != "weights" else None, weights=weights)
+        if self.data_record is not None and global_step is not None:
+            snap.data = self.data_record(global_step)
         with self._cond:
             self._in_progress = snap.name
             self._blocked_reason = None

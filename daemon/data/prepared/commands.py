@@ -5,17 +5,13 @@ Each returns an exit code and prints its own lines; bad input is one line on std
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
-
-import numpy as np
 
 from daemon.config import ConfigError
 from daemon.data.prepared.index import SPLITS, TOKENIZER, Index
-from daemon.data.prepared.order import DatasetOrder
 from daemon.data.prepared.prepare import Stale, Tok, prepare, read_index
+from daemon.data.prepared.record import ids_digest, sample_ids
 from daemon.errors import DataUnreachable
 from daemon.storage import Storage, StorageError, TooLarge, open_storage
 
@@ -125,34 +121,6 @@ def run_inspect(dest: str, verify: bool) -> int:
         return EXIT_FAILED if bad else EXIT_OK
 
     return _guarded(go)
-
-
-@dataclass(frozen=True)
-class Window:
-    """Where a window sits in the micro-batch stream: ``micro_batches`` of them per window
-    (inner steps per outer step times accumulation), for this rank."""
-
-    micro_batches: int
-
-    def positions(self, order: DatasetOrder, window: int) -> list[tuple[int, int]]:
-        per_epoch = order.batches_per_epoch
-        first = window * self.micro_batches
-        return [(g // per_epoch + 1, g % per_epoch) for g in range(first, first + self.micro_batches)]
-
-
-def sample_ids(index: Index, seed: int, seq_len: int, batch_size: int, world_size: int, rank: int, replica: int,
-               replicas: int, micro_batches: int, window: int) -> np.ndarray:
-    """The sequence ids rank ``rank`` of replica ``replica`` trains in ``window``, in order."""
-    sequences = [max(0, (s.tokens - 1) // seq_len) for s in index.split("train")]
-    order = DatasetOrder(index.digest, seed, sequences, batch_size, rank, world_size, replica, replicas)
-    if order.batches_per_epoch == 0:
-        raise ConfigError(["--dataset: holds fewer sequences than one global batch"])
-    parts = [order.batch(e, i).numpy() for e, i in Window(micro_batches).positions(order, window)]
-    return np.concatenate(parts)
-
-
-def ids_digest(ids: np.ndarray) -> str:
-    return hashlib.sha256(ids.astype("<i8").tobytes()).hexdigest()
 
 
 def run_sample(dataset: str, seed: int, replica: int, replicas: int, rank: int, world_size: int, window: int,

@@ -7,8 +7,10 @@ from daemon.config import ConfigError, problem
 from daemon.data.prepared.dataset import PreparedDataset
 from daemon.data.prepared.metrics import DataCollector, ReaderClosed, data_status, fetch_histogram
 from daemon.data.prepared.order import DatasetOrder
+from daemon.data.prepared.record import DataRecord
 from daemon.data.text.build import TextData
 from daemon.data.text.tokenizer import TOKENIZER_FILE, max_token_id
+from daemon.diagnostics import accumulation_steps
 from daemon.errors import CorruptState
 from daemon.plugin.parts import BuildContext, TaskParts
 from daemon.tasks.causal_lm.config import LmConfig
@@ -52,5 +54,8 @@ def build(ctx: BuildContext, text: TextData) -> TaskParts:
         tokens_per_sample=lm.seq_len,
         flops_per_token=flops_per_token(model, lm.seq_len),
         components=[ReaderClosed(text.reader)],
+        data_record=DataRecord(text.location.index, cfg.train.seed, lm.seq_len, cfg.train.batch_size,
+                               ctx.launch.world_size, replica, lm.replicas,
+                               accumulation_steps(cfg, ctx.launch.world_size), cfg.train.inner_steps_per_outer),
         sections={"data": lambda: data_status(text.location, text.reader, replica, lm.replicas)},
     )
