@@ -34,8 +34,8 @@ from daemon.upload import check_revision, verify_target
 from daemon.upload.limits import LIMITS
 from daemon.upload.verify import fetch_revision
 from tests import test_upload_s3
-from tests.conftest import ROOT, cli
-from tests.test_upload_s3 import TARGET, MotoServer
+from tests.conftest import ROOT, MotoServer, cli
+from tests.test_upload_s3 import TARGET
 
 REV = "rev-0-3"
 server = test_upload_s3.server  # the moto fixture

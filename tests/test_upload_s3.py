@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
 import pytest
 import torch
 from prometheus_client import CollectorRegistry
@@ -23,48 +16,11 @@ from daemon.config import UploadConfig
 from daemon.storage import S3Storage, StorageError
 from daemon.upload import Uploader, verify_target
 from daemon.upload.revision import read_pointer, verify
+from tests.conftest import BUCKET, MotoServer
 
 pytestmark = pytest.mark.integration
 
-BUCKET = "miner"
 TARGET = f"s3://{BUCKET}/runs/a"
-
-
-class MotoServer:
-    """moto's standalone server as a subprocess, stopped by its own pid."""
-
-    def __init__(self, log_path: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                stdout=log,
-                stderr=log,
-            )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(self.url + "/moto-api/", timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        else:
-            raise RuntimeError("moto server did not come up")
-        # moto keeps everything in memory: a restarted server has no bucket.
-        boto3.client("s3", endpoint_url=self.url, region_name="us-east-1").create_bucket(Bucket=BUCKET)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-        self.proc = None
 
 
 @pytest.fixture

@@ -201,6 +201,8 @@ def prepare(
     out = _Dest(storage)
     if out.local is not None:
         out.local.mkdir(parents=True, exist_ok=True)
+        for stale in out.local.glob(".*.tmp"):  # a write a kill interrupted
+            stale.unlink(missing_ok=True)
     sources = corpus.discover(entries, origin)
     index = read_index(storage, where)
     if index is not None:

@@ -83,7 +83,12 @@ def load_named(path: str, key: str) -> PreTrainedTokenizerBase:
         if p.is_dir():
             # Code from a directory never runs (named_problem refused an auto_map already).
             return AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
-        return PreTrainedTokenizerFast(tokenizer_file=str(p))
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(p))
+        if tok.eos_token is None and EOS in tok.get_vocab():
+            # A bare tokenizer.json names no end-of-text token; minerd's BPE has one, which
+            # separates documents in the training stream as it did when it was trained.
+            tok.eos_token = tok.pad_token = EOS
+        return tok
     except Exception as exc:  # the tokenizers library raises a plain Exception for a bad file
         raise ConfigError([problem(key, f"cannot load a tokenizer from it: {str(exc)[:200]}", path)]) from None
 

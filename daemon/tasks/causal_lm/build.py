@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import daemon.data.text.vocab as vocab
 from daemon.config import ConfigError, problem
+from daemon.data.prepared.cache import ShardCache
 from daemon.data.prepared.dataset import PreparedDataset
 from daemon.data.prepared.metrics import DataCollector, ReaderClosed, data_status, fetch_histogram
 from daemon.data.prepared.order import DatasetOrder
@@ -23,6 +24,13 @@ def build(ctx: BuildContext, text: TextData) -> TaskParts:
     cfg, lm = ctx.cfg, LmConfig.of(ctx.cfg)
     tok = text.tokenizer
     data = PreparedDataset(text.location.index, text.reader, lm.seq_len)
+    if isinstance(text.reader, ShardCache):
+        # The shard being read, the ones prefetched, and one arriving: never fewer.
+        need = (lm.prefetch_shards + 2) * max(s.bytes for s in text.location.index.shards)
+        if lm.cache_bytes < need:
+            raise ConfigError([problem("lm.cache_bytes", f"holds fewer than {lm.prefetch_shards + 2} shards of "
+                                       f"{lm.dataset} (the shard in use, lm.prefetch_shards={lm.prefetch_shards} "
+                                       f"ahead, one arriving); raise it to at least {need}", lm.cache_bytes)])
     replica = lm.replica if lm.replica >= 0 else ctx.replica
     if lm.replicas and replica >= lm.replicas:
         raise ConfigError([problem("lm.replica", f"is not under lm.replicas={lm.replicas}", replica)])

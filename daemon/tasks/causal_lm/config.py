@@ -29,7 +29,7 @@ class LmConfig(Section):
         "", description="a prepared dataset (a directory or s3://bucket/prefix, see `minerd data prepare`); "
         "empty = lm.corpus prepared into the state directory at the first start")
     cache_dir: str = Field("", description="where shards of an s3:// dataset are kept; empty = <state_dir>/data/cache")
-    cache_bytes: int = Field(2 << 30, ge=1 << 20, description="most bytes the shard cache holds on disk")
+    cache_bytes: int = Field(2 << 30, ge=1 << 12, description="most bytes the shard cache holds on disk")
     prefetch_shards: int = Field(1, ge=0, le=64, description="shards fetched ahead of the one being trained on")
     replica: int = Field(-1, ge=-1, le=1_000_000, description="which slice of the data this replica trains; "
                          "-1 = ft.replica_group under torchft, else 0")
