@@ -4,6 +4,7 @@ verification on arrival, a corrupt shard fetched again)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import threading
@@ -255,6 +256,33 @@ class TestShardCache:
         second.get(index.shards[1])
         assert store.sizes == [] and not (tmp_path / "cache" / ".x.part").exists()
         second.close()
+
+    def test_a_full_disk_shrinks_the_cache_and_the_read_goes_on(self, tmp_path: Path, tok: Tok,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+        import daemon.data.prepared.cache as cache_module
+
+        monkeypatch.setattr(cache_module.time, "sleep", lambda s: None)
+        index = self._dataset(tmp_path, tok)
+        full = {"left": 1}
+
+        class Full(LocalStorage):
+            def fetch(self, key: str, dest: Path | None, max_bytes: int) -> tuple[int, str] | None:
+                if full["left"] and key == index.shards[3].name:
+                    full["left"] -= 1
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return super().fetch(key, dest, max_bytes)
+
+        largest = max(s.bytes for s in index.shards)
+        cache = ShardCache(Full(tmp_path / "d"), index, tmp_path / "cache", 10 * largest)
+        for shard in index.shards[:3]:
+            cache.get(shard)
+        with capture_logs() as logs:
+            got = cache.get(index.shards[3])
+        assert len(got) == index.shards[3].tokens
+        (line,) = [e["event"] for e in logs if e["event"].startswith("DISK FULL")]
+        assert f"the shard cache at {tmp_path / 'cache'} cannot grow" in line
+        assert cache.max_bytes < 10 * largest and cache.cached()[1] <= cache.max_bytes
+        cache.close()
 
     def test_prefetch_runs_beside_the_reader(self, tmp_path: Path, tok: Tok) -> None:
         index = self._dataset(tmp_path, tok)

@@ -10,6 +10,7 @@ minerd's own writes (``tests/virtual_disk.py``); the start-up scenario runs on b
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 import urllib.error
@@ -235,7 +236,7 @@ class TestCorruption:
         lines = [x for x in m.text().splitlines() if x.strip()]
         assert lines == [f"config error: paths.state_dir: exists and is not a directory (got '{state}')"]
 
-    def test_the_token_cache_and_the_corpus(self, tmp_path: Path, miner_factory) -> None:
+    def test_the_prepared_corpus_and_the_corpus(self, tmp_path: Path, miner_factory) -> None:
         corpus = tmp_path / "corpus"
         corpus.mkdir()
         for src in Path(LM_CORPUS[2]).glob("*.py"):  # json: 5 files, 48 KB
@@ -244,19 +245,20 @@ class TestCorruption:
         sets = small_lm_sets(state, f"lm.corpus={corpus}", "lm.eval_fraction=0.2", "api.enabled=false",
                              "lm.seq_len=32", "train.batch_size=4", "train.effective_batch_size=4")
         assert run_to_end(miner_factory, state, [*sets, "train.max_steps=3"]).proc.returncode == 0
-        # A flipped byte in the token cache: caught by its checksum, tokenised again.
-        (tokens_file,) = state.glob("data/lm-tokens-*/train.tokens")
-        flip_byte(tokens_file, at=1001)
+        # A flipped byte in a shard of the prepared corpus: caught by its checksum, prepared again.
+        shard = state / "data" / "lm-dataset" / "train-000000.tokens"
+        flip_byte(shard, at=1001)
         m = run_to_end(miner_factory, state, [*sets, "train.max_steps=6"])
         assert m.proc.returncode == 0, m.text()[-3000:]
-        one_line(m, "token cache does not match its checksum")
-        # A corpus file overwritten with binary junk: a new fingerprint, a new cache, same tokenizer.
+        one_line(m, "the prepared corpus does not match its checksums")
+        # A corpus file overwritten with binary junk: prepared again, the same tokenizer.
         victim = sorted(corpus.glob("*.py"))[0]
         victim.write_bytes(os.urandom(4096))
         m = run_to_end(miner_factory, state, [*sets, "train.max_steps=9"])
         assert m.proc.returncode == 0, m.text()[-3000:]
-        assert "tokenizer reused" in m.text() and "token cache written" in m.text()
-        assert len(list(state.glob("data/lm-tokens-*"))) == 1  # the old cache removed
+        assert "tokenizer reused" in m.text() and "preparing the corpus again" in m.text()
+        index = json.loads((state / "data" / "lm-dataset" / "index.json").read_text())
+        assert next(s for s in index["sources"] if s["key"] == str(victim))["size"] == 4096
 
 
 @pytest.mark.slow

@@ -60,9 +60,9 @@ class TestGracefulStop:
         assert flags and all(e["level"] == "warning" for e in flags)
         assert any(e["event"] == "GPU DIAGNOSTICS" and e["level"] == "info" for e in block)
         assert [s["global_step"] for s in step_lines(text)] == list(range(13, 21))
-        if task == "causal_lm":  # the second start reads the tokenizer and the token cache back
-            assert "tokenizer reused" in text and "token cache reused" in text
-            assert "tokenising the corpus" not in text and "tokenizer trained" not in text
+        if task == "causal_lm":  # the second start reads the tokenizer and the prepared corpus back
+            assert "tokenizer reused" in text and "prepared corpus reused" in text
+            assert "dataset prepared" not in text and "tokenizer trained" not in text
 
     def test_bad_config_exits_2_and_writes_nothing(self, tmp_path: Path, miner_factory) -> None:
         state = tmp_path / "state"

@@ -35,7 +35,7 @@ from daemon.watchdog import Watchdog
 log = structlog.get_logger("minerd")
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
-# Room the start-up needs before anything is built: the tokenizer and the token cache of the
+# Room the start-up needs before anything is built: the tokenizer and the prepared corpus of the
 # default corpus take under 20 MB; a checkpoint's own room is checked once the model exists.
 MIN_FREE_TO_BUILD = 64 << 20
 DATA_RETRY_SECONDS = 5.0  # between tries to reach an unreachable dataset at start

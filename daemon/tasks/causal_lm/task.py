@@ -1,4 +1,4 @@
-"""Next-token prediction on packed sequences of the token cache.
+"""Next-token prediction on packed sequences of a prepared token dataset.
 
 Each training shard of the prepared dataset is cut into ``lm.seq_len + 1``-token windows
 that overlap by one token (inputs are a window's first ``seq_len`` tokens, targets its last
