@@ -66,6 +66,15 @@ def run(config: str | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
     raise typer.Exit(run_miner(cfg))
 
 
+@app.command()
+def aggregate(config: str | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
+    """Run the bucket exchange's aggregator: score each round's submissions, publish the next global model."""
+    cfg = _load(config, set_, notes=False)
+    from daemon.run.aggregate import run_aggregator
+
+    raise typer.Exit(run_aggregator(cfg))
+
+
 @config_app.command("show")
 def config_show(config: str | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
     """Print the resolved config as YAML, secrets masked."""

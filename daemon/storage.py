@@ -123,6 +123,14 @@ class Storage(Protocol):
         (size, sha256 hex), None when it does not exist, TooLarge as ``get_bytes``."""
         ...
 
+    def list_folders(self, prefix: str, limit: int) -> list[str]:
+        """Names of the folders directly under ``prefix`` (at most ``limit``, sorted)."""
+        ...
+
+    def modified(self, key: str) -> float | None:
+        """When the object was written (Unix seconds, the storage's own clock); None if absent."""
+        ...
+
     def list_revisions(self) -> list[str]:
         """Revision folder names present, in any order."""
         ...
@@ -236,6 +244,24 @@ class LocalStorage:
             os.close(fd)
             raise StorageError(f"read {key}: not a regular file")
         return fd
+
+    def list_folders(self, prefix: str, limit: int) -> list[str]:
+        base = self._path(prefix) if prefix else self.root
+        if not base.is_dir() or base.is_symlink():
+            return []
+        names = []
+        for entry in os.scandir(base):
+            if entry.is_dir(follow_symlinks=False) and not entry.name.startswith("."):
+                names.append(entry.name)
+                if len(names) >= limit:
+                    break
+        return sorted(names)
+
+    def modified(self, key: str) -> float | None:
+        try:
+            return os.stat(self._path(key), follow_symlinks=False).st_mtime
+        except FileNotFoundError:
+            return None
 
     def list_revisions(self) -> list[str]:
         if not self.root.is_dir():
@@ -362,6 +388,28 @@ class S3Storage:
             raise self._wrap(f"read {key}", exc) from None
         finally:
             body.close()
+
+    def list_folders(self, prefix: str, limit: int) -> list[str]:
+        base = self._key(prefix) + "/" if prefix else self._key("")
+        names: list[str] = []
+        try:
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=base, Delimiter="/", PaginationConfig={"MaxItems": limit}
+            )
+            for page in pages:
+                names += [cp["Prefix"][len(base) :].strip("/") for cp in page.get("CommonPrefixes", [])]
+        except self._errors as exc:
+            raise self._wrap(f"list {prefix}", exc) from None
+        return sorted(n for n in names[:limit] if n)
+
+    def modified(self, key: str) -> float | None:
+        try:
+            head = self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except self._errors as exc:
+            if self._missing(exc):
+                return None
+            raise self._wrap(f"stat {key}", exc) from None
+        return float(head["LastModified"].timestamp())
 
     def list_revisions(self) -> list[str]:
         base = self._key("")

@@ -129,9 +129,11 @@ class OuterStep(Protocol):
 
     anchor: list[torch.Tensor]
 
-    def step(self) -> dict[str, Any]:
+    def step(self) -> dict[str, Any] | None:
         """Apply one outer step; returns what the ``outer step applied`` line reports. With
-        ``committed: False`` nothing was applied and the round's progress stays for the next."""
+        ``committed: False`` nothing was applied and the round's progress stays for the next;
+        None: nothing yet (the round goes on, and the trainer asks again after the next inner
+        step: an outer sync that waits for others without stopping training)."""
 
     def state_dict(self) -> dict[str, Any]: ...
 

@@ -97,6 +97,8 @@ class SyncContext:
     model: nn.Module  # the task's model, on its device, rank 0's weights on every rank
     comm: CommCounter
     compression: CompressionStats
+    # What the task trains on at a global step (its manifest record), when it can say.
+    data_record: Callable[[int], dict[str, Any]] | None = None
 
 
 @dataclass

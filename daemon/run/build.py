@@ -82,7 +82,8 @@ def build_run(
     comm = CommCounter()
     codec_stats = CompressionStats()
     broadcast_params(model)  # every rank starts from rank 0's weights
-    sync = sync_entry.build(SyncContext(cfg, state, registry, launch, device, model, comm, codec_stats))
+    sync = sync_entry.build(SyncContext(cfg, state, registry, launch, device, model, comm, codec_stats,
+                                        parts.data_record))
     state.sections.update(sync.sections)
     # foreach/fused off: the stability rails our users run AdamW with.
     optimizer = torch.optim.AdamW(

@@ -1,0 +1,82 @@
+"""``minerd aggregate``: the bucket exchange's aggregator, built from the same config file as
+the miners (the task, its data and model; the exchange section's target and rounds)."""
+
+from __future__ import annotations
+
+import structlog
+import torch
+from prometheus_client import CollectorRegistry
+
+from daemon.config import Config, ConfigError
+from daemon.distributed import Launch
+from daemon.engine.protocols import EvalPoint
+from daemon.errors import CorruptState, DataUnreachable
+from daemon.logsetup import configure_logging
+from daemon.plugin.parts import BuildContext
+from daemon.run.catalog import CATALOG
+from daemon.run.machine import configure_threads, resolve_device
+from daemon.signals import Shutdown
+from daemon.state import MinerState
+from daemon.storage import StorageError
+from daemon.sync.exchange.aggregator import Aggregator
+from daemon.sync.exchange.build import digest_of, storage_of
+from daemon.sync.exchange.config import ExchangeConfig
+from daemon.sync.exchange.layout import Refused
+
+log = structlog.get_logger("minerd.exchange")
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+
+
+def build_aggregator(cfg: Config, state: MinerState, device: torch.device) -> Aggregator:
+    ex = ExchangeConfig.of(cfg)
+    launch = Launch(rank=0, world_size=1, local_rank=0)
+    entry = CATALOG.task_for(cfg)
+    request = entry.data(cfg)
+    ctx = BuildContext(cfg, state, CollectorRegistry(), launch, device)
+    torch.manual_seed(cfg.train.seed)  # round 0 is the model every miner would build
+    parts = entry.build(ctx, CATALOG.data[request.source].build(ctx, request.spec))
+    task, model = parts.task, parts.model
+
+    def held_out_loss(m: torch.nn.Module) -> float:
+        return float(task.evaluate(m, device, EvalPoint(0, 0), state.beat).metrics["loss"])
+
+    t = cfg.train
+    return Aggregator(ex, storage_of(ex), model, parts.layout, held_out_loss, digest_of(cfg, model, parts.data_record),
+                      ex.inner_steps(t.inner_steps_per_outer), t.outer_lr, t.outer_momentum)
+
+
+def run_aggregator(cfg: Config) -> int:
+    configure_logging(cfg.telemetry.log_format, cfg.telemetry.log_level)
+    ex = ExchangeConfig.of(cfg)
+    if not ex.target:
+        log.error("config error: exchange.target: the aggregator needs the exchange target (got '')")
+        return EXIT_CONFIG
+    shutdown = Shutdown(cfg.shutdown.deadline_seconds)
+    shutdown.install()
+    state = MinerState(task=cfg.train.task)
+    try:
+        configure_threads(cfg, Launch(rank=0, world_size=1, local_rank=0))
+        device = resolve_device(cfg, Launch(rank=0, world_size=1, local_rank=0))
+        agg = build_aggregator(cfg, state, device)
+        agg.open()
+        log.info("aggregator running", target=agg.storage.describe(), round=agg.round,
+                 round_seconds=ex.round_seconds, expected_miners=ex.expected_miners)
+        agg.run(shutdown)
+    except ConfigError as exc:
+        for line in exc.problems:
+            log.error(line)
+        return EXIT_CONFIG
+    except Refused as exc:
+        log.error(f"EXCHANGE REFUSED: {exc}")
+        return EXIT_CONFIG
+    except CorruptState as exc:
+        log.error(exc.line())
+        return EXIT_CONFIG
+    except (StorageError, DataUnreachable) as exc:
+        log.error(f"EXCHANGE UNREACHABLE: {exc}; exiting for the supervisor to start again")
+        return EXIT_FAILURE
+    finally:
+        shutdown.finished()
+    log.info("aggregator stopped", round=agg.round)
+    return EXIT_OK
