@@ -346,8 +346,10 @@ class Trainer:
             c.inner_step = 0
             self._publish_counters()
             if joining:
-                log.info(f"FT JOINED: in step with the group at outer step {c.outer_step} "
-                         f"(global step {c.global_step})", outer_step=c.outer_step, **report)
+                # The outer sync names what it joined (torchft's line by default, which operators grep).
+                head = report.pop("joined", "FT JOINED: in step with the group")
+                log.info(f"{head} at outer step {c.outer_step} (global step {c.global_step})",
+                         outer_step=c.outer_step, **report)
             else:
                 log.info("outer step applied", outer_step=c.outer_step, **report)
         else:

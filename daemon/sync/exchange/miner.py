@@ -79,7 +79,7 @@ class ExchangeMiner:
                              f"starting from global round {newest}")
                 report = self._load(newest)
                 if report is not None:
-                    return report
+                    return {**report, "joined": f"EXCHANGE JOINED: following global round {newest}"}
             elif newest is not None:
                 log.info(f"EXCHANGE: resuming from this miner's checkpoint at round {self.base}")
                 return None
