@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
 
 from daemon.config import ConfigError
 from daemon.data.prepared.index import SPLITS, TOKENIZER, Index
@@ -81,6 +82,10 @@ def run_prepare(sources: list[str], out: str, tokenizer: str, vocab_size: int, s
             _err(f"SOURCE: {len(exc.changed)} file(s) changed since they were prepared into {out} (first: "
                  f"{exc.changed[0]}); their tokens are in its shards already: prepare into another --out")
             return EXIT_USAGE
+        except BrokenProcessPool:
+            _err(f"a tokenising worker process died (out of memory?); the shards written so far are kept: run the "
+                 f"same command to continue into {out} (with fewer --workers)")
+            return EXIT_FAILED
         except KeyboardInterrupt:
             _err(f"interrupted: the shards written so far are kept; run the same command to continue into {out}")
             return 130

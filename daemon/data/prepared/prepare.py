@@ -24,6 +24,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -116,16 +117,16 @@ def _results(units: list[corpus.Source], tok: Tok, workers: int) -> Iterator[dic
         yield from map(_tokenise, units)
         return
     # spawn: the parent may hold threads (the tokenizers library's, torch's) a fork would copy.
+    # A worker that dies (killed, out of memory) breaks the pool: an error, never a hang.
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, initializer=_init, initargs=(tok, 1)) as pool:
-        pending: deque[Any] = deque()
-        it = iter(units)
-        for unit in it:
-            pending.append(pool.apply_async(_tokenise, (unit,)))
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init, initargs=(tok, 1)) as pool:
+        pending: deque[Future[dict[str, Any]]] = deque()
+        for unit in units:
+            pending.append(pool.submit(_tokenise, unit))
             if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
 
 
 # ---- where the shards go ---------------------------------------------------------------
