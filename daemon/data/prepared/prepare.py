@@ -2,7 +2,7 @@
 
 Sources are read by the corpus rules (files, directories and globs of .txt .md .py .jsonl
 .parquet, every problem one line), one file per work unit, tokenised by ``workers``
-processes and cut, in source order, into shards of exactly ``shard_tokens`` tokens per
+processes (0: in this process, on the tokenizer's threads) and cut, in source order, into shards of exactly ``shard_tokens`` tokens per
 split (the last of a split shorter). The split is chosen per document by a hash of its key,
 as for a corpus. The output does not depend on the number of workers.
 
@@ -44,6 +44,7 @@ log = structlog.get_logger("minerd.data")
 PROGRESS = "prepare.json"
 DEFAULT_SHARD_TOKENS = 1 << 26
 _BATCH_CHARS = 4 << 20
+GROUP_BYTES = 4 << 20  # source bytes handed to a worker process at once
 
 
 class Stale(Exception):
@@ -110,9 +111,32 @@ def _tokenise(source: corpus.Source) -> dict[str, Any]:
     return out
 
 
+def _tokenise_group(sources: list[corpus.Source]) -> list[dict[str, Any]]:
+    return [_tokenise(s) for s in sources]
+
+
+def _groups(units: list[corpus.Source]) -> Iterator[list[corpus.Source]]:
+    """Consecutive files of about GROUP_BYTES together: one task per small file would cost more
+    in hand-offs between processes than the tokenising."""
+    group: list[corpus.Source] = []
+    size = 0
+    for unit in units:
+        group.append(unit)
+        try:
+            size += unit.path.stat().st_size
+        except OSError:
+            size += GROUP_BYTES  # read (and refused) by the worker, alone
+        if size >= GROUP_BYTES:
+            yield group
+            group, size = [], 0
+    if group:
+        yield group
+
+
 def _results(units: list[corpus.Source], tok: Tok, workers: int) -> Iterator[dict[str, Any]]:
-    """Each unit's tokens, in unit order (workers run ahead by a bounded number of units)."""
-    if workers <= 1 or len(units) <= 1:
+    """Each unit's tokens, in unit order. ``workers`` 0: in this process, the tokenizer's own
+    threads on every core; N: N processes of one thread each, a bounded number of groups ahead."""
+    if workers == 0 or not units:
         _init(tok, None)
         yield from map(_tokenise, units)
         return
@@ -120,13 +144,13 @@ def _results(units: list[corpus.Source], tok: Tok, workers: int) -> Iterator[dic
     # A worker that dies (killed, out of memory) breaks the pool: an error, never a hang.
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init, initargs=(tok, 1)) as pool:
-        pending: deque[Future[dict[str, Any]]] = deque()
-        for unit in units:
-            pending.append(pool.submit(_tokenise, unit))
+        pending: deque[Future[list[dict[str, Any]]]] = deque()
+        for group in _groups(units):
+            pending.append(pool.submit(_tokenise_group, group))
             if len(pending) >= 2 * workers:
-                yield pending.popleft().result()
+                yield from pending.popleft().result()
         while pending:
-            yield pending.popleft().result()
+            yield from pending.popleft().result()
 
 
 # ---- where the shards go ---------------------------------------------------------------
@@ -190,7 +214,7 @@ def prepare(
     tok: Tok,
     *,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
-    workers: int = 1,
+    workers: int = 0,
     origin: str = "SOURCE",
     where: str = "--out",
     on_shard: Callable[[Shard], None] | None = None,

@@ -76,13 +76,13 @@ def _prepared_corpus(spec: TextSpec, tok: PreTrainedTokenizerBase, state_dir: Pa
     created = not dest.exists()
     try:
         try:
-            _, added = prepare(entries, str(dest), want, workers=1, origin=spec.key("corpus"), where=spec.key("corpus"))
+            _, added = prepare(entries, str(dest), want, workers=0, origin=spec.key("corpus"), where=spec.key("corpus"))
         except Stale as exc:
             log.info("corpus files changed since they were prepared: preparing the corpus again",
                      changed=exc.changed[:5], path=str(dest))
             shutil.rmtree(dest, ignore_errors=True)
             created = True
-            _, added = prepare(entries, str(dest), want, workers=1, origin=spec.key("corpus"), where=spec.key("corpus"))
+            _, added = prepare(entries, str(dest), want, workers=0, origin=spec.key("corpus"), where=spec.key("corpus"))
     except ConfigError:
         if created:  # a corpus problem found while tokenising leaves nothing behind
             shutil.rmtree(dest, ignore_errors=True)
