@@ -2,9 +2,10 @@
 
 Sources are read by the corpus rules (files, directories and globs of .txt .md .py .jsonl
 .parquet, every problem one line), one file per work unit, tokenised by ``workers``
-processes (0: in this process, on the tokenizer's threads) and cut, in source order, into shards of exactly ``shard_tokens`` tokens per
-split (the last of a split shorter). The split is chosen per document by a hash of its key,
-as for a corpus. The output does not depend on the number of workers.
+processes (0: in this process) and cut, in source order, into shards of exactly
+``shard_tokens`` tokens per split (the last of a split shorter). The split is chosen per
+document by a hash of its key, as for a corpus. The output does not depend on the number of
+workers.
 
 Resumable: after each shard, ``prepare.json`` records where each split's next shard starts
 (a work unit and a token offset in it). A prepare stopped at any point (kill -9, Ctrl-C, a
