@@ -32,7 +32,8 @@ def sets(tmp_path: Path, name: str, *extra: str) -> list[str]:
 
 class Miner:
     def __init__(self, tmp_path: Path, name: str, *extra: str) -> None:
-        self.run = cpu_run(sets(tmp_path, name, *extra)).run
+        local = cpu_run(sets(tmp_path, name, *extra))
+        self.run, self.registry, self.state = local.run, local.registry, local.state
         self.trainer = self.run.trainer
         self.exchange = self.trainer.p.outer
         assert isinstance(self.exchange, ExchangeMiner)
@@ -84,6 +85,11 @@ class TestRounds:
         assert (tmp_path / "target" / POINTER).read_text().strip() == "round-3"
         for r in range(3):
             assert set(scores(tmp_path, r)) == {"a", "b"}
+        value = a.registry.get_sample_value
+        assert value("minerd_exchange_submissions_total", {"result": "submitted"}) == 3
+        assert value("minerd_exchange_round") == 3 and value("minerd_exchange_rounds_behind") == 0
+        status = a.state.sections["exchange"]()
+        assert status["round"] == 3 and status["round_submitted"] is False and status["newest_global_round"] == 3
 
     def test_a_diverging_miner_a_copier_and_bad_submissions_are_rejected(self, tmp_path: Path,
                                                                          aggregator: Aggregator) -> None:

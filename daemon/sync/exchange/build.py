@@ -10,6 +10,7 @@ from daemon.plugin.parts import SyncContext, SyncParts
 from daemon.storage import Storage, open_storage
 from daemon.sync.exchange.config import ExchangeConfig
 from daemon.sync.exchange.layout import applicability
+from daemon.sync.exchange.metrics import ExchangeCollector
 from daemon.sync.exchange.miner import ExchangeMiner
 from daemon.sync.exchange.weights import shapes
 
@@ -33,4 +34,5 @@ def build_miner(ctx: SyncContext) -> SyncParts:
     miner = ExchangeMiner(ex, storage_of(ex), ctx.model, codec_of(ctx.cfg),
                           digest_of(ctx.cfg, ctx.model, ctx.data_record),
                           ex.inner_steps(ctx.cfg.train.inner_steps_per_outer), ctx.state, ctx.data_record)
+    ctx.registry.register(ExchangeCollector(miner))
     return SyncParts(outer=miner, model=ctx.model, join=miner, sections={"exchange": miner.status})

@@ -66,6 +66,8 @@ class ExchangeMiner:
         self.submitted = False
         self.refused: set[int] = set()  # global rounds that did not verify: never tried again
         self.last_info: RoundInfo | None = None
+        self.newest_seen = -1  # the newest global round the pointer named
+        self.counts = {"submitted": 0, "failed": 0, "dropped": 0, "refused_global": 0}
         self._next_poll = 0.0
 
     # ---- the trainer's side ------------------------------------------------------------
@@ -97,6 +99,7 @@ class ExchangeMiner:
             newest = self._newest(force=True)
             if newest is not None and newest > self.base:  # the round closed without this miner
                 log.warning(f"ROUND {self.base} DROPPED: the global model is at round {newest}; catching up")
+                self.counts["dropped"] += 1
                 return self._load(newest)
             self._submit()
             self.submitted = True
@@ -124,8 +127,10 @@ class ExchangeMiner:
                 publish(self.storage, folder, Path(tmp), [*names, SUBMISSION_FILE])
             except StorageError as exc:
                 log.warning(f"ROUND {self.base} NOT SUBMITTED: {exc}; training goes on")
+                self.counts["failed"] += 1
                 return
             size = sum((Path(tmp) / n).stat().st_size for n in names)
+        self.counts["submitted"] += 1
         log.info(f"ROUND {self.base} SUBMITTED: {size / 1000:.1f} KB", round=self.base, bytes=size)
 
     # ---- following the global model ----------------------------------------------------
@@ -139,6 +144,8 @@ class ExchangeMiner:
         except (Refused, StorageError) as exc:
             log.warning(f"GLOBAL REFUSED: {exc}")
             return None
+        if newest is not None:
+            self.newest_seen = max(self.newest_seen, newest)
         return None if newest in self.refused else newest
 
     def _load(self, round_: int) -> dict[str, Any] | None:
@@ -160,6 +167,7 @@ class ExchangeMiner:
                 load_model(self.model, files, folder)
             except Refused as exc:
                 self.refused.add(round_)
+                self.counts["refused_global"] += 1
                 log.error(f"GLOBAL REFUSED: {exc}; this miner stays on round {self.base}")
                 return None
         with torch.no_grad():
@@ -182,5 +190,10 @@ class ExchangeMiner:
         self.base, self.submitted = int(state["base"]), bool(state["submitted"])
 
     def status(self) -> dict[str, Any]:
-        return {"miner_id": self.ex.miner_id, "round": self.base, "submitted": self.submitted,
-                "target": self.storage.describe()}
+        return {"miner_id": self.ex.miner_id, "round": self.base, "round_submitted": self.submitted,
+                "rounds_behind": self.rounds_behind, "newest_global_round": self.newest_seen,
+                "target": self.storage.describe(), "counts": dict(self.counts)}
+
+    @property
+    def rounds_behind(self) -> int:
+        return max(0, self.newest_seen - self.base) if self.base >= 0 else 0
