@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -126,12 +127,29 @@ class TestRounds:
         _manifest(junk)
         verdicts = {v.miner: v for v in aggregator.close()}
         assert verdicts["honest"].accepted and verdicts["honest"].weight == 1.0
+        # The miners' previews said what the aggregator then decided, with the same losses.
+        for miner in (honest, wild):
+            preview, verdict = miner.exchange.last_preview, verdicts[miner.exchange.ex.miner_id]
+            assert preview is not None and (preview.accepted, preview.reason) == (verdict.accepted, verdict.reason)
+            assert preview.loss_before == pytest.approx(verdict.loss_before, abs=1e-5)
+            assert preview.loss_after == pytest.approx(verdict.loss_after, abs=1e-5)
         expected = {"wild": "no_improvement", "copier": "copy", "stale": "stale_round", "foreign": "foreign",
                     "nan": "not_finite", "junk": "structure"}
         assert {m: v.reason for m, v in verdicts.items() if m != "honest"} == expected
         assert verdicts["wild"].loss_after > verdicts["wild"].loss_before  # type: ignore[operator]
         written = scores(tmp_path, 0)
         assert written["copier"]["reason"] == "copy" and written["honest"]["accepted"] is True
+
+    def test_a_blocking_preview_keeps_a_harmful_round_back(self, tmp_path: Path, aggregator: Aggregator) -> None:
+        wild = Miner(tmp_path, "wild", "train.lr=1.0", "train.warmup_steps=0", "train.grad_clip=0",
+                     "exchange.preview=block")
+        with capture_logs() as logs:
+            wild.train_round()
+        (line,) = [e["event"] for e in logs if e["event"].startswith("UPLOAD BLOCKED")]
+        assert line.startswith("UPLOAD BLOCKED: round 0 preview no_improvement (loss ")
+        assert not (tmp_path / "target" / submission_folder(0, "wild")).exists()
+        assert wild.registry.get_sample_value("minerd_exchange_submissions_total", {"result": "blocked"}) == 1
+        assert aggregator.close() == []  # nothing to score; the next round opens all the same
 
     def test_a_tampered_global_revision_is_refused(self, tmp_path: Path, aggregator: Aggregator) -> None:
         miner = Miner(tmp_path, "m")

@@ -99,6 +99,8 @@ class SyncContext:
     compression: CompressionStats
     # What the task trains on at a global step (its manifest record), when it can say.
     data_record: Callable[[int], dict[str, Any]] | None = None
+    # The task's held-out loss of a model (its evaluation's "loss"), when it reports one.
+    held_out_loss: Callable[[nn.Module], float] | None = None
 
 
 @dataclass

@@ -9,7 +9,6 @@ from prometheus_client import CollectorRegistry
 
 from daemon.config import Config, ConfigError
 from daemon.distributed import Launch
-from daemon.engine.protocols import EvalPoint
 from daemon.errors import CorruptState, DataUnreachable
 from daemon.logsetup import configure_logging
 from daemon.plugin.parts import BuildContext
@@ -39,7 +38,7 @@ def build_aggregator(cfg: Config, state: MinerState, device: torch.device) -> Ag
     task, model = parts.task, parts.model
 
     def held_out_loss(m: torch.nn.Module) -> float:
-        return float(task.evaluate(m, device, EvalPoint(0, 0), state.beat).metrics["loss"])
+        return float(task.held_out_loss(m, device, state.beat))  # type: ignore[attr-defined]
 
     t = cfg.train
     return Aggregator(ex, storage_of(ex), model, parts.layout, held_out_loss, digest_of(cfg, model, parts.data_record),

@@ -82,8 +82,14 @@ def build_run(
     comm = CommCounter()
     codec_stats = CompressionStats()
     broadcast_params(model)  # every rank starts from rank 0's weights
+    task_loss = getattr(parts.task, "held_out_loss", None)  # tasks that score by a held-out loss
+
+    def held_out_loss(m: torch.nn.Module) -> float:
+        assert task_loss is not None
+        return float(task_loss(m, device, state.beat))
+
     sync = sync_entry.build(SyncContext(cfg, state, registry, launch, device, model, comm, codec_stats,
-                                        parts.data_record))
+                                        parts.data_record, held_out_loss if task_loss is not None else None))
     state.sections.update(sync.sections)
     # foreach/fused off: the stability rails our users run AdamW with.
     optimizer = torch.optim.AdamW(

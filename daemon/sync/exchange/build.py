@@ -33,6 +33,7 @@ def build_miner(ctx: SyncContext) -> SyncParts:
     ex = ExchangeConfig.of(ctx.cfg)
     miner = ExchangeMiner(ex, storage_of(ex), ctx.model, codec_of(ctx.cfg),
                           digest_of(ctx.cfg, ctx.model, ctx.data_record),
-                          ex.inner_steps(ctx.cfg.train.inner_steps_per_outer), ctx.state, ctx.data_record)
+                          ex.inner_steps(ctx.cfg.train.inner_steps_per_outer), ctx.state, ctx.data_record,
+                          ctx.held_out_loss)
     ctx.registry.register(ExchangeCollector(miner))
     return SyncParts(outer=miner, model=ctx.model, join=miner, sections={"exchange": miner.status})

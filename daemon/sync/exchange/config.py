@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 from pydantic import Field, field_validator
 
@@ -32,6 +33,9 @@ class ExchangeConfig(Section):
                                  "(0 = wait exchange.round_seconds)")
     min_improvement: float = Field(0.0, description="held-out loss a submission must remove, applied alone, to "
                                    "be accepted")
+    preview: Literal["log", "block"] = Field(
+        "log", description="score each submission as the aggregator will before sending it: log the preview, or "
+        "block (do not submit) one the aggregator would reject")
     poll_seconds: float = Field(2.0, gt=0, le=3600, description="how often miners look for a new global revision "
                                 "and the aggregator for submissions")
 

@@ -10,7 +10,7 @@ from prometheus_client.registry import Collector
 
 from daemon.sync.exchange.miner import ExchangeMiner
 
-RESULTS = ("submitted", "failed", "dropped")
+RESULTS = ("submitted", "failed", "dropped", "blocked")
 
 
 class ExchangeCollector(Collector):
@@ -25,7 +25,8 @@ class ExchangeCollector(Collector):
                                 "Global rounds published past the one this miner trains from",
                                 value=m.rounds_behind if live else 0)
         subs = CounterMetricFamily("minerd_exchange_submissions", "Rounds this miner submitted, failed to "
-                                   "submit, or dropped because the global model had moved on", labels=["result"])
+                                   "submit, dropped (the global model had moved on) or blocked by its preview",
+                                   labels=["result"])
         for result in RESULTS:
             subs.add_metric([result], m.counts[result] if live else 0)
         yield subs

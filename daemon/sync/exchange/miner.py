@@ -16,6 +16,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from daemon.compression import CodecSpec, artifact
-from daemon.compression.codec import encode
+from daemon.compression.codec import Encoded, decode, encode
 from daemon.engine.protocols import StateExchange, StopSignal
 from daemon.state import MinerState
 from daemon.storage import Storage, StorageError
@@ -44,18 +45,35 @@ from daemon.sync.exchange.layout import (
     read_pointer,
     submission_folder,
 )
+from daemon.sync.exchange.score import loss_with
 from daemon.sync.exchange.weights import load_model, weights_bytes
 from daemon.upload.layout import MODEL_FILE
 
 log = structlog.get_logger("minerd.exchange")
+
+
+@dataclass(frozen=True)
+class Preview:
+    """What the aggregator's scoring says of a submission before it is sent."""
+
+    accepted: bool
+    reason: str
+    loss_before: float | None
+    loss_after: float | None
+
+    @property
+    def losses(self) -> str:
+        if self.loss_before is None or self.loss_after is None:
+            return ""
+        return f" (loss {self.loss_before:.4f} -> {self.loss_after:.4f})"
 
 OTHER_FILE_BYTES = 64 << 20  # a config, tokenizer or round record of a global revision
 
 
 class ExchangeMiner:
     def __init__(self, ex: ExchangeConfig, storage: Storage, model: nn.Module, codec: CodecSpec, applicability: str,
-                 inner_steps: int, state: MinerState, data_record: Callable[[int], dict[str, Any]] | None = None
-                 ) -> None:
+                 inner_steps: int, state: MinerState, data_record: Callable[[int], dict[str, Any]] | None = None,
+                 held_out_loss: Callable[[nn.Module], float] | None = None) -> None:
         self.ex, self.storage, self.model, self.codec = ex, storage, model, codec
         self.applicability, self.inner_steps, self.state, self.data_record = (
             applicability, inner_steps, state, data_record)
@@ -67,7 +85,9 @@ class ExchangeMiner:
         self.refused: set[int] = set()  # global rounds that did not verify: never tried again
         self.last_info: RoundInfo | None = None
         self.newest_seen = -1  # the newest global round the pointer named
-        self.counts = {"submitted": 0, "failed": 0, "dropped": 0, "refused_global": 0}
+        self.held_out_loss = held_out_loss
+        self.counts = {"submitted": 0, "failed": 0, "dropped": 0, "blocked": 0, "refused_global": 0}
+        self.last_preview: Preview | None = None
         self._next_poll = 0.0
 
     # ---- the trainer's side ------------------------------------------------------------
@@ -114,6 +134,13 @@ class ExchangeMiner:
         pseudo = {n: (a - p.detach()).float().cpu() for n, a, p in zip(self.names, self.anchor, self.params,
                                                                          strict=True)}
         enc = encode(pseudo, self.codec)
+        preview = self._preview(enc)
+        self.last_preview = preview
+        if preview is not None and self.ex.preview == "block" and not preview.accepted:
+            self.counts["blocked"] += 1
+            log.warning(f"UPLOAD BLOCKED: round {self.base} preview {preview.reason}{preview.losses}; not "
+                        "submitted (exchange.preview=block)", round=self.base, reason=preview.reason)
+            return
         record = {"format": FORMAT, "miner_id": self.ex.miner_id, "round": self.base,
                   "inner_steps": self.inner_steps, "applicability": self.applicability,
                   "global_step": self.state.global_step}
@@ -131,7 +158,34 @@ class ExchangeMiner:
                 return
             size = sum((Path(tmp) / n).stat().st_size for n in names)
         self.counts["submitted"] += 1
-        log.info(f"ROUND {self.base} SUBMITTED: {size / 1000:.1f} KB", round=self.base, bytes=size)
+        said = ""
+        if preview is not None and preview.loss_after is not None:
+            said = f", preview loss {preview.loss_before:.4f} -> {preview.loss_after:.4f}"
+        log.info(f"ROUND {self.base} SUBMITTED: {size / 1000:.1f} KB{said}", round=self.base, bytes=size,
+                 preview=None if preview is None else preview.reason)
+
+    @torch.no_grad()
+    def _preview(self, enc: Encoded) -> Preview | None:
+        """The aggregator's own verdict on ``enc``, from here: its structure, then the held-out
+        loss of the round's global weights (the anchor) without and with it applied alone."""
+        if self.held_out_loss is None:
+            return None
+        found = artifact.problems(enc.header, enc.tensors, {n: list(p.shape) for n, p in zip(
+            self.names, self.params, strict=True)})
+        if found:
+            return Preview(False, "structure", None, None)
+        decoded = decode(enc)
+        trained = [p.detach().clone() for p in self.params]
+        try:
+            for p, a in zip(self.params, self.anchor, strict=True):
+                p.copy_(a)
+            before = self.held_out_loss(self.model)
+            after = loss_with(self.model, decoded, self.held_out_loss)
+        finally:
+            for p, t in zip(self.params, trained, strict=True):
+                p.copy_(t)
+        ok = before - after > self.ex.min_improvement
+        return Preview(ok, "accepted" if ok else "no_improvement", before, after)
 
     # ---- following the global model ----------------------------------------------------
     def _newest(self, force: bool = False) -> int | None:

@@ -83,7 +83,7 @@ class CausalLmTask:
         return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, device: torch.device, at: EvalPoint, beat: Callable[[], None]) -> EvalResult:
+    def _nats(self, model: nn.Module, device: torch.device, beat: Callable[[], None]) -> tuple[float, int]:
         m = unwrap(model)  # never a DDP wrapper: only the main rank evaluates
         was_training = m.training
         m.eval()
@@ -97,6 +97,16 @@ class CausalLmTask:
             beat()
         if was_training:
             m.train()
+        return nats, count
+
+    def held_out_loss(self, model: nn.Module, device: torch.device, beat: Callable[[], None] = lambda: None) -> float:
+        """The mean held-out loss per token, and nothing else (no evaluation is counted): what
+        the bucket exchange scores submissions by."""
+        nats, count = self._nats(model, device, beat)
+        return nats / count
+
+    def evaluate(self, model: nn.Module, device: torch.device, at: EvalPoint, beat: Callable[[], None]) -> EvalResult:
+        nats, count = self._nats(model, device, beat)
         loss = nats / count
         ppl = math.exp(min(loss, 700.0))  # exp overflows a float past ~709
         bpb = nats / math.log(2) / max(self.eval_bytes, 1)
