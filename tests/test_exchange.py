@@ -8,9 +8,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from structlog.testing import capture_logs
 import torch
 from safetensors.torch import load_file, save_file
+from structlog.testing import capture_logs
 
 from daemon.run.aggregate import build_aggregator
 from daemon.run.catalog import load_config
