@@ -11,12 +11,13 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from daemon.logsetup import json_records
-from tests.conftest import BUCKET, ROOT, MotoServer, small_lm_sets
+from tests.conftest import BUCKET, ROOT, MotoServer, get_json, small_lm_sets
 
 pytestmark = pytest.mark.integration
 
@@ -35,11 +36,20 @@ class Aggregator:
     def __init__(self, tmp_path: Path, target: str, env: dict[str, str]) -> None:
         self.log = tmp_path / f"aggregator-{time.monotonic_ns()}.log"
         args = [sys.executable, "-m", "daemon", "aggregate"]
-        for s in common(tmp_path, target, "aggregator"):
+        for s in [*common(tmp_path, target, "aggregator"), "api.enabled=true", "api.port=0"]:
             args += ["--set", s]
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                          env={**os.environ, **env})
+
+    def api_url(self) -> str:
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            for e in json_records(self.log.read_text(errors="replace")):
+                if e.get("event") == "API listening":
+                    return str(e["url"])
+            time.sleep(0.1)
+        raise AssertionError(self.log.read_text()[-3000:])
 
     def published(self) -> list[int]:
         return [int(m.group(1)) for e in json_records(self.log.read_text(errors="replace"))
@@ -71,6 +81,13 @@ def exercise(tmp_path: Path, target: str, miner_factory, env: dict[str, str]) ->
               for name, seed in (("m1", 1), ("m2", 2))]
     try:
         agg.wait_round(2)
+        url = agg.api_url()
+        code, status = get_json(url + "/status")
+        assert code == 200 and status["aggregator"]["round"] >= 2, status
+        assert status["aggregator"]["verdicts"]["accepted"] >= 4
+        metrics = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+        assert "minerd_aggregator_round " in metrics
+        assert 'minerd_aggregator_submissions_total{reason="accepted"}' in metrics
         assert agg.stop(signal.SIGKILL) == -signal.SIGKILL  # mid-round: round 2 is open
         again = Aggregator(tmp_path, target, env)
         again.wait_round(4)

@@ -7,17 +7,21 @@ import structlog
 import torch
 from prometheus_client import CollectorRegistry
 
+from api.app import create_app
+from api.server import ApiServer
 from daemon.config import Config, ConfigError
 from daemon.distributed import Launch
 from daemon.errors import CorruptState, DataUnreachable
 from daemon.logsetup import configure_logging
 from daemon.plugin.parts import BuildContext
 from daemon.run.catalog import CATALOG
+from daemon.run.lifecycle import Lifecycle
 from daemon.run.machine import configure_threads, resolve_device
 from daemon.signals import Shutdown
 from daemon.state import MinerState
 from daemon.storage import StorageError
 from daemon.sync.exchange.aggregator import Aggregator
+from daemon.sync.exchange.aggregator_metrics import AggregatorCollector
 from daemon.sync.exchange.build import digest_of, storage_of
 from daemon.sync.exchange.config import ExchangeConfig
 from daemon.sync.exchange.layout import Refused
@@ -54,14 +58,23 @@ def run_aggregator(cfg: Config) -> int:
     shutdown = Shutdown(cfg.shutdown.deadline_seconds)
     shutdown.install()
     state = MinerState(task=cfg.train.task)
+    registry = CollectorRegistry()
+    life = Lifecycle()
+    agg: Aggregator | None = None
+    if cfg.api.enabled:  # health, /status and /metrics, as for a miner
+        life.start(ApiServer(create_app(state, registry, cfg.api, cfg.watchdog), cfg.api))
     try:
         configure_threads(cfg, Launch(rank=0, world_size=1, local_rank=0))
         device = resolve_device(cfg, Launch(rank=0, world_size=1, local_rank=0))
         agg = build_aggregator(cfg, state, device)
         agg.open()
+        registry.register(AggregatorCollector(agg))
+        state.sections["aggregator"] = agg.status
+        state.phase, state.first_step_done = "training", True
+        state.beat()
         log.info("aggregator running", target=agg.storage.describe(), round=agg.round,
                  round_seconds=ex.round_seconds, expected_miners=ex.expected_miners)
-        agg.run(shutdown)
+        agg.run(shutdown, state.beat)
     except ConfigError as exc:
         for line in exc.problems:
             log.error(line)
@@ -76,6 +89,8 @@ def run_aggregator(cfg: Config) -> int:
         log.error(f"EXCHANGE UNREACHABLE: {exc}; exiting for the supervisor to start again")
         return EXIT_FAILURE
     finally:
+        state.phase = "stopping"
+        life.stop_all(cfg.shutdown.deadline_seconds)
         shutdown.finished()
-    log.info("aggregator stopped", round=agg.round)
+    log.info("aggregator stopped", round=agg.round if agg is not None else None)
     return EXIT_OK

@@ -73,6 +73,9 @@ class Aggregator:
         self.round = -1
         self.opened_at = 0.0
         self.last_scores: dict[str, Any] = {}
+        self.held_out_loss: float | None = None  # of the last published global revision
+        self.last_round_seconds = 0.0
+        self.verdicts: dict[str, int] = {}  # submissions scored since start, by reason
 
     # ---- opening ----------------------------------------------------------------------
     def open(self) -> None:
@@ -95,7 +98,7 @@ class Aggregator:
             momentum = read_tensors(files[OUTER_FILE], shapes(self.model), f"{folder}/{OUTER_FILE}")
         for name, value in momentum.items():
             self.buffers[name].copy_(value)
-        self.round, self.opened_at = latest, info.opened_at
+        self.round, self.opened_at, self.held_out_loss = latest, info.opened_at, info.held_out_loss
         log.info(f"EXCHANGE: round {latest} is open (since {time.time() - info.opened_at:.0f} s)", round=latest)
 
     # ---- a round ----------------------------------------------------------------------
@@ -145,6 +148,7 @@ class Aggregator:
             if ok:
                 accepted.append(sub)
         for v in verdicts:
+            self.verdicts[v.reason] = self.verdicts.get(v.reason, 0) + 1
             if v.accepted:
                 v.weight = 1 / len(accepted)
             else:
@@ -157,6 +161,7 @@ class Aggregator:
                          len(verdicts))
         scores = {"format": FORMAT, "round": r, "held_out_loss_before": before, "held_out_loss_after": loss,
                   "submissions": {v.miner: v.to_json() for v in sorted(verdicts, key=lambda v: v.miner)}}
+        self.last_round_seconds = max(0.0, self.clock() - self.opened_at)
         self._publish(r + 1, info, scores)
         log.info(f"GLOBAL ROUND {r + 1} PUBLISHED: {len(accepted)} of {len(verdicts)} submissions accepted, "
                  f"held-out loss {loss:.4f}", round=r + 1, accepted=len(accepted), submitted=len(verdicts))
@@ -199,4 +204,12 @@ class Aggregator:
             self.storage.put_bytes(scores_key(round_ - 1), dumps(scores))
             self.last_scores = scores
         self.storage.put_bytes(POINTER, f"round-{round_}\n".encode())  # last: the round is whole
-        self.round, self.opened_at = round_, info.opened_at
+        self.round, self.opened_at, self.held_out_loss = round_, info.opened_at, info.held_out_loss
+
+    def status(self) -> dict[str, Any]:
+        return {"round": self.round, "opened_at": self.opened_at, "held_out_loss": self.held_out_loss,
+                "last_round_seconds": round(self.last_round_seconds, 3), "verdicts": dict(self.verdicts),
+                "target": self.storage.describe(),
+                "last_scores": {m: {k: v for k, v in s.items() if k in ("accepted", "reason", "loss_before",
+                                                                        "loss_after")}
+                                for m, s in self.last_scores.get("submissions", {}).items()}}
