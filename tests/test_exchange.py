@@ -32,13 +32,15 @@ def sets(tmp_path: Path, name: str, *extra: str) -> list[str]:
 
 
 class Miner:
-    def __init__(self, tmp_path: Path, name: str, *extra: str) -> None:
+    def __init__(self, tmp_path: Path, name: str, *extra: str, resume: bool = False) -> None:
         local = cpu_run(sets(tmp_path, name, *extra))
         self.run, self.registry, self.state = local.run, local.registry, local.state
         self.trainer = self.run.trainer
         self.exchange = self.trainer.p.outer
         assert isinstance(self.exchange, ExchangeMiner)
-        assert self.exchange.join(NeverStop(), None) is not None  # type: ignore[arg-type]
+        if resume:
+            self.trainer.resume()
+        self.joined = self.exchange.join(NeverStop(), None)  # type: ignore[arg-type]
 
     def train_round(self) -> None:
         """Inner steps until this round is submitted."""
@@ -150,6 +152,30 @@ class TestRounds:
         assert not (tmp_path / "target" / submission_folder(0, "wild")).exists()
         assert wild.registry.get_sample_value("minerd_exchange_submissions_total", {"result": "blocked"}) == 1
         assert aggregator.close() == []  # nothing to score; the next round opens all the same
+
+    def test_a_restarted_miner_says_where_it_resumes_from(self, tmp_path: Path, aggregator: Aggregator) -> None:
+        m, other = Miner(tmp_path, "m"), Miner(tmp_path, "other")
+        for _ in range(2):
+            m.train_round()
+            other.train_round()
+            aggregator.close()
+            m.follow()
+            other.follow()
+        m.trainer.checkpoint("stop")  # at round 2
+        with capture_logs() as logs:
+            again = Miner(tmp_path, "m", resume=True)
+        assert again.joined is None and again.exchange.base == 2
+        assert "EXCHANGE: resuming from this miner's checkpoint at round 2" in [e["event"] for e in logs]
+        for _ in range(2):  # the others go on without it
+            other.train_round()
+            aggregator.close()
+            other.follow()
+        with capture_logs() as logs:
+            late = Miner(tmp_path, "m", resume=True)
+        events = [e["event"] for e in logs]
+        assert "EXCHANGE: the global model moved past this checkpoint's round 2: starting from global round 4" in events
+        assert late.exchange.base == 4 and late.joined is not None
+        assert all(torch.equal(a, p.detach()) for a, p in zip(late.exchange.anchor, late.exchange.params, strict=True))
 
     def test_a_tampered_global_revision_is_refused(self, tmp_path: Path, aggregator: Aggregator) -> None:
         miner = Miner(tmp_path, "m")
