@@ -88,6 +88,9 @@ class TestRounds:
         assert (tmp_path / "target" / POINTER).read_text().strip() == "round-3"
         for r in range(3):
             assert set(scores(tmp_path, r)) == {"a", "b"}
+        # The aggregator replayed each miner's own samples: its update lowered the loss on them.
+        own = scores(tmp_path, 2)["a"]
+        assert own["own_loss_after"] < own["own_loss_before"], own  # type: ignore[operator]
         value = a.registry.get_sample_value
         assert value("minerd_exchange_submissions_total", {"result": "submitted"}) == 3
         assert value("minerd_exchange_round") == 3 and value("minerd_exchange_rounds_behind") == 0

@@ -3,6 +3,8 @@ the miners (the task, its data and model; the exchange section's target and roun
 
 from __future__ import annotations
 
+from typing import Any
+
 import structlog
 import torch
 from prometheus_client import CollectorRegistry
@@ -44,9 +46,17 @@ def build_aggregator(cfg: Config, state: MinerState, device: torch.device) -> Ag
     def held_out_loss(m: torch.nn.Module) -> float:
         return float(task.held_out_loss(m, device, state.beat))  # type: ignore[attr-defined]
 
+    replayed = getattr(task, "replayed_loss", None)
+
+    def replay(m: torch.nn.Module, record: Any) -> float | None:
+        assert replayed is not None
+        value = replayed(m, device, record)
+        return None if value is None else float(value)
+
     t = cfg.train
     return Aggregator(ex, storage_of(ex), model, parts.layout, held_out_loss, digest_of(cfg, model, parts.data_record),
-                      ex.inner_steps(t.inner_steps_per_outer), t.outer_lr, t.outer_momentum)
+                      ex.inner_steps(t.inner_steps_per_outer), t.outer_lr, t.outer_momentum,
+                      replay=replay if replayed is not None else None)
 
 
 def run_aggregator(cfg: Config) -> int:

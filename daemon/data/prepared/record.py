@@ -81,3 +81,33 @@ class DataRecord:
             "global_step": global_step,
             "last_window_sample_ids_sha256": digests,
         }
+
+
+def replay_ids(index: Index, record: Any, seq_len: int, limit: int) -> np.ndarray | None:
+    """The first ``limit`` sequence ids of the last window a (hostile) data record names, rank
+    0's; None when the record is of another dataset or its numbers are out of range."""
+    if not isinstance(record, dict) or record.get("dataset") != index.digest or record.get("seq_len") != seq_len:
+        return None
+    raw = {k: record.get(k) for k in ("seed", "replica", "replicas", "world_size", "batch_size",
+                                       "micro_batches_per_window")}
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 40 for v in raw.values()):
+        return None
+    ints: dict[str, int] = {k: v for k, v in raw.items() if isinstance(v, int)}
+    windows = record.get("windows")
+    if not (isinstance(windows, list) and len(windows) == 2 and all(isinstance(w, int) and 0 <= w < 1 << 40
+                                                                     for w in windows)):
+        return None
+    world, batch, micro = ints["world_size"], ints["batch_size"], ints["micro_batches_per_window"]
+    if not (1 <= world <= 4096 and 1 <= batch <= 1 << 16 and 1 <= micro <= 1 << 20):
+        return None
+    # Only as many micro-batches as ``limit`` sequences need: the record cannot size the work.
+    need = min(micro, -(-limit // batch))
+    sequences = [max(0, (s.tokens - 1) // seq_len) for s in index.split("train")]
+    replicas = ints["replicas"]
+    if replicas and ints["replica"] >= replicas:
+        return None
+    order = DatasetOrder(index.digest, ints["seed"], sequences, batch, 0, world, ints["replica"], replicas)
+    if order.batches_per_epoch == 0:
+        return None
+    positions = Window(micro).positions(order, windows[1])[:need]
+    return np.concatenate([order.batch(e, i).numpy() for e, i in positions])[:limit]

@@ -65,10 +65,12 @@ log = structlog.get_logger("minerd.exchange")
 class Aggregator:
     def __init__(self, ex: ExchangeConfig, storage: Storage, model: nn.Module, layout: RevisionLayout,
                  evaluate: Callable[[nn.Module], float], applicability: str, inner_steps: int, outer_lr: float,
-                 outer_momentum: float, clock: Callable[[], float] = time.time) -> None:
+                 outer_momentum: float, clock: Callable[[], float] = time.time,
+                 replay: Callable[[nn.Module, Any], float | None] | None = None) -> None:
         self.ex, self.storage, self.model, self.layout, self.evaluate = ex, storage, model, layout, evaluate
         self.applicability, self.inner_steps = applicability, inner_steps
         self.lr, self.momentum, self.clock = outer_lr, outer_momentum, clock
+        self.replay = replay  # a model's loss on the samples a miner's data record names
         self.buffers = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
         self.round = -1
         self.opened_at = 0.0
@@ -143,7 +145,8 @@ class Aggregator:
         for sub in valid:
             after = loss_with(self.model, sub.pseudo_gradient, self.evaluate)
             ok = before - after > self.ex.min_improvement
-            verdicts.append(Verdict(sub.miner, ok, "accepted" if ok else "no_improvement", "", before, after,
+            own = self._own_losses(sub)
+            verdicts.append(Verdict(sub.miner, ok, "accepted" if ok else "no_improvement", "", before, after, *own,
                                     sha256=sub.sha256, bytes=sub.bytes))
             if ok:
                 accepted.append(sub)
@@ -166,6 +169,23 @@ class Aggregator:
         log.info(f"GLOBAL ROUND {r + 1} PUBLISHED: {len(accepted)} of {len(verdicts)} submissions accepted, "
                  f"held-out loss {loss:.4f}", round=r + 1, accepted=len(accepted), submitted=len(verdicts))
         return verdicts
+
+    def _own_losses(self, sub: Submission) -> tuple[float | None, float | None]:
+        """The loss on the samples the miner says it trained on, before and after its submission:
+        what a validator compares to see that it trained on its own data (reported, not used to
+        accept or reject)."""
+        replay, data = self.replay, sub.record.get("data")
+        if replay is None or data is None:
+            return None, None
+        before = replay(self.model, data)
+        if before is None:
+            return None, None
+
+        def own(m: nn.Module) -> float:
+            value = replay(m, data)
+            return float("nan") if value is None else value
+
+        return before, loss_with(self.model, sub.pseudo_gradient, own)
 
     def _copies(self, valid: list[Submission]) -> list[Submission]:
         """All but the earliest of each group of byte-identical pseudo-gradients."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +26,12 @@ from transformers import PreTrainedTokenizerBase
 from daemon.config import Config, ConfigError, problem
 from daemon.data.prepared.dataset import PreparedDataset
 from daemon.data.prepared.order import DatasetOrder
+from daemon.data.prepared.record import replay_ids
 from daemon.engine.protocols import BatchPos, EvalPoint, EvalResult
 from daemon.tasks.causal_lm.config import LmConfig
 from daemon.tasks.causal_lm.model import unwrap
+
+REPLAY_SEQUENCES = 32  # of a miner's window, scored before and after its submission
 
 EVAL_GAUGES = {
     "loss": ("minerd_eval_loss", "Held-out loss per token (nats) of the last evaluation"),
@@ -104,6 +108,28 @@ class CausalLmTask:
         the bucket exchange scores submissions by."""
         nats, count = self._nats(model, device, beat)
         return nats / count
+
+    @torch.no_grad()
+    def replayed_loss(self, model: nn.Module, device: torch.device, record: Any) -> float | None:
+        """The mean loss on (the first ``REPLAY_SEQUENCES`` of) the sequences a miner says it
+        trained on in its last window, recomputed from its data record as a validator does; None
+        when the record is not one of this dataset or does not add up. The record is untrusted:
+        every number is checked before it sizes anything."""
+        try:
+            ids = replay_ids(self.data.index, record, self.seq_len, REPLAY_SEQUENCES)
+        except (KeyError, TypeError, ValueError, ConfigError):
+            return None
+        if ids is None:
+            return None
+        m = unwrap(model)
+        was_training = m.training
+        m.eval()
+        x = torch.from_numpy(self.data.rows(ids)).to(device)
+        logits = m(input_ids=x[:, :-1], use_cache=False).logits
+        loss = float(F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten()))
+        if was_training:
+            m.train()
+        return loss
 
     def evaluate(self, model: nn.Module, device: torch.device, at: EvalPoint, beat: Callable[[], None]) -> EvalResult:
         nats, count = self._nats(model, device, beat)
