@@ -27,6 +27,12 @@
 // MINERD_FT__ENABLED=true, MINERD_FT__LIGHTHOUSE=http://<that host>:29510 and
 // MINERD_FT__TOKEN_FILE=<a file holding the groups' shared secret, the same on every machine>
 // (MINERD_FT__HOST and MINERD_FT__PORTS: where the miner listens for its peers).
+//
+// Training together through a bucket (exchange.enabled): on the one host that runs the
+// aggregator, set MINERD_AGGREGATOR=1 and the aggregator app is listed too:
+//   MINERD_AGGREGATOR=1 pm2 start ecosystem.config.js --only minerd_aggregator
+// with the same MINERD_* settings as the miners (MINERD_EXCHANGE__TARGET, the model and data)
+// in pm2's environment; it keeps its state in ./var-aggregator and serves its API on 9118.
 'use strict';
 
 const path = require('path');
@@ -106,6 +112,23 @@ const lighthouse = {
   log_date_format: common.log_date_format,
 };
 
+// The aggregator reads the open round back from the exchange target when restarted.
+const aggregator = {
+  ...common,
+  name: 'minerd_aggregator',
+  script: path.join(VENV_BIN, 'minerd'),
+  args: 'aggregate',
+  kill_timeout: SHUTDOWN_DEADLINE_MS + 15000,
+  env: {
+    PYTHONUNBUFFERED: '1',
+    MINERD_EXCHANGE__ENABLED: 'true',
+    MINERD_PATHS__STATE_DIR: path.join(__dirname, 'var-aggregator'),
+    MINERD_API__PORT: '9118',
+  },
+};
+const withAggregator = process.env.MINERD_AGGREGATOR === '1';
+
 module.exports = {
-  apps: [nproc >= 2 ? torchrunMiner : miner, ...(lighthouseMin >= 1 ? [lighthouse] : [])],
+  apps: [nproc >= 2 ? torchrunMiner : miner, ...(lighthouseMin >= 1 ? [lighthouse] : []),
+    ...(withAggregator ? [aggregator] : [])],
 };

@@ -272,6 +272,41 @@ class TestLighthouseUnit:
         assert apps[1][2][apps[1][2].index("--min_replicas") + 1] == "3"
 
 
+class TestAggregatorUnit:
+    """The bucket exchange's aggregator: a unit that verifies, and a pm2 app listed only when asked."""
+
+    @pytest.mark.integration
+    def test_verify_passes_and_settings(self, tmp_path: Path) -> None:
+        analyze = need_tool("systemd-analyze")
+        text = (DEPLOY / "systemd" / "minerd-aggregator.service").read_text()
+        root = verify_root(tmp_path, text, "minerd-aggregator.service")
+        out = run([analyze, "verify", f"--root={root}", "/etc/systemd/system/minerd-aggregator.service"])
+        assert out.returncode == 0 and out.stdout + out.stderr == "", out.stdout + out.stderr
+        service = dict(unit_settings(text)["Service"])
+        assert service["ExecStart"] == "/opt/minerd/.venv/bin/minerd aggregate $MINERD_ARGS"
+        assert service["RestartPreventExitStatus"] == "2" and service["CapabilityBoundingSet"] == ""
+        env = dict(v.split("=", 1) for k, v in unit_settings(text)["Service"] if k == "Environment")
+        assert env["MINERD_EXCHANGE__ENABLED"] == "true" and env["MINERD_API__PORT"] != "9108"
+        unit = tmp_path / "minerd-aggregator.service"
+        unit.write_text(text)
+        out = run([analyze, "security", "--offline=yes", "--no-pager", str(unit)])
+        match = re.search(r"Overall exposure level for minerd-aggregator.service: (\d+\.\d+)", out.stdout + out.stderr)
+        assert match and float(match.group(1)) <= 2.5, out.stdout[-3000:]
+
+    @pytest.mark.integration
+    def test_pm2_lists_it_only_when_asked(self) -> None:
+        node = need_tool("node")
+        script = ("const c=require(process.argv[1]);"
+                  "console.log(JSON.stringify(c.apps.map(a=>[a.name,a.script,a.args,a.env])))")
+        plain = run([node, "-e", script, str(ROOT / "ecosystem.config.js")])
+        assert "minerd_aggregator" not in [a[0] for a in json.loads(plain.stdout)]
+        out = subprocess.run([node, "-e", script, str(ROOT / "ecosystem.config.js")], capture_output=True,
+                             text=True, env={**os.environ, "MINERD_AGGREGATOR": "1"}, timeout=30)
+        (app,) = [a for a in json.loads(out.stdout) if a[0] == "minerd_aggregator"]
+        assert app[1].endswith(".venv/bin/minerd") and app[2] == "aggregate"
+        assert app[3]["MINERD_EXCHANGE__ENABLED"] == "true" and app[3]["MINERD_API__PORT"] == "9118"
+
+
 class TestSystemdUnit:
     """The unit passes `systemd-analyze verify` and carries the settings the miner relies on."""
 
