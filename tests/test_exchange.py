@@ -206,6 +206,7 @@ class TestRounds:
             late.trainer.inner_step()
             steps += 1
         assert late.exchange.base == 2 and steps == ROUND
+        assert late.trainer.progress.global_step == 2 * ROUND  # the schedule caught up with the rounds
         assert not (tmp_path / "target" / submission_folder(0, "late")).exists()
 
 

@@ -341,6 +341,11 @@ class Trainer:
         if report is None:
             return
         if report.get("committed", True):
+            # An outer sync that moved this replica to a later point of the group's training (a
+            # global revision of a later round) says where: the learning-rate schedule follows.
+            position = report.pop("position", None)
+            if position is not None and int(position) > c.global_step:
+                c.global_step = int(position)
             if c.inner_step > 0:  # a join with nothing trained in its round is not a round
                 c.outer_step += 1
             c.inner_step = 0

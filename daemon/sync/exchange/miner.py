@@ -232,7 +232,9 @@ class ExchangeMiner:
         loss = "n/a" if info.held_out_loss is None else f"{info.held_out_loss:.4f}"
         log.info(f"GLOBAL ROUND {round_} LOADED: {info.accepted} of {info.submitted} submissions accepted, "
                  f"held-out loss {loss}", round=round_)
-        return {"committed": True, "round": round_}
+        # The schedule's position: the inner steps the global model has had (a miner that trained
+        # more while it waited keeps its own count).
+        return {"committed": True, "round": round_, "position": round_ * self.inner_steps}
 
     # ---- checkpoints -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
