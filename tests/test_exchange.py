@@ -130,8 +130,32 @@ class TestRounds:
         (junk / "submission.json").write_bytes(dumps({**record, "miner_id": "junk"}))
         (junk / "pseudo_gradient.safetensors").write_bytes(b"\x80\x04pickle-like bytes, not safetensors")
         _manifest(junk)
+        # A manifest that is not JSON, one whose sha256 does not match, one that claims a file
+        # larger than the model could need, and a header naming other shapes.
+        for name in ("badjson", "badsha", "huge", "shapes"):
+            folder = target / submission_folder(0, name)
+            shutil.copytree(src, folder)
+            (folder / "submission.json").write_bytes(dumps({**record, "miner_id": name}))
+            _manifest(folder)
+        (target / submission_folder(0, "badjson") / MANIFEST).write_text("{not json")
+        manifest = json.loads((target / submission_folder(0, "badsha") / MANIFEST).read_text())
+        manifest["files"]["pseudo_gradient.safetensors"]["sha256"] = "0" * 64
+        (target / submission_folder(0, "badsha") / MANIFEST).write_bytes(dumps(manifest))
+        manifest = json.loads((target / submission_folder(0, "huge") / MANIFEST).read_text())
+        manifest["files"]["pseudo_gradient.safetensors"]["size"] = 10**12
+        (target / submission_folder(0, "huge") / MANIFEST).write_bytes(dumps(manifest))
+        header_path = target / submission_folder(0, "shapes") / "pseudo_gradient.json"
+        header = json.loads(header_path.read_text())
+        first = next(iter(header["tensors"]))
+        header["tensors"][first]["shape"] = [7, 7]
+        header_path.write_bytes(dumps(header))
+        _manifest(target / submission_folder(0, "shapes"))
         verdicts = {v.miner: v for v in aggregator.close()}
         assert verdicts["honest"].accepted and verdicts["honest"].weight == 1.0
+        assert "not JSON" in verdicts["badjson"].detail and "does not match its manifest" in verdicts["badsha"].detail
+        assert "over the" in verdicts["huge"].detail and verdicts["shapes"].reason == "structure"
+        for name in ("badjson", "badsha", "huge", "shapes"):
+            assert verdicts.pop(name).reason == "structure", name
         # The miners' previews said what the aggregator then decided, with the same losses.
         for miner in (honest, wild):
             preview, verdict = miner.exchange.last_preview, verdicts[miner.exchange.ex.miner_id]
