@@ -47,6 +47,9 @@ class StandInExporter:
                 "minerd_model_on_accelerator", "minerd_mining_fifo_depth",
                 "minerd_last_upload_timestamp_seconds", "minerd_last_checkpoint_timestamp_seconds",
                 "minerd_tokens_per_second", "minerd_mfu_ratio", "minerd_eval_loss", "minerd_eval_bits_per_byte",
+                "minerd_data_cache_bytes", "minerd_data_shards_cached", "minerd_exchange_round",
+                "minerd_exchange_rounds_behind", "minerd_aggregator_round", "minerd_aggregator_held_out_loss",
+                "minerd_aggregator_round_seconds",
             )
         }  # fmt: skip
         self.per_device = {
@@ -70,10 +73,13 @@ class StandInExporter:
         self.cache_bytes = Gauge("minerd_embedding_cache_bytes", "", ["tier"], registry=r)
         self.attempts = Counter("minerd_upload_attempts", "", ["result"], registry=r)
         self.blocked = Counter("minerd_upload_blocked", "", ["reason"], registry=r)
+        self.exchange = Counter("minerd_exchange_submissions", "", ["result"], registry=r)
+        self.verdicts = Counter("minerd_aggregator_submissions", "", ["reason"], registry=r)
         buckets = (0.01, 0.1, 1, 10, 60, 600)
         self.step = Histogram("minerd_step_duration_seconds", "", buckets=buckets, registry=r)
         self.search = Histogram("minerd_mining_search_seconds", "", buckets=buckets, registry=r)
         self.upload = Histogram("minerd_upload_duration_seconds", "", buckets=buckets, registry=r)
+        self.fetch = Histogram("minerd_data_fetch_seconds", "", buckets=buckets, registry=r)
         self.info.labels("0.1.0", "twotower", "cuda:0", "0").set(1)
         self._stop = threading.Event()
         self._tick_thread = threading.Thread(target=self._run, name="stand-in-exporter", daemon=True)
@@ -89,6 +95,9 @@ class StandInExporter:
             "minerd_mining_fifo_depth": 3, "minerd_last_upload_timestamp_seconds": now - 30,
             "minerd_last_checkpoint_timestamp_seconds": now - 10, "minerd_tokens_per_second": 2000.0,
             "minerd_mfu_ratio": 0.41, "minerd_eval_loss": 5.0 - i / 100, "minerd_eval_bits_per_byte": 2.0 - i / 250,
+            "minerd_data_cache_bytes": 3 << 27, "minerd_data_shards_cached": 3, "minerd_exchange_round": i // 5,
+            "minerd_exchange_rounds_behind": 0, "minerd_aggregator_round": i // 5,
+            "minerd_aggregator_held_out_loss": 4.1 - i / 1000, "minerd_aggregator_round_seconds": 30.0,
         }.items():  # fmt: skip
             self.gauges[name].set(value)
         for name, value in (("allocated", 18e9), ("reserved", 20e9), ("total", 80e9)):
@@ -107,6 +116,10 @@ class StandInExporter:
         for result in ("ok", "blocked", "failed"):
             self.attempts.labels(result).inc()
         self.blocked.labels("not_on_schedule").inc()
+        self.exchange.labels("submitted").inc()
+        for reason in ("accepted", "no_improvement"):
+            self.verdicts.labels(reason).inc()
+        self.fetch.observe(0.8)
         self.step.observe(0.5 + (i % 3))
         self.search.observe(0.02)
         self.upload.observe(1.5)

@@ -7,10 +7,11 @@ from typing import Any
 
 import structlog
 import torch
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge
 
 from api.app import create_app
 from api.server import ApiServer
+from daemon import __version__
 from daemon.config import Config, ConfigError
 from daemon.distributed import Launch
 from daemon.errors import CorruptState, DataUnreachable
@@ -79,6 +80,9 @@ def run_aggregator(cfg: Config) -> int:
         agg = build_aggregator(cfg, state, device)
         agg.open()
         registry.register(AggregatorCollector(agg))
+        # The dashboard finds its instances by minerd_info: the aggregator is one of them.
+        Gauge("minerd_info", "Build and run facts", ["version", "task", "device", "rank"], registry=registry).labels(
+            __version__, cfg.train.task, str(device), "aggregator").set(1)
         state.sections["aggregator"] = agg.status
         state.phase, state.first_step_done = "training", True
         state.beat()
