@@ -72,6 +72,7 @@ def scores(tmp_path: Path, round_: int) -> dict[str, dict[str, object]]:
 
 
 class TestRounds:
+    @pytest.mark.slow
     def test_two_miners_lower_the_global_loss_round_after_round(self, tmp_path: Path, aggregator: Aggregator) -> None:
         a, b = Miner(tmp_path, "a"), Miner(tmp_path, "b")
         losses = [aggregator.evaluate(aggregator.model)]
@@ -180,6 +181,7 @@ class TestRounds:
         assert wild.registry.get_sample_value("minerd_exchange_submissions_total", {"result": "blocked"}) == 1
         assert aggregator.close() == []  # nothing to score; the next round opens all the same
 
+    @pytest.mark.slow
     def test_a_restarted_miner_says_where_it_resumes_from(self, tmp_path: Path, aggregator: Aggregator) -> None:
         m, other = Miner(tmp_path, "m"), Miner(tmp_path, "other")
         for _ in range(2):
