@@ -234,6 +234,11 @@ class TestRounds:
         assert late.exchange.base == 2 and steps == ROUND
         assert late.trainer.progress.global_step == 2 * ROUND  # the schedule caught up with the rounds
         assert not (tmp_path / "target" / submission_folder(0, "late")).exists()
+        # Caught up, it is scored like the others again.
+        late.train_round()
+        fast.train_round()
+        verdicts = {v.miner: v.reason for v in aggregator.close()}
+        assert verdicts == {"fast": "accepted", "late": "accepted"}
 
 
 def _manifest(folder: Path) -> None:
