@@ -95,6 +95,7 @@ class TestRounds:
         value = a.registry.get_sample_value
         assert value("minerd_exchange_submissions_total", {"result": "submitted"}) == 3
         assert value("minerd_exchange_round") == 3 and value("minerd_exchange_rounds_behind") == 0
+        assert value("minerd_exchange_preview_loss_delta") > 0  # the last round's preview helped
         status = a.state.sections["exchange"]()
         assert status["round"] == 3 and status["round_submitted"] is False and status["newest_global_round"] == 3
 

@@ -30,6 +30,12 @@ class ExchangeCollector(Collector):
         for result in RESULTS:
             subs.add_metric([result], m.counts[result] if live else 0)
         yield subs
+        p = m.last_preview
+        delta = (p.loss_before - p.loss_after) if live and p is not None and p.loss_after is not None \
+            and p.loss_before is not None else float("nan")
+        yield GaugeMetricFamily("minerd_exchange_preview_loss_delta", "Held-out loss the last submission removed "
+                                "in this miner's preview of the aggregator's scoring (before minus after; positive "
+                                "helps)", value=delta)
         yield CounterMetricFamily("minerd_exchange_global_refused", "Global revisions refused (did not verify, "
                                   "or made for another model, tokenizer or dataset)",
                                   value=m.counts["refused_global"] if live else 0)
