@@ -66,7 +66,7 @@ class Miner:
                 f"exchange.miner_id={name}", "exchange.poll_seconds=0.001", *extra]
         self.run = cpu_run(sets).run
         self.trainer = self.run.trainer
-        outer = self.trainer.p.outer
+        outer = self.run.outer
         assert isinstance(outer, ExchangeMiner)
         self.exchange = outer
         if resume:

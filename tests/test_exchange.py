@@ -36,7 +36,7 @@ class Miner:
         local = cpu_run(sets(tmp_path, name, *extra))
         self.run, self.registry, self.state = local.run, local.registry, local.state
         self.trainer = self.run.trainer
-        self.exchange = self.trainer.p.outer
+        self.exchange = self.run.outer
         assert isinstance(self.exchange, ExchangeMiner)
         if resume:
             self.trainer.resume()

@@ -23,7 +23,7 @@ from daemon.config import Config
 from daemon.diagnostics import accumulation_steps
 from daemon.disk import DiskFullReporter
 from daemon.distributed import CommCounter, Launch, broadcast_params
-from daemon.engine.protocols import Sampler, Stateful, StopSignal, Task
+from daemon.engine.protocols import OuterStep, Sampler, Stateful, StopSignal, Task
 from daemon.engine.trainer import Parts, Trainer
 from daemon.gpu import peak_flops
 from daemon.metrics import CoreMetrics, EvalCollector
@@ -51,6 +51,7 @@ class Run:
     store: CheckpointStore
     outer_sync: str  # the registered outer sync's name
     data_source: str
+    outer: OuterStep  # what the outer sync made (the trainer steps it; tests and benchmarks read it)
 
 
 def build_run(
@@ -151,4 +152,4 @@ def build_run(
         stop,
     )
     return Run(trainer, parts.task, components, parts.sampler, device, accumulation, stateful, store,
-               sync_entry.name, request.source)
+               sync_entry.name, request.source, sync.outer)

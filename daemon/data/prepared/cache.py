@@ -50,6 +50,7 @@ class CacheStats:
 
 class ShardReader(Protocol):
     stats: CacheStats
+    fetches: bool  # whether shards arrive over a network (then worth asking for ahead of need)
 
     def get(self, shard: Shard) -> np.ndarray:
         """The shard's tokens (a memory map), fetched first when need be."""
@@ -72,6 +73,8 @@ class LocalShards:
     """A dataset in a local folder is read where it is: sizes checked when a shard is first
     opened; checksums by ``minerd data inspect --verify`` (hashing a large dataset at every
     start is what this format exists to avoid)."""
+
+    fetches = False
 
     def __init__(self, root: Path, index: Index) -> None:
         self.root, self.index, self.stats = root, index, CacheStats()
@@ -101,6 +104,8 @@ class LocalShards:
 
 
 class ShardCache:
+    fetches = True
+
     def __init__(self, storage: Storage, index: Index, folder: Path, max_bytes: int) -> None:
         self.storage, self.index, self.folder, self.max_bytes = storage, index, folder, max_bytes
         self.stats = CacheStats()

@@ -36,7 +36,18 @@ import structlog
 import daemon.data.text.corpus as corpus
 from daemon import atomic
 from daemon.config import ConfigError, problem
-from daemon.data.prepared.index import INDEX, SPLITS, TOKENIZER, BadIndex, Index, Shard, Source, parse, shard_name
+from daemon.data.prepared.index import (
+    INDEX,
+    MAX_INDEX_BYTES,
+    SPLITS,
+    TOKENIZER,
+    BadIndex,
+    Index,
+    Shard,
+    Source,
+    parse,
+    shard_name,
+)
 from daemon.errors import DataUnreachable
 from daemon.storage import LocalStorage, Storage, StorageError, TooLarge, open_storage
 
@@ -181,8 +192,6 @@ class _Dest:
 
 def read_index(storage: Storage, where: str) -> Index | None:
     """The index at ``storage``, None when there is none; ConfigError when it is bad."""
-    from daemon.data.prepared.index import MAX_INDEX_BYTES
-
     try:
         raw = storage.get_bytes(INDEX, MAX_INDEX_BYTES)
     except TooLarge as exc:

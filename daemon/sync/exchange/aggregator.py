@@ -39,25 +39,15 @@ from daemon.sync.exchange.layout import (
     Refused,
     RoundInfo,
     dumps,
-    fetch,
     global_folder,
-    loads,
     publish,
     read_pointer,
     scores_key,
     submission_folder,
 )
 from daemon.sync.exchange.score import Submission, Verdict, loss_with, read_submission
-from daemon.sync.exchange.weights import (
-    load_model,
-    named_params,
-    read_tensors,
-    shapes,
-    weights_bytes,
-    write_model,
-    write_momentum,
-)
-from daemon.upload.layout import MODEL_FILE, RevisionLayout
+from daemon.sync.exchange.weights import load_global, named_params, write_model, write_momentum
+from daemon.upload.layout import RevisionLayout
 
 log = structlog.get_logger("minerd.exchange")
 
@@ -88,16 +78,7 @@ class Aggregator:
             self._publish(0, RoundInfo(0, self.applicability, self.inner_steps, self.clock(), loss, 0, 0))
             log.info(f"GLOBAL ROUND 0 PUBLISHED: held-out loss {loss:.4f}", round=0)
             return
-        folder = global_folder(latest)
-        caps = {MODEL_FILE: weights_bytes(self.model), OUTER_FILE: weights_bytes(self.model),
-                ROUND_FILE: 1 << 20, "*": 64 << 20}
-        with tempfile.TemporaryDirectory(prefix="minerd-aggregate-") as tmp:
-            files = fetch(self.storage, folder, Path(tmp), caps)
-            info = RoundInfo.parse(loads(files[ROUND_FILE].read_bytes(), folder), folder)
-            if info.applicability != self.applicability:
-                raise Refused(f"{folder}: made for another model, tokenizer or dataset than this config's")
-            load_model(self.model, files, folder)
-            momentum = read_tensors(files[OUTER_FILE], shapes(self.model), f"{folder}/{OUTER_FILE}")
+        info, momentum = load_global(self.storage, latest, self.model, self.applicability)
         for name, value in momentum.items():
             self.buffers[name].copy_(value)
         self.round, self.opened_at, self.held_out_loss = latest, info.opened_at, info.held_out_loss

@@ -32,22 +32,16 @@ from daemon.storage import Storage, StorageError
 from daemon.sync.exchange.config import ExchangeConfig
 from daemon.sync.exchange.layout import (
     FORMAT,
-    OUTER_FILE,
-    ROUND_FILE,
     SUBMISSION_FILE,
     Refused,
     RoundInfo,
     dumps,
-    fetch,
-    global_folder,
-    loads,
     publish,
     read_pointer,
     submission_folder,
 )
 from daemon.sync.exchange.score import loss_with
-from daemon.sync.exchange.weights import load_model, weights_bytes
-from daemon.upload.layout import MODEL_FILE
+from daemon.sync.exchange.weights import load_global
 
 log = structlog.get_logger("minerd.exchange")
 
@@ -67,7 +61,6 @@ class Preview:
             return ""
         return f" (loss {self.loss_before:.4f} -> {self.loss_after:.4f})"
 
-OTHER_FILE_BYTES = 64 << 20  # a config, tokenizer or round record of a global revision
 
 
 class ExchangeMiner:
@@ -203,27 +196,13 @@ class ExchangeMiner:
         return None if newest in self.refused else newest
 
     def _load(self, round_: int) -> dict[str, Any] | None:
-        folder = global_folder(round_)
-        caps = {MODEL_FILE: weights_bytes(self.model), OUTER_FILE: weights_bytes(self.model),
-                ROUND_FILE: 1 << 20, "*": OTHER_FILE_BYTES}
-        with tempfile.TemporaryDirectory(prefix="minerd-global-") as tmp:
-            try:
-                files = fetch(self.storage, folder, Path(tmp), caps)
-                if ROUND_FILE not in files or MODEL_FILE not in files:
-                    raise Refused(f"{folder}: lacks {ROUND_FILE} or {MODEL_FILE}")
-                info = RoundInfo.parse(loads(files[ROUND_FILE].read_bytes(), f"{folder}/{ROUND_FILE}"),
-                                       f"{folder}/{ROUND_FILE}")
-                if info.round != round_:
-                    raise Refused(f"{folder}/{ROUND_FILE}: says round {info.round}")
-                if info.applicability != self.applicability:
-                    raise Refused(f"{folder}: made for another model, tokenizer or dataset (applicability "
-                                  f"{info.applicability[:16]}, this miner's {self.applicability[:16]})")
-                load_model(self.model, files, folder)
-            except Refused as exc:
-                self.refused.add(round_)
-                self.counts["refused_global"] += 1
-                log.error(f"GLOBAL REFUSED: {exc}; this miner stays on round {self.base}")
-                return None
+        try:
+            info, _ = load_global(self.storage, round_, self.model, self.applicability)
+        except Refused as exc:
+            self.refused.add(round_)
+            self.counts["refused_global"] += 1
+            log.error(f"GLOBAL REFUSED: {exc}; this miner stays on round {self.base}")
+            return None
         with torch.no_grad():
             for a, p in zip(self.anchor, self.params, strict=True):
                 a.copy_(p.detach())

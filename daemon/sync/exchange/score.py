@@ -28,6 +28,7 @@ from daemon.sync.exchange.layout import (
     SUBMISSION_FILE,
     Refused,
     fetch,
+    file_entry,
     loads,
     submission_folder,
 )
@@ -99,15 +100,8 @@ def read_submission(storage: Storage, round_: int, miner: str, model: nn.Module,
             raise Refused(f"structure: {folder}/{artifact.TENSORS_FILE}: unreadable ({str(exc)[:80]})") from None
         if not all(bool(torch.isfinite(t).all()) for t in dense.values()):
             raise Refused("not_finite: the pseudo-gradient decodes to non-finite values")
-        entry = (files[artifact.TENSORS_FILE].stat().st_size, _sha256(files[artifact.TENSORS_FILE]))
-    return Submission(miner, record, dense, entry[1], entry[0])
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    with path.open("rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+        entry = file_entry(files[artifact.TENSORS_FILE])
+    return Submission(miner, record, dense, entry["sha256"], entry["size"])
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@ folder for the language model) and the outer optimizer's momentum, as safetensor
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
@@ -10,9 +11,21 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from daemon.disk import save_safetensors
-from daemon.sync.exchange.layout import Refused
+from daemon.storage import Storage
+from daemon.sync.exchange.layout import (
+    MAX_JSON_BYTES,
+    OUTER_FILE,
+    ROUND_FILE,
+    Refused,
+    RoundInfo,
+    fetch,
+    global_folder,
+    loads,
+)
 from daemon.tensors import aliases
 from daemon.upload.layout import MODEL_FILE, RevisionLayout
+
+OTHER_FILE_BYTES = 64 << 20  # a config or tokenizer file of a global revision
 
 
 def named_params(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -75,3 +88,27 @@ def load_model(model: nn.Module, files: dict[str, Path], where: str) -> None:
     with torch.no_grad():
         for name, value in loaded.items():
             state[name].copy_(value.to(state[name].dtype))
+
+
+def load_global(storage: Storage, round_: int, model: nn.Module, applicability: str
+                ) -> tuple[RoundInfo, dict[str, torch.Tensor]]:
+    """Global revision ``round_`` into ``model``: fetched and checked against its manifest, its
+    ``round.json`` naming this round and this model, tokenizer and dataset; returns the round
+    record and the outer momentum it carries. Refused (the model untouched) otherwise."""
+    folder = global_folder(round_)
+    caps = {MODEL_FILE: weights_bytes(model), OUTER_FILE: weights_bytes(model), ROUND_FILE: MAX_JSON_BYTES,
+            "*": OTHER_FILE_BYTES}
+    with tempfile.TemporaryDirectory(prefix="minerd-global-") as tmp:
+        files = fetch(storage, folder, Path(tmp), caps)
+        if not {ROUND_FILE, MODEL_FILE, OUTER_FILE} <= set(files):
+            raise Refused(f"{folder}: lacks {ROUND_FILE}, {MODEL_FILE} or {OUTER_FILE}")
+        where = f"{folder}/{ROUND_FILE}"
+        info = RoundInfo.parse(loads(files[ROUND_FILE].read_bytes(), where), where)
+        if info.round != round_:
+            raise Refused(f"{where}: says round {info.round}")
+        if info.applicability != applicability:
+            raise Refused(f"{folder}: made for another model, tokenizer or dataset (applicability "
+                          f"{info.applicability[:16]}, this config's {applicability[:16]})")
+        momentum = read_tensors(files[OUTER_FILE], shapes(model), f"{folder}/{OUTER_FILE}")
+        load_model(model, files, folder)
+    return info, momentum

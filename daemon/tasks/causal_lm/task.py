@@ -50,7 +50,9 @@ class CausalLmTask:
         self.cfg = cfg
         self.seq_len = lm.seq_len
         self.eval_every_steps = lm.eval_every_steps
-        self.data, self.order, self.prefetch = data, order, lm.prefetch_shards
+        # Shards read in place need no asking ahead: the walk is not computed per batch for them.
+        self.data, self.order = data, order
+        self.prefetch = lm.prefetch_shards if data.reader.fetches else 0
         self._num_items = data.num_sequences
         if order.batches_per_epoch == 0:
             raise ConfigError([problem(
