@@ -12,6 +12,13 @@ truncated, corrupt or malformed checkpoint is reported in one line and the
 previous one is used. Checkpoints of earlier versions (``train_state.pt``) are
 still read, with torch's weights-only loader.
 
+A sharded model's checkpoint (``train.sharding=fsdp``) holds, instead of
+``model.safetensors``, a folder ``shards/`` that every rank writes its slices of the
+weights, the optimizer and the outer state into (``daemon/engine/sharded.py``); rank 0
+writes the rest of the training state and then the manifest, which lists every file of
+the folder, and renames the whole into place only after all ranks are done. Its manifest
+says ``"format": "sharded"``.
+
 Row tables (``daemon/rowtable.py``: the ID embeddings and their per-row optimizer
 state) are written in full in one checkpoint, the base, and as the rows changed
 since then in the following ones, until a quarter of the rows have changed. A
@@ -29,6 +36,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -54,6 +62,10 @@ FILE_SETS = (
     frozenset({MODEL_FILE, STATE_TENSORS, STATE_SKELETON}),
     frozenset({MODEL_FILE, LEGACY_STATE_FILE}),
 )
+SHARDS_DIR = "shards"
+SHARDED = "sharded"
+# What torch.distributed.checkpoint writes: its metadata and one file per rank.
+SHARD_FILE = re.compile(r"shards/(\.metadata|__[0-9]+_[0-9]+\.distcp)")
 MANIFEST = "manifest.json"
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
@@ -71,9 +83,17 @@ class CheckpointCorrupt(Exception):
 @dataclass
 class Checkpoint:
     path: Path
-    model: dict[str, torch.Tensor]
+    model: dict[str, torch.Tensor]  # empty for a sharded checkpoint: its weights are in shards/
     state: dict[str, Any]
     meta: dict[str, Any]
+
+    @property
+    def sharded(self) -> bool:
+        return self.meta.get("format") == SHARDED
+
+    @property
+    def shards(self) -> Path:
+        return self.path / SHARDS_DIR
 
 
 def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
@@ -150,6 +170,43 @@ class CheckpointStore:
         self._prune()
         return final
 
+    def save_sharded(self, global_step: int, write_shards: Callable[[Path], None], state: dict[str, Any],
+                     meta: dict[str, Any], is_main: bool, barrier: Callable[[], None]) -> Path:
+        """Every rank calls it: ``write_shards`` (a collective) writes each rank's slices into the
+        temporary folder; then rank 0 writes ``state`` (the rest of the training state), the
+        manifest, and renames the folder into place. A kill at any point leaves the previous
+        checkpoint as it was (the temporary folder is removed at the next start)."""
+        final = self.root / f"{PREFIX}{global_step:010d}"
+        if final.exists():  # every rank sees the same folder: all of them skip it alike
+            return final
+        tmp = self.root / f"{TMP_PREFIX}{PREFIX}{global_step:010d}-sharded"
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / SHARDS_DIR).mkdir(parents=True)
+        barrier()  # the folder exists before any rank writes into it
+        try:
+            write_shards(tmp / SHARDS_DIR)
+            if is_main:
+                statefile.save(state, tmp / STATE_TENSORS, tmp / STATE_SKELETON, lambda where, table: None, {})
+                names = sorted(f"{SHARDS_DIR}/{f.name}" for f in (tmp / SHARDS_DIR).iterdir())
+                files = {}
+                for name in (*names, STATE_TENSORS, STATE_SKELETON):
+                    _fsync_file(tmp / name)
+                    files[name] = {"size": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
+                atomic.fsync_dir(tmp / SHARDS_DIR)
+                manifest = {"global_step": global_step, "created_at": time.time(), "format": SHARDED, "files": files,
+                            **meta}
+                atomic.write_json(tmp / MANIFEST, manifest)
+                os.replace(tmp, final)
+                atomic.fsync_dir(self.root)
+                self._prune()
+        except BaseException:
+            if is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        barrier()  # no rank goes on (to the next save, or to exit) before the checkpoint is in place
+        return final
+
     def _choose_base(self, where: str, table: RowTable, used: set[str]) -> RowBase | None:
         """The base to write ``table`` against: one written from the same lineage, still on
         disk, of which at most ``DELTA_MAX_FRACTION`` of the rows have changed."""
@@ -190,7 +247,12 @@ class CheckpointStore:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointCorrupt(f"{path / MANIFEST}: unreadable manifest ({exc})") from None
         # Every file checked, none skipped: a manifest listing fewer would wave corrupt weights through.
-        if not isinstance(files, dict) or frozenset(files) not in FILE_SETS:
+        if manifest.get("format") == SHARDED:
+            if not _sharded_files(files):
+                shown = sorted(files) if isinstance(files, dict) else type(files).__name__
+                raise CheckpointCorrupt(f"{path / MANIFEST}: does not list the files of a sharded checkpoint "
+                                        f"(got {shown})")
+        elif not isinstance(files, dict) or frozenset(files) not in FILE_SETS:
             shown = sorted(files) if isinstance(files, dict) else type(files).__name__
             raise CheckpointCorrupt(f"{path / MANIFEST}: does not list the files of a checkpoint (got {shown})")
         for name, want in files.items():
@@ -231,6 +293,13 @@ class CheckpointStore:
             with safe_open(str(self.root / name / STATE_TENSORS), framework="pt", device=str(map_location)) as fh:
                 return fh.get_tensor(key)
 
+        if meta.get("format") == SHARDED:
+            # The weights and optimizer are read into the live model (daemon/engine/sharded.py).
+            try:
+                state = statefile.load(path / STATE_TENSORS, path / STATE_SKELETON, map_location, base_tensor)
+            except Exception as exc:
+                raise CheckpointCorrupt(f"{path}: cannot load ({type(exc).__name__}: {exc})") from None
+            return Checkpoint(path, {}, state, meta)
         try:
             model = load_file(str(path / MODEL_FILE), device=str(map_location))
             with safe_open(str(path / MODEL_FILE), framework="pt") as fh:
@@ -254,3 +323,12 @@ class CheckpointStore:
             except CheckpointCorrupt as exc:
                 log.error(f"checkpoint corrupt, using the previous one: {exc}", path=str(path))
         return None
+
+
+def _sharded_files(files: Any) -> bool:
+    """The files of a sharded checkpoint: the training state, the shards' metadata and at least
+    one rank's file, nothing else (no path that leaves the checkpoint)."""
+    if not isinstance(files, dict) or not {STATE_TENSORS, STATE_SKELETON, f"{SHARDS_DIR}/.metadata"} <= set(files):
+        return False
+    shards = [n for n in files if n not in (STATE_TENSORS, STATE_SKELETON)]
+    return all(isinstance(n, str) and SHARD_FILE.fullmatch(n) for n in shards) and len(shards) >= 2

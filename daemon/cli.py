@@ -91,30 +91,44 @@ def config_validate(config: str | None = ConfigOpt, set_: list[str] = SetOpt) ->
 @app.command()
 def diagnose(
     json_out: bool = typer.Option(False, "--json", help="print JSON"),
-    strict: bool = typer.Option(False, "--strict", help="exit 1 when a red flag is raised"),
+    strict: bool = typer.Option(False, "--strict", help="exit 1 when a red flag is raised (the memory plan's too)"),
+    world_size: int | None = typer.Option(None, "--world-size", min=1, help="plan memory per rank for this many "
+                                          "ranks (default: the launch's; 1 outside torchrun)"),
     config: str | None = ConfigOpt,
     set_: list[str] = SetOpt,
 ) -> None:
-    """Print the GPU diagnostics block and its red flags, without training."""
+    """Print the GPU diagnostics block, its red flags and the memory plan per rank, without training."""
     cfg = _load(config, set_)
-    from daemon import diagnostics
+    import torch
+
+    from daemon import diagnostics, memory_plan
     from daemon.distributed import Launch
     from daemon.run.machine import resolve_device
 
     launch = Launch.from_env()
+    # Another world size than this launch's is only planned: the model is built on the meta
+    # device (shapes, no storage), so a laptop plans an 8B model for a GPU machine.
+    planning = world_size is not None and world_size != launch.world_size
+    ranks = world_size or launch.world_size
     try:
-        device = resolve_device(cfg, launch)
-        model = CATALOG.task_for(cfg).diagnose_model(cfg, device)  # the configured task's model
+        try:
+            device = resolve_device(cfg, launch)
+        except ConfigError:
+            if not planning:
+                raise
+            device = torch.device("cuda")  # a GPU machine planned from one without: its size unknown
+        model = memory_plan.plan_model(cfg) if planning else CATALOG.task_for(cfg).diagnose_model(cfg, device)
     except ConfigError as exc:
         for problem in exc.problems:
             _err(problem)
         raise typer.Exit(EXIT_USAGE) from None
-    diag = diagnostics.collect(cfg, next(model.parameters()).device, launch.world_size, model)
+    diag = diagnostics.collect(cfg, next(model.parameters()).device, ranks, model)
+    plan = memory_plan.plan(cfg, ranks, model, device)
     if json_out:
-        typer.echo(json.dumps(diag.model_dump(), indent=2))
+        typer.echo(json.dumps({**diag.model_dump(), "memory_plan": plan.as_dict()}, indent=2))
     else:
-        typer.echo("\n".join(diagnostics.render(diag)))
-    if strict and diag.red_flags:
+        typer.echo("\n".join([*diagnostics.render(diag), *memory_plan.lines(plan)]))
+    if strict and (diag.red_flags or memory_plan.refusal(plan)):
         raise typer.Exit(1)
 
 
@@ -134,7 +148,8 @@ def verify_upload(
     target: str = typer.Argument(..., help="a directory or s3://bucket/prefix"),
     endpoint_url: str = typer.Option("", "--endpoint-url", help="S3-compatible endpoint (R2, MinIO)"),
     max_params: int | None = typer.Option(None, "--max-params", min=1, help="most parameters a revision without "
-                                          "its weights may describe (default: twice the largest preset's)"),
+                                          "its weights may describe (default: 2e9, twice llama-1b's; "
+                                          "raise it for llama-3b or llama-8b)"),
 ) -> None:
     """Check a published target as a validator would: pointer, manifest, sizes, sha256; a Hugging Face
     revision must also load offline with from_pretrained and give a finite loss on a fixed text. Every

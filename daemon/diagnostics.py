@@ -1,9 +1,10 @@
 """The GPU DIAGNOSTICS block operators know from subnet-38 miners, with its red flags.
 
 The same report is logged at start-up, served on ``/diagnostics`` and printed
-by ``minerd diagnose``. Red flags are the failure modes operators hunt for in
-``pm2 logs``: no CUDA, a model left on the CPU, suspiciously little GPU memory,
-and accumulation that multiplies the work by accident.
+by ``minerd diagnose`` (followed there by the memory plan, ``daemon/memory_plan.py``).
+Red flags are the failure modes operators hunt for in ``pm2 logs``: no CUDA, a
+model left on the CPU, suspiciously little GPU memory, and accumulation that
+multiplies the work by accident.
 """
 
 from __future__ import annotations
@@ -109,7 +110,9 @@ def render(d: Diagnostics) -> list[str]:
         f"Device name: {d.device_name or 'n/a'}",
         f"GPU total memory: {gb(d.gpu_total_memory_gb)}",
         f"GPU memory allocated: {gb(d.gpu_memory_allocated_gb)}",
-        f"Model device: {d.model_device}",
+        # meta: `minerd diagnose --world-size N` for another world size built shapes only.
+        "Model device: " + ("not built (shapes only, for the memory plan)" if d.model_device == "meta"
+                            else d.model_device),
     ]
     if d.model_class is not None and d.model_parameters is not None:
         lines.append(f"Model: {d.model_class} ({d.model_parameters / 1e6:.2f}M parameters)")

@@ -42,6 +42,7 @@ class Launch:
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
+    rendezvous: bool = False  # started by torchrun (or another env:// launcher), even as a world of one
 
     @property
     def is_main(self) -> bool:
@@ -56,6 +57,7 @@ class Launch:
             world_size=world,
             local_rank=int(env.get("LOCAL_RANK", "0")),
             local_world_size=int(env.get("LOCAL_WORLD_SIZE", str(world))),
+            rendezvous="MASTER_ADDR" in env and "RANK" in env,
         )
 
 
@@ -69,8 +71,9 @@ class CommCounter:
         self.bytes += sum(t.numel() * t.element_size() for t in tensors)
 
 
-def init_process_group(launch: Launch, device: torch.device, timeout_seconds: float) -> None:
-    if launch.world_size <= 1 or dist.is_initialized():
+def init_process_group(launch: Launch, device: torch.device, timeout_seconds: float, alone_too: bool = False) -> None:
+    """``alone_too``: a process group even for a world of one (a sharded model needs one)."""
+    if (launch.world_size <= 1 and not alone_too) or dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs: dict[str, Any] = {"backend": backend, "timeout": datetime.timedelta(seconds=timeout_seconds)}

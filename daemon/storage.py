@@ -28,6 +28,8 @@ MANIFEST = "metadata.json"
 # ASCII digits only: \d also matches other scripts' digits, which int() reads but no validator would.
 REVISION_RE = re.compile(r"^rev-([0-9]+)-([0-9]+)$")
 _CHUNK = 1 << 20
+# The most one S3 PUT may carry; a larger object can only be stored as a multipart upload.
+MAX_SINGLE_PUT = 5 << 30
 # What get_bytes reads when the caller names no bound: every read has one.
 MAX_OBJECT_BYTES = 16 << 20
 
@@ -280,7 +282,10 @@ class S3Storage:
     AWS_DEFAULT_REGION). They are handed to boto3 and never logged or stored.
     """
 
-    def __init__(self, target: str, endpoint_url: str = "", environ: dict[str, str] | None = None) -> None:
+    def __init__(self, target: str, endpoint_url: str = "", environ: dict[str, str] | None = None,
+                 multipart_bytes: int = 64 << 20) -> None:
+        """``multipart_bytes``: files of at least this size are uploaded in parts of this size (boto3
+        raises a part to S3's 5 MiB minimum, and further when a file would need over 10,000)."""
         if not target.startswith("s3://"):
             raise StorageError(f"not an s3:// target: {target!r}")
         bucket, _, prefix = target[len("s3://") :].partition("/")
@@ -319,7 +324,11 @@ class S3Storage:
             endpoint_url=self.endpoint_url,
             config=BotoConfig(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=5, read_timeout=60),
         )
-        self._transfer = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20)
+        # A threshold at or below the single-PUT limit is what guarantees that every file too large
+        # for one PUT (an 8B model's 64 GB optimizer state, a weights shard over 5 GB) goes in parts.
+        if not 0 < multipart_bytes <= MAX_SINGLE_PUT:
+            raise ValueError(f"multipart_bytes {multipart_bytes} is not in 1..{MAX_SINGLE_PUT}")
+        self._transfer = TransferConfig(multipart_threshold=multipart_bytes, multipart_chunksize=multipart_bytes)
 
     def describe(self) -> str:
         """Where revisions go, as logs, /status and the bundle show it: without a password."""
@@ -345,12 +354,15 @@ class S3Storage:
         return code in ("NoSuchKey", "404", "NotFound")
 
     def put_file(self, key: str, src: Path) -> None:
+        # upload_file takes every file of at least the threshold in parts (a completed multipart
+        # upload is one whole object, as a PUT is): this is how files over 5 GB are stored.
         try:
             self._client.upload_file(str(src), self.bucket, self._key(key), Config=self._transfer)
         except self._put_errors as exc:
             raise self._wrap(f"put {key}", exc) from None
 
     def put_bytes(self, key: str, data: bytes) -> None:
+        # One PUT: the publisher sends only manifests and pointers (a few KB) through here.
         try:
             self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
         except self._errors as exc:

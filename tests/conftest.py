@@ -132,6 +132,18 @@ def task_sets(task: str, state_dir: Path, *extra: str) -> list[str]:
     return [*SMALL_JOBS[task], f"paths.state_dir={state_dir}", *extra]
 
 
+def finish(proc: subprocess.Popen[bytes], log: Path, timeout: float) -> list[dict]:
+    """Wait for a run started with its output in ``log`` to exit 0 (killed, by its pid, if it does
+    not within ``timeout``); its JSON log lines."""
+    try:
+        assert proc.wait(timeout) == 0, log.read_text(errors="replace")[-4000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return json_records(log.read_text(errors="replace"))
+
+
 def get_json(url: str) -> tuple[int, dict[str, Any]]:
     """(status, JSON body) of a GET; (0, {}) when nothing answers."""
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from daemon.logsetup import json_records
-from tests.conftest import ROOT, TASKS, task_sets
+from tests.conftest import ROOT, TASKS, finish, task_sets
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -38,13 +38,7 @@ def events(log: Path) -> list[dict]:
 
 def run_to_end(task: str, state: Path, *extra: str, tmp: Path, timeout: float = 240) -> list[dict]:
     log = tmp / f"torchrun-{time.monotonic_ns()}.log"
-    proc = launch(task, state, *extra, log=log)
-    try:
-        assert proc.wait(timeout) == 0, log.read_text()[-4000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return events(log)
+    return finish(launch(task, state, *extra, log=log), log, timeout)
 
 
 def same_embedding_tables(task: str, evs: list[dict]) -> None:

@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import torch
 
 from daemon.checkpoint import CheckpointStore
 from daemon.logsetup import json_records
-from tests.conftest import ROOT, MinerProcess, free_port, get_json, small_sets
+from tests.conftest import ROOT, MinerProcess, free_port, get_json, task_sets
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -60,8 +61,8 @@ def token_file(folder: Path, content: bytes = TOKEN) -> Path:
     return path
 
 
-def replica_sets(state: Path, lighthouse: int, group: int, *extra: str) -> list[str]:
-    return small_sets(state, "ft.enabled=true", f"ft.lighthouse=http://127.0.0.1:{lighthouse}",
+def replica_sets(state: Path, lighthouse: int, group: int, *extra: str, task: str = "twotower") -> list[str]:
+    return task_sets(task, state, "ft.enabled=true", f"ft.lighthouse=http://127.0.0.1:{lighthouse}",
                       f"ft.token_file={token_file(state.parent)}",
                       "ft.host=127.0.0.1", f"ft.replica_group={group}", "ft.min_replicas=2",
                       "ft.quorum_timeout_seconds=5", "ft.timeout_seconds=5", "ft.connect_timeout_seconds=2",
@@ -384,6 +385,35 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def group_sets(tmp: Path, lighthouse: int, group: int, *extra: str, task: str = "twotower") -> list[str]:
+    """Replica group ``group``'s settings under torchrun: every rank finds a free API port itself."""
+    own = replica_sets(tmp / f"g{group}", lighthouse, group, "ft.min_replicas=1", *extra, task=task)
+    return [s for s in own if not s.startswith("api.port=")] + ["api.port=0"]
+
+
+def start_groups(tmp: Path, sets: Callable[[int], list[str]], timeout: float = 240) -> list[TorchrunGroup]:
+    """Two replica groups of two ranks, once every rank of both has taken part in one outer step."""
+    groups = [TorchrunGroup(tmp / f"g{i}", sets(i)) for i in range(2)]
+    try:
+        wait_until(lambda: all(any(e.get("participants") == 2 for e in g.committed(r)) for g in groups
+                               for r in (0, 1)), timeout, "both groups, both ranks, in one outer step", *groups)
+    except BaseException:
+        for g in groups:
+            g.kill()
+        raise
+    return groups
+
+
+def group_digests(groups: list[TorchrunGroup], after: int) -> dict[int, dict[tuple[int, int], str]]:
+    """global step (past ``after``) -> (group index, rank) -> parameter digest."""
+    table: dict[int, dict[tuple[int, int], str]] = defaultdict(dict)
+    for gi, g in enumerate(groups):
+        for e in g.events():
+            if "param_digest" in e and e["global_step"] > after:
+                table[e["global_step"]][(gi, e["rank"])] = e["param_digest"]
+    return table
+
+
 class TestTorchrunGroups:
     """Replica groups of two ranks each (torchrun): DDP inside a group, torchft's DiLoCo across groups
     (the common layout: a machine's GPUs in step, machines in outer steps)."""
@@ -394,15 +424,11 @@ class TestTorchrunGroups:
         groups: list[TorchrunGroup] = []
 
         def sets(i: int) -> list[str]:
-            own = replica_sets(tmp_path / f"g{i}", port, i, "ft.min_replicas=1", "train.effective_batch_size=128",
-                               "train.sync=ddp")
-            return [s for s in own if not s.startswith("api.port=")] + ["api.port=0"]
+            return group_sets(tmp_path, port, i, "train.effective_batch_size=128", "train.sync=ddp")
 
         try:
-            groups = [TorchrunGroup(tmp_path / f"g{i}", sets(i)) for i in range(2)]
+            groups = start_groups(tmp_path, sets)
             a, b = groups
-            wait_until(lambda: all(any(e.get("participants") == 2 for e in g.committed(r)) for g in groups
-                                 for r in (0, 1)), 180, "both groups, both ranks, in one outer step", *groups)
             # 1. Kill group b whole; group a goes on alone, the same processes.
             b.kill()
             base = len(a.committed(0))
@@ -416,11 +442,7 @@ class TestTorchrunGroups:
             joined = max(e["global_step"] for e in b.events() if str(e.get("event", "")).startswith("FT RECOVERED"))
 
             def digests() -> dict[int, set[str]]:
-                table: dict[int, dict[tuple[int, int], str]] = defaultdict(dict)
-                for gi, g in enumerate(groups):
-                    for e in g.events():
-                        if "param_digest" in e and e["global_step"] > joined:
-                            table[e["global_step"]][(gi, e["rank"])] = e["param_digest"]
+                table = group_digests(groups, joined)
                 return {step: set(v.values()) for step, v in table.items() if len(v) == 4}
 
             wait_until(lambda: any(len(v) == 1 for v in digests().values()), 90,

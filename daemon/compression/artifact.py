@@ -6,6 +6,14 @@ for small tensors, ``<name>.dense``. ``pseudo_gradient.json`` names the codec, i
 the outer round, and each parameter's shape and block layout. Nothing is pickled: a file
 from an untrusted miner is read as numbers and JSON only.
 
+The tensors file can outgrow what one object may hold: with codec ``none`` it is the whole
+float32 pseudo-gradient (32 GB for an 8B model), and a large ``keep`` without ``quantize``
+sends 6 bytes a parameter. So with ``shard_bytes`` it is split as the weights are
+(``daemon/tensor_files.py``): ``pseudo_gradient-00001-of-0000N.safetensors`` ... and
+``pseudo_gradient.safetensors.index.json``; a parameter's parts may fall into different
+shards, and ``TensorFile`` reads them as one mapping. The JSON header stays one file: a line
+per parameter, far below any such limit.
+
 The pseudo-gradient is ``weights at the start of the outer round - weights now``: a
 validator subtracts the decoded tensor from the round's starting weights to get this
 miner's weights back (within the codec's error).
@@ -35,11 +43,12 @@ from typing import Any, cast
 import torch
 from safetensors import safe_open
 
-from daemon import atomic
+from daemon import atomic, tensor_files
 from daemon.compression.codec import CODECS, FORMAT, CodecSpec, Encoded, block_layout, keep_count
-from daemon.disk import save_safetensors
 
-TENSORS_FILE = "pseudo_gradient.safetensors"
+TENSORS_STEM = "pseudo_gradient"
+TENSORS_FILE = tensor_files.single_name(TENSORS_STEM)  # pseudo_gradient.safetensors
+TENSORS_INDEX = tensor_files.index_name(TENSORS_STEM)  # pseudo_gradient.safetensors.index.json
 HEADER_FILE = "pseudo_gradient.json"
 # An index inside a block is an int16: a block holds at most 181 x 181 = 32,761 values
 # (compression.block's limit).
@@ -52,12 +61,13 @@ _DTYPES = {"I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torc
            "BOOL": torch.bool}
 
 
-def write(enc: Encoded, folder: Path, **about: Any) -> list[str]:
-    """Write both files into ``folder`` (each atomically); ``about`` joins the header
-    (outer step, inner steps). Returns the names written."""
-    atomic.write_with(folder / TENSORS_FILE, lambda tmp: save_safetensors(enc.tensors, tmp, {"format": "pt"}))
+def write(enc: Encoded, folder: Path, *, shard_bytes: int | None = None, **about: Any) -> list[str]:
+    """Write the tensors and the header into ``folder`` (each file atomically); ``about`` joins
+    the header (outer step, inner steps). Tensors of more than ``shard_bytes`` in all go into
+    shards with an index (None: one file). Returns the names written."""
+    names = tensor_files.write(enc.tensors, folder, TENSORS_STEM, shard_bytes, metadata={"format": "pt"})
     atomic.write_bytes(folder / HEADER_FILE, header_bytes({**enc.header, **about}))
-    return [TENSORS_FILE, HEADER_FILE]
+    return [*names, HEADER_FILE]
 
 
 def header_bytes(header: dict[str, Any]) -> bytes:
@@ -65,29 +75,39 @@ def header_bytes(header: dict[str, Any]) -> bytes:
 
 
 class TensorFile(Mapping[str, torch.Tensor]):
-    """The tensors of a safetensors file, each read from disk only when asked for; their dtypes
-    and shapes come from the header, so they can be checked before anything is read."""
+    """The tensors of a safetensors file, or of the shards of one (``paths``: each shard), each
+    read from disk only when asked for; their dtypes and shapes come from the headers, so they
+    can be checked before anything is read. A tensor in two of the files is a ValueError: which
+    one would be meant is not for the reader to guess."""
 
-    def __init__(self, path: Path) -> None:
-        self._file = safe_open(str(path), framework="pt")
-        self._keys = list(self._file.keys())
+    def __init__(self, *paths: Path) -> None:
+        self._where: dict[str, Any] = {}  # tensor name -> the open file that holds it
+        for path in paths:
+            fh = safe_open(str(path), framework="pt")
+            keys: list[str] = fh.keys()  # a safe_open handle is not iterable itself
+            for key in keys:
+                if key in self._where:
+                    raise ValueError(f"tensor {key[:80]!r} is in two files (again in {path.name})")
+                self._where[key] = fh
 
     def spec(self, key: str) -> tuple[torch.dtype | None, list[int]] | None:
-        if key not in self._keys:
+        fh = self._where.get(key)
+        if fh is None:
             return None
-        part = self._file.get_slice(key)
+        part = fh.get_slice(key)
         return _DTYPES.get(part.get_dtype()), list(part.get_shape())
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._keys:
+        fh = self._where.get(key)
+        if fh is None:
             raise KeyError(key)
-        return cast(torch.Tensor, self._file.get_tensor(key))
+        return cast(torch.Tensor, fh.get_tensor(key))
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
+        return iter(self._where)
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._where)
 
 
 def _spec(tensors: Mapping[str, torch.Tensor], key: str) -> tuple[torch.dtype | None, list[int]] | None:

@@ -147,6 +147,16 @@ def semantic_problems(cfg: Config, world_size: int, schema: Schema) -> list[str]
         # Under DDP gradients are averaged every inner step: there is no outer sync to compress.
         problems.append(problem("train.outer_compression", f"compresses DiLoCo's outer sync; needs "
                                 f"train.sync=diloco (got '{t.sync}')", t.outer_compression))
+    if t.sharding == "fsdp":
+        if t.outer_compression != "none":
+            # A sharded job's ranks hold one model: there is no average inside the job to compress.
+            problems.append(problem("train.outer_compression", "compresses the average of a job's replicas; with "
+                                    "train.sharding=fsdp the job's ranks train one model together (leave it none)",
+                                    t.outer_compression))
+        if t.amp == "fp16":
+            # fp16 needs a loss scaler that knows the gradients are sharded; bf16 needs none.
+            problems.append(problem("train.amp", "fp16 is not supported with train.sharding=fsdp; use bf16 or auto",
+                                    t.amp))
     problems.extend(schema.problems(cfg, world_size))
     return problems
 

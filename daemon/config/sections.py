@@ -51,6 +51,13 @@ class TrainConfig(Section):
     max_nonfinite_in_row: int = Field(5, gt=0, description="then the last good checkpoint is restored")
     grad_clip: float = Field(1.0, ge=0, description="0 = off")
     dist_timeout_seconds: float = Field(300, gt=0, le=DAY, description="collective timeout under torchrun")
+    sharding: Literal["none", "fsdp"] = Field(
+        "none", description="fsdp: the job's ranks hold one model together, each a shard of every block's "
+        "parameters, gradients and optimizer state (FSDP2; under torchrun, causal_lm only)")
+    outer_offload: bool = Field(False, description="keep the outer step's anchor and momentum in host memory")
+    activation_checkpointing: bool = Field(
+        False, description="recompute each block's activations in the backward pass instead of keeping them")
+    compile: bool = Field(False, description="torch.compile each block (the first steps pay for compiling)")
 
 
 class UploadConfig(Section):
@@ -73,6 +80,9 @@ class UploadConfig(Section):
     endpoint_url: str = ""
     retries: int = Field(5, ge=0)
     keep: int = Field(3, gt=0)
+    shard_bytes: int = Field(
+        5_000_000_000, ge=1 << 20, description="weights above this are split into model-0000k-of-0000n.safetensors "
+        "files of at most this size with model.safetensors.index.json (5 GB: the S3 single-PUT limit)")
     max_age_seconds: float = Field(1800, gt=0, le=30 * DAY)
 
 

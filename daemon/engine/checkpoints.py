@@ -18,8 +18,11 @@ import torch
 from daemon import disk
 from daemon.checkpoint import Checkpoint, CheckpointStore
 from daemon.config import CheckpointConfig
+from daemon.distributed import any_rank, barrier
+from daemon.engine.sharded import ShardedState
 from daemon.metrics import CoreMetrics
 from daemon.rowtable import RowTable
+from daemon.sharding import any_nonfinite
 from daemon.state import MinerState
 
 log = structlog.get_logger("minerd.train")
@@ -68,12 +71,54 @@ class Checkpoints:
                 raise
             self.on_disk_full("checkpoint", self.store.root, exc)
 
+    def save_sharded(self, global_step: int, reason: str, shards: ShardedState, device: torch.device,
+                     rest: Callable[[], tuple[dict[str, Any], dict[str, Any]]]) -> None:
+        """Write a sharded checkpoint of ``global_step``: every rank calls it, every rank writes
+        its slices, the main rank ``rest()`` (the training state beside the weights, optimizer and
+        outer state; the manifest's facts) and the manifest."""
+        if self.store is None or self._global_step == global_step:
+            return
+        t0 = time.perf_counter()
+        if any_nonfinite(shards.tensors(), device):  # any rank's slice: every rank refuses alike
+            self.refused += 1
+            if self.is_main:
+                log.error("CHECKPOINT REFUSED: a tensor of the sharded weights, optimizer or outer state is not "
+                          "finite; the last good checkpoint stays", global_step=global_step, reason=reason)
+            return
+        training, meta = rest() if self.is_main else ({}, {})
+        try:
+            path = self.store.save_sharded(global_step, shards.save, training, {**meta, "reason": reason},
+                                           self.is_main, barrier)
+        except Exception as exc:
+            if not disk.is_full(exc):
+                raise
+            self.on_disk_full("checkpoint", self.store.root, exc)
+            return
+        self._written(global_step, path, reason, t0)
+
+    def _written(self, global_step: int, path: Any, reason: str, t0: float) -> None:
+        self._global_step = global_step
+        self._monotonic = time.monotonic()
+        if not self.is_main:
+            return
+        self.state.checkpoint_bytes = self.room({})
+        self.metrics.checkpoints.inc()
+        self.state.last_checkpoint_time = time.time()
+        self.state.beat()
+        log.info("checkpoint saved", path=str(path), reason=reason, global_step=global_step,
+                 seconds=round(time.perf_counter() - t0, 3), bytes=_folder_bytes(path),
+                 depends_on=self.store.depends_on(path) or None if self.store is not None else None)
+
+    def agreed_due(self, global_step: int, device: torch.device) -> bool:
+        """``due`` as every rank of a sharded model sees it (their clocks differ a little, and all of
+        them must write together)."""
+        return any_rank(self.due(global_step), device)
+
     def room(self, weights: dict[str, torch.Tensor]) -> int:
         """Room one checkpoint may take: the largest one kept (a whole one, when later ones hold
         only the changed rows of a table), else five copies of the weights (weights, two Adam
         moments, the outer step's anchor and momentum)."""
-        sizes = [sum(f.stat().st_size for f in p.iterdir() if f.is_file())
-                 for p in (self.store.checkpoints() if self.store is not None else [])]
+        sizes = [_folder_bytes(p) for p in (self.store.checkpoints() if self.store is not None else [])]
         return max(sizes, default=5 * sum(t.numel() * t.element_size() for t in weights.values()))
 
     def _write(self, global_step: int, reason: str, contents: Contents) -> None:
@@ -88,16 +133,12 @@ class Checkpoints:
                       reason=reason)
             return
         path = self.store.save(global_step, weights, training, {**meta, "reason": reason})
-        self.state.checkpoint_bytes = self.room(weights)
-        self._global_step = global_step
-        self._monotonic = time.monotonic()
-        self.metrics.checkpoints.inc()
-        self.state.last_checkpoint_time = time.time()
-        self.state.beat()
-        log.info("checkpoint saved", path=str(path), reason=reason, global_step=global_step,
-                 seconds=round(time.perf_counter() - t0, 3),
-                 bytes=sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
-                 depends_on=self.store.depends_on(path) or None)
+        self._written(global_step, path, reason, t0)
+
+
+def _folder_bytes(path: Any) -> int:
+    """Bytes of a checkpoint's files, those of its shards/ folder included."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def nonfinite(tree: Any, where: str = "") -> tuple[list[str], int]:

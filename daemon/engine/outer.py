@@ -6,6 +6,13 @@ applied to the anchor copy by SGD with Nesterov momentum at ``outer_lr``;
 the model then continues from the new anchor. Who the peers are is the outer
 sync's business (``daemon/sync``), injected as ``reduce``: the identity alone
 or under DDP, an averaging all-reduce over the torchrun ranks (DiLoCo).
+
+Of a sharded model (``train.sharding=fsdp``) each rank steps its own slices: the anchor,
+the momentum and the pseudo-gradient are those of the parameters' shards this rank holds,
+so the outer state is split over the ranks like the parameters. With ``offload`` the
+anchor and momentum live in host memory; the pseudo-gradient is still formed and reduced
+beside the model (a collective runs on the model's device), and only the few elementwise
+operations of the step touch the host copies.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+
+from daemon.sharding import local
 
 # Reduces the pseudo-gradients in place; may return what it did, for the outer step's log line.
 Reduce = Callable[[list[torch.Tensor]], "dict[str, float] | None"]
@@ -54,15 +63,25 @@ class OuterOptimizer:
         lr: float,
         momentum: float,
         reduce: Reduce = identity_reduce,
+        offload: bool = False,
     ) -> None:
-        self.params = list(params)
+        # This rank's part of each parameter (the whole parameter unless the model is sharded).
+        self.params = [local(p) for p in params]
         self.lr = lr
         self.momentum = momentum
         self.reduce = reduce
-        # The anchor and momentum live beside the model (same device): the
+        # Without offload the anchor and momentum live beside the model (same device): the
         # outer step is a few elementwise ops, not worth a host round trip.
-        self.anchor = [p.detach().clone() for p in self.params]
-        self.buf = [torch.zeros_like(p) for p in self.params]
+        pin = offload and any(p.is_cuda for p in self.params)
+        self.anchor = [self._home(p.detach().clone(), offload, pin) for p in self.params]
+        self.buf = [self._home(torch.zeros_like(p), offload, pin) for p in self.params]
+
+    @staticmethod
+    def _home(t: torch.Tensor, offload: bool, pin: bool) -> torch.Tensor:
+        if not offload:
+            return t
+        host = t.to("cpu")
+        return host.pin_memory() if pin else host
 
     @torch.no_grad()
     def step(self) -> dict[str, Any]:
@@ -78,7 +97,8 @@ class OuterOptimizer:
         return {**self.apply(grads), **report}
 
     def pseudo_gradient(self) -> list[torch.Tensor]:
-        return [a - p.detach() for a, p in zip(self.anchor, self.params, strict=True)]
+        """Anchor minus parameters, on the parameters' device (where the reduction runs)."""
+        return [a.to(p.device, non_blocking=True) - p.detach() for a, p in zip(self.anchor, self.params, strict=True)]
 
     @torch.no_grad()
     def apply(self, grads: list[torch.Tensor]) -> dict[str, Any]:
@@ -87,6 +107,7 @@ class OuterOptimizer:
         norm_sq = 0.0
         for a, b, g, p in zip(self.anchor, self.buf, grads, self.params, strict=True):
             norm_sq += float(g.float().pow(2).sum())
+            g = g.to(b.device)
             b.mul_(self.momentum).add_(g)
             a.sub_(g.add(b, alpha=self.momentum), alpha=self.lr)
             p.copy_(a)

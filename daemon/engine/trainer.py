@@ -9,6 +9,11 @@ at 0 and ``outer_step`` counts up, as subnet-38 miners number them.
 Checkpoints hold everything resuming needs (model, optimizers, counters, the
 data position, RNG states), so N steps, a stop, and N more give the same
 parameters as 2N steps straight.
+
+A sharded model (``Parts.sharded``: the job's ranks hold one model together) makes a few
+things collectives that are otherwise the main rank's alone: checkpoints (every rank
+writes its slices, at a step all of them agree on), evaluations (every rank runs the
+forward pass; the main rank reports) and reading the parameters.
 """
 
 from __future__ import annotations
@@ -43,14 +48,25 @@ from daemon.engine.protocols import (
     StopSignal,
     Task,
 )
+from daemon.engine.sharded import ShardedState
 from daemon.errors import TrainingDiverged
 from daemon.metrics import CoreMetrics
+from daemon.sharding import gradient_sync, local, local_tree, reshard, weights_digest, whole_weights
 from daemon.state import MinerState
 from daemon.telemetry import StepReporter, Throughput
 
 log = structlog.get_logger("minerd.train")
 
 PAUSE_POLL_SECONDS = 0.2
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype ``train.amp`` means on ``device``; None = full precision."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "fp16":
+        return torch.float16
+    return torch.bfloat16
 
 
 @dataclass
@@ -74,6 +90,7 @@ class Parts:
     throughput: Throughput = field(default_factory=Throughput)
     on_disk_full: disk.DiskFullReporter = field(default_factory=disk.DiskFullReporter)
     join: GroupJoin | None = None  # a group to get in step with before the first inner step
+    sharded: bool = False  # the job's ranks hold one model together (train.sharding=fsdp)
 
 
 class _StateExchange:
@@ -84,11 +101,15 @@ class _StateExchange:
         self._trainer = trainer
 
     def save(self) -> dict[str, Any]:
+        # A sharded model's peer holds the same slices (the same rank of another replica group).
         t = self._trainer
-        return {"model": t.model.state_dict(), "training": t.training_state()}
+        return local_tree({"model": t.model.state_dict(), "training": t.training_state()})
 
     def load(self, state: dict[str, Any]) -> None:
         t = self._trainer
+        if t.p.sharded:
+            t.load_local(state["model"], state["training"])
+            return
         t.model.load_state_dict(state["model"])
         t.load_training_state(state["training"])
 
@@ -102,7 +123,7 @@ class Trainer:
         self.stop = stop
         self.c = Counters()
         self.reporter = StepReporter(self.cfg.telemetry, metrics, parts.device)
-        self.amp_dtype = self._amp_dtype()
+        self.amp_dtype = amp_dtype(self.cfg.train.amp, parts.device)
         fp16 = self.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler(parts.device.type, enabled=fp16)
         self.last_loss: float | None = None
@@ -114,14 +135,6 @@ class Trainer:
         self._restored_without_progress = False  # restored after non-finite steps, none finite since
 
     # ---- set-up -----------------------------------------------------------
-    def _amp_dtype(self) -> torch.dtype | None:
-        amp, dev = self.cfg.train.amp, self.p.device.type
-        if amp == "off" or (amp == "auto" and dev != "cuda"):
-            return None
-        if amp == "fp16":
-            return torch.float16
-        return torch.bfloat16
-
     @property
     def model(self) -> nn.Module:
         """The model as trained: never the DDP wrapper around it."""
@@ -152,19 +165,48 @@ class Trainer:
             return False
         self._restore(ckpt)
         c = self.c
+        extra: dict[str, Any] = {}
+        if self.cfg.telemetry.param_digest:
+            # Of the whole model whatever the sharding: a job of another world size that resumed the
+            # same checkpoint says the same digest.
+            whole = whole_weights(self.model)
+            if self.p.is_main:
+                extra["weights_digest"] = weights_digest(whole)
         log.info(
             f"Resumed from checkpoint at outer step {c.outer_step}, inner step {c.inner_step} "
             f"(global step {c.global_step})",
             line=True,
             path=str(ckpt.path),
             epoch=c.epoch,
+            **extra,
         )
         return True
 
     def _restore(self, ckpt: Checkpoint) -> None:
-        self.model.load_state_dict(ckpt.model)
-        self.load_training_state(ckpt.state)
+        shards = ShardedState(self.model, self.p.optimizer, self.p.outer)
+        if ckpt.sharded:  # any number of ranks wrote it; this job takes its own slices
+            shards.load(ckpt.shards)
+            self.load_training_state(ckpt.state)
+        elif self.p.sharded:  # whole tensors, from a job that did not shard: each rank its slices
+            shards.load_whole(ckpt.model, ckpt.state)
+            self.load_training_state({k: v for k, v in ckpt.state.items() if k not in ("optimizer", "outer")})
+        else:
+            self.model.load_state_dict(ckpt.model)
+            self.load_training_state(ckpt.state)
         self.checkpoints.restored(self.c.global_step)
+
+    def load_local(self, weights: dict[str, torch.Tensor], training: dict[str, Any]) -> None:
+        """Take a peer's slices of a sharded model (the same rank of another replica group) in
+        place: the weights, AdamW's moments and the outer state, then the rest."""
+        with torch.no_grad():
+            for name, t in self.model.state_dict().items():
+                local(t).copy_(weights[name])
+            mine = self.p.optimizer.state_dict()["state"]
+            for i, entry in training["optimizer"]["state"].items():
+                for key, value in entry.items():
+                    if isinstance(value, torch.Tensor) and i in mine and key in mine[i]:
+                        local(mine[i][key]).copy_(value)
+        self.load_training_state({k: v for k, v in training.items() if k != "optimizer"})
 
     def training_state(self) -> dict[str, Any]:
         """Everything but the weights that a run continues from: what a checkpoint stores, and
@@ -183,8 +225,12 @@ class Trainer:
         }
 
     def load_training_state(self, st: dict[str, Any]) -> None:
-        self.p.optimizer.load_state_dict(st["optimizer"])
-        self.p.outer.load_state_dict(st["outer"])
+        """The training state beside the weights; a sharded checkpoint's optimizer and outer state
+        are in its shards (read by ``ShardedState``), not here."""
+        if "optimizer" in st:
+            self.p.optimizer.load_state_dict(st["optimizer"])
+        if "outer" in st:
+            self.p.outer.load_state_dict(st["outer"])
         if st.get("scaler"):
             self.scaler.load_state_dict(st["scaler"])
         # In place: a recovery lands in the middle of an inner step that holds the counters.
@@ -200,8 +246,18 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------
     def checkpoint(self, reason: str) -> None:
-        """Write a checkpoint now (the main rank; once per step; a full disk skips it)."""
+        """Write a checkpoint now (the main rank, or every rank of a sharded model; once per
+        step; a full disk skips it)."""
         c = self.c
+        if self.p.sharded:
+            def rest() -> tuple[dict[str, Any], dict[str, Any]]:
+                training = {k: v for k, v in self.training_state().items() if k not in ("optimizer", "outer")}
+                return training, {"outer_step": c.outer_step, "inner_step": c.inner_step,
+                                  "config_hash": self.cfg.digest(), "world_size": self.p.world_size}
+
+            shards = ShardedState(self.model, self.p.optimizer, self.p.outer)
+            self.checkpoints.save_sharded(c.global_step, reason, shards, self.p.device, rest)
+            return
 
         def contents() -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
             meta = {"outer_step": c.outer_step, "inner_step": c.inner_step, "config_hash": self.cfg.digest()}
@@ -244,13 +300,18 @@ class Trainer:
             outcome = self.inner_step()
             if outcome == "abandoned":
                 return "signal"
-            if self.checkpoints.due(self.c.global_step):
+            due = (self.checkpoints.agreed_due(self.c.global_step, self.p.device) if self.p.sharded
+                   else self.checkpoints.due(self.c.global_step))
+            if due:
                 self.checkpoint("periodic")
         return reason
 
     def _handle_controls(self) -> bool:
         ctl = self.state.controls
-        if ctl.checkpoint.is_set():
+        asked = ctl.checkpoint.is_set()
+        if self.p.sharded:  # asked of one rank's API, written by all of them
+            asked = any_rank(asked, self.p.device)
+        if asked:
             ctl.checkpoint.clear()
             self.checkpoint("requested")
         if any_rank(ctl.paused.is_set(), self.p.device):
@@ -270,6 +331,9 @@ class Trainer:
             yield idx, pos
 
     def _sync_context(self, last: bool) -> contextlib.AbstractContextManager[Any]:
+        if self.p.sharded:
+            gradient_sync(self.p.model, last)  # reduce-scatter after the last micro-batch only
+            return contextlib.nullcontext()
         no_sync = getattr(self.p.model, "no_sync", None)
         return contextlib.nullcontext() if last or no_sync is None else no_sync()
 
@@ -416,11 +480,25 @@ class Trainer:
             for hook in self.p.hooks:
                 hook.after_inner_step(after)
 
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds of the training state: parameters, their gradients (allocated
+        every backward pass, as large as the parameters), AdamW's state and the outer step's
+        anchor and momentum. Sizes only, never the values: safe to read from another thread."""
+        params = list(self.model.parameters())
+        size = lambda t: local(t).numel() * t.element_size()  # noqa: E731
+        param_bytes = sum(size(p) for p in params)
+        optim = 0
+        for entry in [dict(e) for e in list(self.p.optimizer.state.values())]:  # copies: the loop may add some
+            optim += sum(size(v) for v in entry.values() if isinstance(v, torch.Tensor))
+        outer = sum(t.numel() * t.element_size() for t in [*self.p.outer.anchor, *getattr(self.p.outer, "buf", [])])
+        return {"param_bytes": param_bytes, "grad_bytes": param_bytes, "optimizer_bytes": optim,
+                "outer_bytes": outer}
+
     def param_digest(self) -> str:
         """A digest of every parameter's bytes: equal digests on two ranks = equal weights."""
         h = hashlib.sha256()
-        for t in self.model.state_dict().values():
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        for t in self.model.state_dict().values():  # a sharded model: this rank's slices
+            h.update(local(t).detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
 
     def _publish_counters(self) -> None:
@@ -428,10 +506,16 @@ class Trainer:
         s.outer_step, s.inner_step, s.global_step, s.epoch = c.outer_step, c.inner_step, c.global_step, c.epoch
 
     def _evaluate(self, at: EvalPoint) -> None:
-        if not self.p.is_main:  # rank 0 evaluates for the job; the others go on training
+        # Rank 0 evaluates for the job and the others go on training; a sharded model's forward
+        # pass needs every rank, and rank 0 reports.
+        if not self.p.is_main and not self.p.sharded:
             return
         with self._autocast():
             result = self.p.task.evaluate(self.p.model, self.p.device, at, self.state.beat)
+        if self.p.sharded:
+            reshard(self.model)
+        if not self.p.is_main:
+            return
         self.last_eval = dict(result.metrics)
         self.state.eval = dict(result.metrics)
         self.state.eval_epoch, self.state.eval_global_step = at.epoch, at.global_step

@@ -64,6 +64,9 @@ class TaskEntry(Entry):
     diagnose_model: Callable[[Config, torch.device], nn.Module]
     # Cores the task's own background threads take (FAISS), left out of torch's threads.
     threads: Callable[[Config], int] = lambda cfg: 0
+    # Whether its model can be sharded over a job's ranks (train.sharding=fsdp): it names the
+    # repeated blocks to shard (TaskParts.blocks).
+    shards: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -82,6 +82,9 @@ class TaskParts:
     flops_per_token: float | None = None  # training FLOPs per token, for MFU
     # What a revision published at a global step was trained on, for its manifest's "data".
     data_record: Callable[[int], dict[str, Any]] | None = None
+    # The model's repeated blocks (a Llama's decoder layers): what is sharded, checkpointed and
+    # compiled one by one (train.sharding, train.activation_checkpointing, train.compile).
+    blocks: list[nn.Module] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

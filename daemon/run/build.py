@@ -23,13 +23,15 @@ from daemon.config import Config
 from daemon.diagnostics import accumulation_steps
 from daemon.disk import DiskFullReporter
 from daemon.distributed import CommCounter, Launch, broadcast_params
-from daemon.engine.protocols import OuterStep, Sampler, Stateful, StopSignal, Task
-from daemon.engine.trainer import Parts, Trainer
+from daemon.engine.protocols import OuterStep, Sampler, Stateful, StepHook, StopSignal, Task
+from daemon.engine.trainer import Parts, Trainer, amp_dtype
 from daemon.gpu import peak_flops
 from daemon.metrics import CoreMetrics, EvalCollector
 from daemon.plugin.parts import BuildContext, Component, SyncContext
 from daemon.run.catalog import CATALOG, Catalog
+from daemon.run.sharded_upload import ShardedUploadHook
 from daemon.run.upload_hook import UploadHook
+from daemon.sharding import describe, prepare_blocks, shard_model
 from daemon.state import MinerState
 from daemon.telemetry import Throughput
 from daemon.upload import Uploader
@@ -52,6 +54,7 @@ class Run:
     outer_sync: str  # the registered outer sync's name
     data_source: str
     outer: OuterStep  # what the outer sync made (the trainer steps it; tests and benchmarks read it)
+    sharding: str | None = None  # the "Sharding: fsdp over N ranks: ..." line of a sharded model
 
 
 def build_run(
@@ -83,6 +86,11 @@ def build_run(
     comm = CommCounter()
     codec_stats = CompressionStats()
     broadcast_params(model)  # every rank starts from rank 0's weights
+    t = cfg.train
+    prepare_blocks(model, parts.blocks, t.activation_checkpointing, t.compile)
+    sharded = t.sharding == "fsdp"
+    if sharded:
+        shard_model(model, parts.blocks, device, amp_dtype(t.amp, device))
     task_loss = getattr(parts.task, "held_out_loss", None)  # tasks that score by a held-out loss
 
     def held_out_loss(m: torch.nn.Module) -> float:
@@ -109,6 +117,7 @@ def build_run(
     hooks = list(parts.hooks)
     # The sync's last: stopped first, before the task's parts it may still be feeding.
     components = [*parts.components, *sync.components]
+    uploader = None
     if upload.enabled and launch.is_main:
         cc = cfg.compression
         codec = CodecSpec.of(upload.compression, cc.block, cc.keep, cc.quantize) if artifact else None
@@ -117,7 +126,13 @@ def build_run(
         uploader.data_record = parts.data_record
         components.append(uploader)
         state.sections["upload"] = uploader.status
-        hooks.append(UploadHook(uploader, state))
+    upload_hook: StepHook | None = None
+    if upload.enabled and sharded:  # the weights are gathered by every rank, published by rank 0
+        upload_hook = ShardedUploadHook(uploader, state, device, pseudo=artifact)
+    elif uploader is not None:
+        upload_hook = UploadHook(uploader, state)
+    if upload_hook is not None:
+        hooks.append(upload_hook)
     throughput = Throughput()
     if parts.tokens_per_sample is not None:
         throughput = Throughput(
@@ -146,10 +161,14 @@ def build_run(
             throughput=throughput,
             on_disk_full=on_full,
             join=sync.join,
+            sharded=sharded,
         ),
         state,
         metrics,
         stop,
     )
+    # This rank's share of the training state, read at request time.
+    state.sections["memory"] = trainer.state_bytes
     return Run(trainer, parts.task, components, parts.sampler, device, accumulation, stateful, store,
-               sync_entry.name, request.source, sync.outer)
+               sync_entry.name, request.source, sync.outer,
+               sharding=describe(model, launch.world_size) if sharded else None)

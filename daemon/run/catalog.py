@@ -82,6 +82,7 @@ class Catalog:
         if task is None:
             return [problem("train.task", f"unknown task; one of {', '.join(self.tasks.names())}", cfg.train.task)]
         out = list(task.validate(cfg, world_size))
+        out.extend(_block_options(cfg, task, [t.name for t in self.tasks if t.shards]))
         for other in self.tasks:
             if other is not task:
                 out.extend(_switched_on(cfg, other))
@@ -145,3 +146,17 @@ def load_config(path: str | None = None, sets: Iterable[str] = (), environ: Mapp
 
 
 __all__ = ["CATALOG", "Catalog", "ConfigError", "Section", "load_config"]
+
+
+def _block_options(cfg: Config, task: TaskEntry, able: list[str]) -> list[str]:
+    """Sharding, activation checkpointing and compiling work block by block: a task whose model
+    names no repeated blocks refuses them."""
+    if task.shards:
+        return []
+    t = cfg.train
+    asked = [("train.sharding", t.sharding, t.sharding != "none", "none"),
+             ("train.activation_checkpointing", t.activation_checkpointing, t.activation_checkpointing, "false"),
+             ("train.compile", t.compile, t.compile, "false")]
+    return [problem(key, f"works on a model's repeated blocks, which the {task.name} task's model does not have "
+                    f"(tasks that have them: {', '.join(able) or 'none'}); set {key}={off}", value)
+            for key, value, on, off in asked if on]

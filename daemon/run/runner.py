@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from api.app import create_app
 from api.server import ApiServer
 from daemon import diagnostics, disk
-from daemon.config import Config, ConfigError
+from daemon.config import Config, ConfigError, problem
 from daemon.distributed import Launch, destroy_process_group, init_process_group
 from daemon.errors import CorruptState, DataUnreachable, TrainingDiverged
 from daemon.gpu import GpuProbe
@@ -63,9 +63,23 @@ def run(cfg: Config) -> int:
         threads = configure_threads(cfg, launch)
         device = resolve_device(cfg, launch)
         state.device = str(device)
+        sharded = cfg.train.sharding == "fsdp"
+        if sharded and not launch.rendezvous:
+            raise ConfigError([problem("train.sharding", "fsdp shards the model over the ranks of a torchrun job; "
+                                       "start it with torchrun (--nproc_per_node 1 for one GPU), or set "
+                                       "train.sharding=none", cfg.train.sharding)])
+        if device.type == "cuda":
+            # Before anything is allocated: a model that cannot fit fails here in one line, not as
+            # an out-of-memory traceback minutes into the start (and again at every restart).
+            from daemon import memory_plan
+
+            why = memory_plan.refusal(memory_plan.plan(cfg, launch.world_size, memory_plan.plan_model(cfg), device))
+            if why is not None:
+                raise ConfigError([f"config error: {why}"])
         if launch.world_size > 1:
             bind_process_fields(rank=launch.rank)
-            init_process_group(launch, device, cfg.train.dist_timeout_seconds)
+        if launch.world_size > 1 or sharded:
+            init_process_group(launch, device, cfg.train.dist_timeout_seconds, alone_too=sharded)
         log.info("minerd starting", version=state.version, pid=os.getpid(), task=cfg.train.task, device=str(device),
                  torch_threads=threads, rank=launch.rank, world_size=launch.world_size,
                  state_dir=str(cfg.state_dir))
@@ -80,6 +94,8 @@ def run(cfg: Config) -> int:
         trainer = built.trainer
         log.info("run assembled", task=cfg.train.task, data_source=built.data_source, outer_sync=built.outer_sync,
                  accumulation=built.accumulation)
+        if built.sharding is not None:
+            log.info(built.sharding, line=True)
         for component in built.components:  # the task's (embeddings, mining), the outer sync's, the uploader
             life.start(component)
         model = trainer.model
@@ -99,10 +115,10 @@ def run(cfg: Config) -> int:
         done = trainer.summary()
         log.info("training stopped", reason=reason, global_step=done.progress.global_step,
                  train_seconds=round(seconds, 3), samples=done.progress.samples - start_samples,
-                 comm_bytes=done.comm_bytes)
+                 comm_bytes=done.comm_bytes, **trainer.state_bytes())
     except ConfigError as exc:
-        for problem in exc.problems:
-            log.error(problem)
+        for line in exc.problems:
+            log.error(line)
         code = EXIT_CONFIG
     except StorageError as exc:
         log.error(f"upload error: {exc}")

@@ -4,6 +4,11 @@ Under DDP gradients are averaged every inner step, so the ranks' parameters agre
 their pseudo-gradients need no averaging; under DiLoCo each rank trains alone between
 outer steps and the pseudo-gradient is averaged over the ranks (a dense all-reduce, or
 ``train.outer_compression``'s codec). A process alone needs neither.
+
+A sharded model (``train.sharding=fsdp``) is one model held by all the job's ranks: its
+gradients are reduced into each rank's shards at every inner step, so the job is one
+replica, as under DDP, whatever ``train.sync`` says; each rank's outer step moves its own
+shards, and replicas of it average across machines (torchft) rank by rank.
 """
 
 from __future__ import annotations
@@ -54,7 +59,9 @@ MODES: dict[str, Callable[[SyncContext], Group]] = {"ddp": _ddp, "diloco": _dilo
 
 def in_group(ctx: SyncContext) -> Group:
     """How this job's ranks keep together; a process alone has no one to keep up with."""
-    return MODES[ctx.cfg.train.sync](ctx) if ctx.launch.world_size > 1 else _alone(ctx)
+    if ctx.cfg.train.sharding == "fsdp" or ctx.launch.world_size <= 1:
+        return _alone(ctx)  # sharded: FSDP reduces the gradients itself, every inner step
+    return MODES[ctx.cfg.train.sync](ctx)
 
 
 def within_job(ctx: SyncContext) -> SyncParts:
@@ -62,5 +69,6 @@ def within_job(ctx: SyncContext) -> SyncParts:
     the same on every rank under DDP) applied by Nesterov SGD on the anchor."""
     group = in_group(ctx)
     t = ctx.cfg.train
-    outer = OuterOptimizer(list(ctx.model.parameters()), t.outer_lr, t.outer_momentum, group.reduce)
+    outer = OuterOptimizer(list(ctx.model.parameters()), t.outer_lr, t.outer_momentum, group.reduce,
+                           offload=t.outer_offload)
     return SyncParts(outer=outer, model=group.model, stateful=group.stateful, compresses=group.compresses)

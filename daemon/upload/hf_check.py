@@ -1,25 +1,27 @@
 """What a validator does with a Hugging Face revision: load it offline, run it once.
 
-A revision whose manifest lists ``config.json`` and ``model.safetensors`` is in the Hugging
-Face layout. It is checked in the folder its files were verified into (``verify.py``), so
-what loads is what was hashed. Before anything is allocated, the parameters the config
-describes (counted on the meta device, ``model_size.py``) must be exactly those the weights'
-header holds: ``from_pretrained`` then allocates no more than the weights' own bytes. Then
-``AutoTokenizer.from_pretrained`` and ``AutoModelForCausalLM.from_pretrained`` load it with no
-network and no code of the upload's (``trust_remote_code=False``), and a forward pass over a
-fixed text must give a finite loss.
+A revision whose manifest lists ``config.json`` and ``model.safetensors`` (or its shards and
+``model.safetensors.index.json``) is in the Hugging Face layout. It is checked in the folder
+its files were verified into (``verify.py``, which checked the index too), so what loads is
+what was hashed. Before anything is allocated, the parameters the config describes (counted
+on the meta device, ``model_size.py``) must be exactly those the weights' headers hold,
+summed over the shards: ``from_pretrained`` then allocates no more than the weights' own
+bytes. Then ``AutoTokenizer.from_pretrained`` and ``AutoModelForCausalLM.from_pretrained``
+load it with no network and no code of the upload's (``trust_remote_code=False``), and a
+forward pass over a fixed text must give a finite loss.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from pathlib import Path
 from typing import cast
 
-from daemon.upload.layout import MODEL_FILE
+from daemon.upload.layout import MODEL_FILE, MODEL_INDEX_FILE, MODEL_STEM
 from daemon.upload.limits import LIMITS, Limits, first_line
 from daemon.upload.model_size import HF_CONFIG, model_size, read_config
-from daemon.upload.verify import Revision, safetensors_header, tensor_elements
+from daemon.upload.verify import Revision, stored_tensors, tensor_elements
 
 # Code and prose, as the default corpus holds: any tokenizer gives it a few dozen tokens.
 PROBE_TEXT = (
@@ -31,29 +33,34 @@ PROBE_TEXT = (
 def check_loadable(rev: Revision, limits: Limits = LIMITS) -> list[str]:
     """Problems loading a verified revision as a validator would; empty when it loads and runs
     (or is not in the Hugging Face layout: the artifact's check covers a revision without weights)."""
-    if HF_CONFIG not in rev.files or MODEL_FILE not in rev.files:
+    files = rev.files
+    if HF_CONFIG not in files or (MODEL_FILE not in files and MODEL_INDEX_FILE not in files):
         return []
-    why = size_problem(rev.folder, limits)
+    why = size_problem(rev.folder, files, limits)
     if why:
         return [f"{rev.where}/{why}"]
     return _load_and_run(rev.folder, rev.where)
 
 
-def size_problem(folder: Path, limits: Limits = LIMITS) -> str | None:
-    """Why the model of ``folder``'s config.json does not match its weights, as "<file>: why",
-    or None when the config builds a model of exactly the weights' parameter count."""
+def size_problem(folder: Path, listed: Collection[str], limits: Limits = LIMITS) -> str | None:
+    """Why the model of ``folder``'s config.json does not match its weights (``listed``: the
+    manifest's files), as "<file>: why", or None when the config builds a model of exactly the
+    weights' parameter count."""
     config = read_config(folder, limits)
     if isinstance(config, str):
         return f"{HF_CONFIG}: {config}"
-    header = safetensors_header(folder / MODEL_FILE, limits)
+    header = stored_tensors(folder, listed, MODEL_STEM, limits)
+    if header is None:
+        return f"{HF_CONFIG}: beside no weights"
     if isinstance(header, str):
-        return f"{MODEL_FILE}: not a safetensors file: {header}"
+        return header
     size = model_size(folder)
     if isinstance(size, str):
         return f"{HF_CONFIG}: {size}"
     held = tensor_elements(header)
     if held not in (size.param_elements, size.param_elements + size.buffer_elements):
-        return f"{HF_CONFIG}: describes a model of {size.param_elements:,} parameters, {MODEL_FILE} holds {held:,}"
+        holder = f"{MODEL_FILE} holds" if MODEL_FILE in listed else f"the shards {MODEL_INDEX_FILE} names hold"
+        return f"{HF_CONFIG}: describes a model of {size.param_elements:,} parameters, {holder} {held:,}"
     return None
 
 

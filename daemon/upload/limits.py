@@ -30,16 +30,22 @@ MAX_CONFIG_BYTES = 1 * MiB
 MAX_DESCRIPTION_BYTES = 16 * MiB
 # Tokenizer files: tokenizer.json is 9 MB for Llama 3's 128k vocabulary, 33 MB for Gemma 3's.
 MAX_AUX_BYTES = 64 * MiB
-# Weights, optimizer state and the pseudo-gradient's tensors: llama-1b is 4 GB of float32
-# weights and 8 GB of Adam state.
-MAX_TENSOR_FILE_BYTES = 64 << 30
-# All files of one revision together (downloaded into a temporary directory to be checked).
-MAX_REVISION_BYTES = 96 << 30
-# A revision holds a dozen files.
+# Weights, optimizer state and the pseudo-gradient's tensors, one file each: llama-8b is 32 GB
+# of float32 weights (in shards of upload.shard_bytes, 5 GB by default) and 64 GB of Adam
+# state, which is one file.
+MAX_TENSOR_FILE_BYTES = 80 << 30
+# All files of one revision together (downloaded into a temporary directory to be checked):
+# llama-8b's weights, Adam state and pseudo-gradient come to 97 GB.
+MAX_REVISION_BYTES = 128 << 30
+# A revision holds a dozen files; llama-8b's weights in 5 GB shards are seven of them.
 MAX_FILES = 64
 # A safetensors header lists each tensor in about 100 bytes: a few MB for the largest models
 # (the safetensors library itself allows 100 MB, which Python's json would turn into GBs).
+# The headers of one model's shards together take no more than one header may.
 MAX_SAFETENSORS_HEADER = 16 * MiB
+# model.safetensors.index.json maps each tensor to its shard in about 80 bytes: 24 KB for
+# llama-8b's 291 tensors. Parsed, 4 MB of JSON take tens of MB of Python objects at most.
+MAX_INDEX_BYTES = 4 * MiB
 # Manifests, configs and headers nest three or four levels deep.
 MAX_JSON_DEPTH = 32
 # Llama 3.1 405B has 126 layers: building a model of a config on the meta device costs
@@ -48,10 +54,11 @@ MAX_LAYERS = 256
 # Mixture-of-experts configs build a module per expert and layer: the same reason.
 MAX_EXPERTS = 512
 # The total parameters a revision without weights may describe (model_shapes.json or
-# config.json alone): twice the largest preset minerd trains (llama-1b, 990M parameters at
-# a vocabulary of 8192), which leaves room for Llama-3.2-1B's 1.24B. A pseudo-gradient
-# decodes to at most this many float32 values. A revision with its weights is bounded by
-# the weights' own bytes instead.
+# config.json alone): twice the largest preset a single GPU trains (llama-1b, 990M parameters
+# at a vocabulary of 8192), which leaves room for Llama-3.2-1B's 1.24B. A pseudo-gradient
+# decodes to at most this many float32 values (8 GB), which is why the sharded presets'
+# pseudo-gradients (llama-3b, llama-8b) are checked with --max-params raised on a machine
+# with the memory for them. A revision with its weights is bounded by the weights' own bytes.
 MAX_PARAMS = 2_000_000_000
 
 
@@ -66,6 +73,7 @@ class Limits:
     revision_bytes: int = MAX_REVISION_BYTES
     files: int = MAX_FILES
     safetensors_header: int = MAX_SAFETENSORS_HEADER
+    index_bytes: int = MAX_INDEX_BYTES
     json_depth: int = MAX_JSON_DEPTH
     layers: int = MAX_LAYERS
     experts: int = MAX_EXPERTS
@@ -77,6 +85,8 @@ class Limits:
             return self.config_bytes
         if name in ("pseudo_gradient.json", "model_shapes.json"):
             return self.description_bytes
+        if name.endswith(".safetensors.index.json"):
+            return self.index_bytes
         if name.endswith((".safetensors", ".pt", ".bin")):
             return self.tensor_file_bytes
         return self.aux_bytes

@@ -6,10 +6,13 @@ Layout of a target::
     LATEST                      "rev-<outer>-<inner>\\n", written last
     rev-<outer>-<inner>/
         model.safetensors       and whatever else the task's layout writes
-                                (config.json, tokenizer files: layout.py)
+                                (config.json, tokenizer files: layout.py); weights of more
+                                than upload.shard_bytes as model-0000k-of-0000n.safetensors
+                                and model.safetensors.index.json instead
         optimizer.pt            torch.save of the optimizer state dict
         pseudo_gradient.*       with upload.artifact pseudo_gradient or both: the
-                                compressed pseudo-gradient (daemon/compression/artifact.py);
+                                compressed pseudo-gradient (daemon/compression/artifact.py),
+                                its tensors split the same way above upload.shard_bytes;
                                 with pseudo_gradient alone, no weights and no optimizer
         metadata.json           the manifest, written after the files it names
 """
@@ -175,16 +178,18 @@ def _file_entry(path: Path) -> dict[str, Any]:
 
 def write_revision(
     snap: Snapshot, folder: Path, version: str, config_hash: str, layout: RevisionLayout | None = None,
-    codec: CodecSpec | None = None, stats: CompressionStats | None = None,
+    codec: CodecSpec | None = None, stats: CompressionStats | None = None, shard_bytes: int | None = None,
 ) -> tuple[dict[str, Path], dict[str, Any]]:
     """Serialise a snapshot into ``folder``; return its files and its manifest. With ``codec``
-    the snapshot's pseudo-gradient is encoded here, on the publisher thread."""
+    the snapshot's pseudo-gradient is encoded here, on the publisher thread. Weights (and the
+    pseudo-gradient's tensors) of more than ``shard_bytes`` are split into shards with an index
+    (``upload.shard_bytes``; None: one file each, whatever the size)."""
     if snap.ready is not None:
         snap.ready.synchronize()
     folder.mkdir(parents=True, exist_ok=True)
     lay = layout or WeightsLayout()
     if snap.model is not None:
-        names = lay.write(snap.model, folder)
+        names = lay.write(snap.model, folder, shard_bytes)
     else:
         pg = snap.pseudo_gradient or {}
         names = lay.describe({n: list(t.shape) for n, t in pg.items()}, folder)
@@ -192,7 +197,8 @@ def write_revision(
         t0 = time.perf_counter()
         enc = encode(snap.pseudo_gradient, codec)
         encode_s = time.perf_counter() - t0
-        names += artifact.write(enc, folder, outer_step=snap.outer_step, inner_steps=snap.inner_step)
+        names += artifact.write(enc, folder, shard_bytes=shard_bytes, outer_step=snap.outer_step,
+                                inner_steps=snap.inner_step)
         if stats is not None:
             dense = sum(t.numel() * 4 for t in snap.pseudo_gradient.values())
             stats.record("upload", enc.nbytes, dense, encode_s, 0.0)

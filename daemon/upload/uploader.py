@@ -350,7 +350,7 @@ class Uploader:
                 _own_empty_dir(self.staging_dir)
             _own_empty_dir(folder)
             files, manifest = write_revision(snap, folder, self.version, self.config_hash, self.layout,
-                                             self.codec, self.stats)
+                                             self.codec, self.stats, self.cfg.shard_bytes)
             nbytes = sum(int(e["size"]) for e in manifest["files"].values())
             tries = self.cfg.retries + 1
             for attempt in range(1, tries + 1):

@@ -9,6 +9,15 @@ beside the weights) is never copied.
 
 Every read is bounded before it happens (``limits.py``): the pointer, the manifest, and each
 file by the size its manifest states, which must itself be under the cap for its kind.
+
+Weights (and a pseudo-gradient's tensors) may come as shards with an index, as
+``save_pretrained`` writes a large model (``daemon/tensor_files.py``). The index is what
+``from_pretrained`` follows, so it is checked before anything loads (``stored_tensors``): it is
+read within its own cap; it may name only shards the manifest lists, by the plain names
+``<stem>-00001-of-0000N`` ... ``<stem>-0000N-of-0000N``; every shard the manifest lists must be
+named; and each tensor in the shards' headers must be in exactly one shard, the one the index
+maps it to. Each shard's header is checked as a single file's is, and all of them together
+may take no more than one header may.
 """
 
 from __future__ import annotations
@@ -18,14 +27,16 @@ import os
 import re
 import stat
 import tempfile
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from daemon import tensor_files
 from daemon.compression import artifact
 from daemon.storage import MANIFEST, POINTER, Storage, StorageError, TooLarge, revision_key
-from daemon.upload.layout import MODEL_FILE, OPTIMIZER_FILE
-from daemon.upload.limits import LIMITS, Limits, Refused, load_json
+from daemon.upload.layout import MODEL_FILE, MODEL_INDEX_FILE, MODEL_STEM, OPTIMIZER_FILE
+from daemon.upload.limits import LIMITS, Limits, Refused, load_json, read_json
 
 # A plain file name inside the revision folder: no path, nothing hidden.
 FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
@@ -125,8 +136,8 @@ def _check_manifest(
         if required not in manifest:
             problems.append(f"{mpath}: {required} missing")
     files = manifest.get("files")
-    if not isinstance(files, dict) or (MODEL_FILE not in files and artifact.HEADER_FILE not in files):
-        problems.append(f"{mpath}: files lists neither {MODEL_FILE} nor {artifact.HEADER_FILE}")
+    if not isinstance(files, dict) or not ({MODEL_FILE, MODEL_INDEX_FILE, artifact.HEADER_FILE} & set(files)):
+        problems.append(f"{mpath}: files lists none of {MODEL_FILE}, {MODEL_INDEX_FILE} and {artifact.HEADER_FILE}")
         return problems
     if len(files) > limits.files:
         return [*problems, f"{mpath}: lists {len(files)} files, over the {limits.files} a revision may hold"]
@@ -146,6 +157,12 @@ def _check_manifest(
         why = _fetch_problem(storage, f"{name}/{fname}", dest, fname, size, files[fname]["sha256"], limits)
         if why:
             problems.append(f"{where}: {name}/{fname}: {why}")
+    if problems:
+        return problems
+    for stem in (MODEL_STEM, artifact.TENSORS_STEM):
+        got = stored_tensors(dest, files, stem, limits)
+        if isinstance(got, str):
+            problems.append(f"{where}: {name}/{got}")
     return problems
 
 
@@ -195,11 +212,86 @@ def _fetch_problem(
     return None
 
 
+def stored_tensors(folder: Path, listed: Collection[str], stem: str, limits: Limits = LIMITS
+                   ) -> dict[str, dict[str, Any]] | str | None:
+    """The tensors ``stem`` names in a revision folder (``model``: the weights, ``pseudo_gradient``:
+    the artifact's tensors), as ``safetensors_header`` gives them: from ``<stem>.safetensors``,
+    or from the shards ``<stem>.safetensors.index.json`` names. None when ``listed`` (the
+    manifest's files) holds neither; why they are refused as "<file>: why" otherwise."""
+    single, index = tensor_files.single_name(stem), tensor_files.index_name(stem)
+    pattern = tensor_files.shard_pattern(stem)
+    shards = sorted(name for name in listed if pattern.fullmatch(name))
+    if single in listed:
+        if index in listed or shards:
+            # Which of the two a loader would take is up to the loader: refused, not guessed.
+            return f"{single}: listed beside {index if index in listed else shards[0]}; the tensors are in one " \
+                   "file or in shards, not both"
+        header = safetensors_header(folder / single, limits)
+        return f"{single}: not a safetensors file: {header}" if isinstance(header, str) else header
+    if index not in listed:
+        return f"{shards[0]}: a shard, but the manifest lists no {index}" if shards else None
+    return _sharded(folder, index, stem, shards, limits)
+
+
+def _sharded(folder: Path, index: str, stem: str, listed_shards: list[str], limits: Limits
+             ) -> dict[str, dict[str, Any]] | str:
+    try:
+        data = read_json(folder / index, limits.index_bytes, limits.json_depth)
+    except Refused as exc:
+        return f"{index}: {exc}"
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(f, str) for f in weight_map.values()):
+        return f"{index}: has no weight_map of tensor names to shard files"
+    pattern = tensor_files.shard_pattern(stem)
+    named = sorted(set(weight_map.values()))
+    for fname in named:
+        if not pattern.fullmatch(fname):
+            return f"{index}: names {fname[:80]!r}, not a shard of this revision ({stem}-00001-of-00002.safetensors)"
+        if fname not in listed_shards:
+            return f"{index}: names {fname}, which the manifest does not list"
+    # save_pretrained names n shards 1-of-n to n-of-n; anything else is not what it wrote.
+    n = len(named)
+    if named != [f"{stem}-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]:
+        return f"{index}: names {n} shard file(s), not {stem}-00001-of-{n:05d} to {stem}-{n:05d}-of-{n:05d}"
+    if unnamed := [fname for fname in listed_shards if fname not in named]:
+        return f"{unnamed[0]}: listed in the manifest, but {index} names no tensor in it"
+    tensors: dict[str, dict[str, Any]] = {}
+    holder: dict[str, int] = {}  # tensor -> the shard (its place in ``named``) that holds it
+    header_bytes = 0
+    for i, fname in enumerate(named):
+        got = _read_header(folder / fname, limits)
+        if isinstance(got, str):
+            return f"{fname}: not a safetensors file: {got}"
+        header, nbytes = got
+        header_bytes += nbytes
+        if header_bytes > limits.safetensors_header:
+            return f"{fname}: the shards' headers take more than the {limits.safetensors_header} bytes one " \
+                   "header may"
+        for tensor, spec in header.items():
+            if tensor in holder:
+                return f"{fname}: holds tensor {tensor[:80]!r}, which {named[holder[tensor]]} holds too"
+            holder[tensor], tensors[tensor] = i, spec
+    for tensor, i in holder.items():
+        if tensor not in weight_map:
+            return f"{index}: does not name tensor {tensor[:80]!r}, which {named[i]} holds"
+        if weight_map[tensor] != named[i]:
+            return f"{index}: maps tensor {tensor[:80]!r} to {weight_map[tensor]}, but {named[i]} holds it"
+    if missing := [tensor for tensor in weight_map if tensor not in holder]:
+        return f"{index}: names {len(missing)} tensor(s) no shard holds, e.g. {missing[0][:80]!r}"
+    return tensors
+
+
 def safetensors_header(path: Path, limits: Limits = LIMITS) -> dict[str, dict[str, Any]] | str:
     """The tensors of a local safetensors file (name -> dtype, shape, data_offsets), read from
     its header alone, or why it is not one. Each tensor's bytes must be exactly its dtype's
     size times its shape's, and the tensors must fill the file back to back: so the shapes
     said here are backed by real bytes, and no tensor is larger than the file."""
+    got = _read_header(path, limits)
+    return got if isinstance(got, str) else got[0]
+
+
+def _read_header(path: Path, limits: Limits) -> tuple[dict[str, dict[str, Any]], int] | str:
+    """``safetensors_header``'s answer with the header's length in bytes."""
     try:
         if not stat.S_ISREG(os.lstat(path).st_mode):
             return "not a regular file"
@@ -222,7 +314,8 @@ def safetensors_header(path: Path, limits: Limits = LIMITS) -> dict[str, dict[st
     if not isinstance(header, dict):
         return "its header is not a JSON object"
     header.pop("__metadata__", None)
-    return _layout_problem(header, size - 8 - n) or header
+    why = _layout_problem(header, size - 8 - n)
+    return why if why else (header, n)
 
 
 def _layout_problem(header: dict[str, Any], data_bytes: int) -> str | None:

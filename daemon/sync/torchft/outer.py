@@ -81,7 +81,7 @@ class FtOuterOptimizer(OuterOptimizer):
     def __init__(self, params: Sequence[torch.Tensor], cfg: Config, state: MinerState, stats: FtStats,
                  reduce: Reduce = identity_reduce) -> None:
         # ``reduce`` averages over the group's own ranks under torchrun (the identity alone).
-        super().__init__(params, cfg.train.outer_lr, cfg.train.outer_momentum, reduce)
+        super().__init__(params, cfg.train.outer_lr, cfg.train.outer_momentum, reduce, offload=cfg.train.outer_offload)
         self.ft = FtConfig.of(cfg)
         self.state = state
         self.stats = stats

@@ -119,4 +119,5 @@ ENTRY = TaskEntry(
     data=data,
     build=build,
     diagnose_model=diagnose_model,
+    shards=True,
 )

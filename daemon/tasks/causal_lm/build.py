@@ -66,4 +66,5 @@ def build(ctx: BuildContext, text: TextData) -> TaskParts:
                                ctx.launch.world_size, replica, lm.replicas,
                                accumulation_steps(cfg, ctx.launch.world_size), cfg.train.inner_steps_per_outer),
         sections={"data": lambda: data_status(text.location, text.reader, replica, lm.replicas)},
+        blocks=list(model.model.layers),
     )

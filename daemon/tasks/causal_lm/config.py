@@ -17,7 +17,8 @@ class LmConfig(Section):
     # Where this machine keeps its copy of the shards, how much, and which slice it trains.
     local = frozenset({"cache_dir", "cache_bytes", "prefetch_shards", "replica"})
 
-    preset: Literal["tiny", "small", "llama-1b"] = Field("tiny", description="model shape (ignored with init_from)")
+    preset: Literal["tiny", "small", "llama-1b", "llama-3b", "llama-8b"] = Field(
+        "tiny", description="model shape (ignored with init_from)")
     init_from: str = Field("", description="a local Hugging Face model directory to continue from")
     tokenizer: str = Field("", description="tokenizer.json or a tokenizer directory; empty = BPE trained on the corpus")
     vocab_size: int = Field(8192, ge=512, le=1_048_576, description="size of the BPE trained on the corpus")

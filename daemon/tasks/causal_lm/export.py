@@ -1,7 +1,8 @@
 """Upload revisions in the Hugging Face layout subnet-38 miners push and validators load.
 
-``config.json``, ``generation_config.json``, ``model.safetensors`` (tied weights once,
-as ``save_pretrained`` writes them) and the tokenizer's files: a directory that
+``config.json``, ``generation_config.json``, the weights as ``save_pretrained`` writes them
+(tied weights once; ``model.safetensors``, or above ``upload.shard_bytes`` numbered shards
+and ``model.safetensors.index.json``) and the tokenizer's files: a directory that
 ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained`` load
 offline. The config and tokenizer files are rendered once, when the run is built;
 each revision writes them beside its weights.
@@ -16,7 +17,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from daemon import atomic
-from daemon.upload.layout import MODEL_FILE, write_safetensors
+from daemon.upload.layout import write_weights
 
 
 class HfLayout:
@@ -36,9 +37,8 @@ class HfLayout:
                     files[path.name] = path.read_bytes()
         return cls(files)
 
-    def write(self, weights: dict[str, torch.Tensor], folder: Path) -> list[str]:
-        write_safetensors(weights, folder / MODEL_FILE)
-        return [MODEL_FILE, *self.describe({}, folder)]
+    def write(self, weights: dict[str, torch.Tensor], folder: Path, shard_bytes: int | None = None) -> list[str]:
+        return [*write_weights(weights, folder, shard_bytes), *self.describe({}, folder)]
 
     def describe(self, shapes: dict[str, list[int]], folder: Path) -> list[str]:
         """The config and tokenizer files: ``config.json`` says every shape."""

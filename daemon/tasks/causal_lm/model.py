@@ -17,12 +17,13 @@ from daemon.tasks.causal_lm.presets import PRESETS
 
 def llama_config(preset: str, vocab_size: int, eos_id: int | None) -> LlamaConfig:
     shape: dict[str, Any] = {
+        "tie_word_embeddings": True,
         **PRESETS[preset],
         # PyTorch's scaled_dot_product_attention: flash/memory-efficient kernels on CUDA.
         "attn_implementation": "sdpa",
     }
     return LlamaConfig(
-        vocab_size=vocab_size, tie_word_embeddings=True, bos_token_id=None, eos_token_id=eos_id, pad_token_id=eos_id,
+        vocab_size=vocab_size, bos_token_id=None, eos_token_id=eos_id, pad_token_id=eos_id,
         **shape,
     )
 
