@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test test-fast bench lint clean
+.PHONY: setup run test test-fast bench gpu-check lint clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,11 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# On a CUDA machine: one table of GPU checks, exit 1 on a failure (docs/PERFORMANCE.md, "GPU check").
+# Without CUDA it exits 2; GPU_CHECK_ARGS=--cpu-rehearsal runs the same plumbing on the CPU.
+gpu-check: setup
+	$(BIN)/python -m bench.gpu_check $(GPU_CHECK_ARGS)
 
 lint: setup
 	$(BIN)/ruff check daemon api tests bench

@@ -26,6 +26,8 @@ fi
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)
+# train.compile on a CPU: torch.compile's inductor builds its kernels with a C++ compiler.
+command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
 
 if ((${#need_apt[@]})); then
     if [[ $(id -u) -ne 0 ]]; then

@@ -19,11 +19,16 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ORDER = ["sampler", "telemetry", "api", "mining", "embeddings", "upload", "distributed", "compression",
-         "faulttolerance", "lm", "writes"]
+         "faulttolerance", "lm", "writes", "data", "exchange", "fsdp"]
+
+
+# Not a benchmark: the checks of a GPU machine (`make gpu-check`), which say nothing without one.
+NOT_BENCHMARKS = {"gpu_check"}
 
 
 def available() -> list[str]:
-    found = {m.name for m in pkgutil.iter_modules([str(HERE)]) if not m.name.startswith("_")}
+    found = {m.name for m in pkgutil.iter_modules([str(HERE)])
+             if not m.name.startswith("_") and m.name not in NOT_BENCHMARKS}
     return [n for n in ORDER if n in found] + sorted(found - set(ORDER))
 
 

@@ -19,7 +19,6 @@ forward pass; the main rank reports) and reading the parameters.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import time
 from collections.abc import Iterator
@@ -48,10 +47,10 @@ from daemon.engine.protocols import (
     StopSignal,
     Task,
 )
-from daemon.engine.sharded import ShardedState
+from daemon.engine.run_state import RunState
 from daemon.errors import TrainingDiverged
 from daemon.metrics import CoreMetrics
-from daemon.sharding import gradient_sync, local, local_tree, reshard, weights_digest, whole_weights
+from daemon.sharding import gradient_sync, reshard
 from daemon.state import MinerState
 from daemon.telemetry import StepReporter, Throughput
 
@@ -101,17 +100,13 @@ class _StateExchange:
         self._trainer = trainer
 
     def save(self) -> dict[str, Any]:
-        # A sharded model's peer holds the same slices (the same rank of another replica group).
         t = self._trainer
-        return local_tree({"model": t.model.state_dict(), "training": t.training_state()})
+        return t.kept.for_peer(t.last_loss)
 
     def load(self, state: dict[str, Any]) -> None:
         t = self._trainer
-        if t.p.sharded:
-            t.load_local(state["model"], state["training"])
-            return
-        t.model.load_state_dict(state["model"])
-        t.load_training_state(state["training"])
+        t.last_loss = t.kept.from_peer(state)
+        t._publish_counters()
 
 
 class Trainer:
@@ -133,6 +128,9 @@ class Trainer:
         self._lr = 0.0  # of the inner step under way
         self._grad_scale = 1.0  # the loss scale of the last applied inner step's gradients
         self._restored_without_progress = False  # restored after non-finite steps, none finite since
+        # What the run continues from, read and restored whole (checkpoints, peers).
+        self.kept = RunState(lambda: self.model, parts.optimizer, parts.outer, self.scaler, self.c, parts.stateful,
+                             parts.sharded)
 
     # ---- set-up -----------------------------------------------------------
     @property
@@ -169,9 +167,7 @@ class Trainer:
         if self.cfg.telemetry.param_digest:
             # Of the whole model whatever the sharding: a job of another world size that resumed the
             # same checkpoint says the same digest.
-            whole = whole_weights(self.model)
-            if self.p.is_main:
-                extra["weights_digest"] = weights_digest(whole)
+            extra["weights_digest"] = self.kept.whole_digest(self.p.is_main)
         log.info(
             f"Resumed from checkpoint at outer step {c.outer_step}, inner step {c.inner_step} "
             f"(global step {c.global_step})",
@@ -183,87 +179,27 @@ class Trainer:
         return True
 
     def _restore(self, ckpt: Checkpoint) -> None:
-        shards = ShardedState(self.model, self.p.optimizer, self.p.outer)
-        if ckpt.sharded:  # any number of ranks wrote it; this job takes its own slices
-            shards.load(ckpt.shards)
-            self.load_training_state(ckpt.state)
-        elif self.p.sharded:  # whole tensors, from a job that did not shard: each rank its slices
-            shards.load_whole(ckpt.model, ckpt.state)
-            self.load_training_state({k: v for k, v in ckpt.state.items() if k not in ("optimizer", "outer")})
-        else:
-            self.model.load_state_dict(ckpt.model)
-            self.load_training_state(ckpt.state)
+        self.last_loss = self.kept.restore(ckpt)
+        self._publish_counters()
         self.checkpoints.restored(self.c.global_step)
 
-    def load_local(self, weights: dict[str, torch.Tensor], training: dict[str, Any]) -> None:
-        """Take a peer's slices of a sharded model (the same rank of another replica group) in
-        place: the weights, AdamW's moments and the outer state, then the rest."""
-        with torch.no_grad():
-            for name, t in self.model.state_dict().items():
-                local(t).copy_(weights[name])
-            mine = self.p.optimizer.state_dict()["state"]
-            for i, entry in training["optimizer"]["state"].items():
-                for key, value in entry.items():
-                    if isinstance(value, torch.Tensor) and i in mine and key in mine[i]:
-                        local(mine[i][key]).copy_(value)
-        self.load_training_state({k: v for k, v in training.items() if k != "optimizer"})
-
     def training_state(self) -> dict[str, Any]:
-        """Everything but the weights that a run continues from: what a checkpoint stores, and
-        what a live replica hands a recovering one (``GroupJoin``)."""
-        return {
-            "optimizer": self.p.optimizer.state_dict(),
-            "outer": self.p.outer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
-            "counters": self.c.as_dict(),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            },
-            "extra": {name: comp.state_dict() for name, comp in self.p.stateful.items()},
-            "last_loss": self.last_loss,
-        }
-
-    def load_training_state(self, st: dict[str, Any]) -> None:
-        """The training state beside the weights; a sharded checkpoint's optimizer and outer state
-        are in its shards (read by ``ShardedState``), not here."""
-        if "optimizer" in st:
-            self.p.optimizer.load_state_dict(st["optimizer"])
-        if "outer" in st:
-            self.p.outer.load_state_dict(st["outer"])
-        if st.get("scaler"):
-            self.scaler.load_state_dict(st["scaler"])
-        # In place: a recovery lands in the middle of an inner step that holds the counters.
-        self.c.__dict__.update(Counters(**st["counters"]).__dict__)
-        torch.set_rng_state(st["rng"]["torch"])
-        if torch.cuda.is_available() and st["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all(st["rng"]["cuda"])
-        for name, comp in self.p.stateful.items():
-            if name in st.get("extra", {}):
-                comp.load_state_dict(st["extra"][name])
-        self.last_loss = st.get("last_loss")
-        self._publish_counters()
+        """Everything but the weights that a run continues from (``RunState.training``)."""
+        return self.kept.training(self.last_loss)
 
     # ---- checkpoints ------------------------------------------------------
     def checkpoint(self, reason: str) -> None:
         """Write a checkpoint now (the main rank, or every rank of a sharded model; once per
         step; a full disk skips it)."""
         c = self.c
+        meta = lambda: {"outer_step": c.outer_step, "inner_step": c.inner_step,  # noqa: E731
+                        "config_hash": self.cfg.digest(), "world_size": self.p.world_size}
         if self.p.sharded:
-            def rest() -> tuple[dict[str, Any], dict[str, Any]]:
-                training = {k: v for k, v in self.training_state().items() if k not in ("optimizer", "outer")}
-                return training, {"outer_step": c.outer_step, "inner_step": c.inner_step,
-                                  "config_hash": self.cfg.digest(), "world_size": self.p.world_size}
-
-            shards = ShardedState(self.model, self.p.optimizer, self.p.outer)
-            self.checkpoints.save_sharded(c.global_step, reason, shards, self.p.device, rest)
+            self.checkpoints.save_sharded(c.global_step, reason, self.kept.shards(), self.p.device,
+                                          lambda: (self.kept.beside_shards(self.last_loss), meta()))
             return
-
-        def contents() -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-            meta = {"outer_step": c.outer_step, "inner_step": c.inner_step, "config_hash": self.cfg.digest()}
-            return self.model.state_dict(), self.training_state(), meta
-
-        self.checkpoints.save(c.global_step, reason, contents)
+        self.checkpoints.save(c.global_step, reason,
+                              lambda: (self.model.state_dict(), self.training_state(), meta()))
 
     def checkpoint_bytes(self) -> int:
         """Room one checkpoint may take (see ``Checkpoints.room``)."""
@@ -355,7 +291,7 @@ class Trainer:
             # Abandoning alone would leave peers waiting in a collective: one process only.
             if p.world_size == 1 and self.stop.abandon_partial_step():
                 p.optimizer.zero_grad(set_to_none=True)
-                self.c = start
+                self.c.__dict__.update(start.__dict__)  # in place: the run state holds this object
                 log.warning("shutdown deadline near: abandoning the partial inner step", micro_batch=i)
                 return "abandoned"
             td = time.perf_counter()
@@ -481,25 +417,12 @@ class Trainer:
                 hook.after_inner_step(after)
 
     def state_bytes(self) -> dict[str, int]:
-        """Bytes this rank holds of the training state: parameters, their gradients (allocated
-        every backward pass, as large as the parameters), AdamW's state and the outer step's
-        anchor and momentum. Sizes only, never the values: safe to read from another thread."""
-        params = list(self.model.parameters())
-        size = lambda t: local(t).numel() * t.element_size()  # noqa: E731
-        param_bytes = sum(size(p) for p in params)
-        optim = 0
-        for entry in [dict(e) for e in list(self.p.optimizer.state.values())]:  # copies: the loop may add some
-            optim += sum(size(v) for v in entry.values() if isinstance(v, torch.Tensor))
-        outer = sum(t.numel() * t.element_size() for t in [*self.p.outer.anchor, *getattr(self.p.outer, "buf", [])])
-        return {"param_bytes": param_bytes, "grad_bytes": param_bytes, "optimizer_bytes": optim,
-                "outer_bytes": outer}
+        """Bytes this rank holds of the training state (``RunState.rank_bytes``)."""
+        return self.kept.rank_bytes()
 
     def param_digest(self) -> str:
         """A digest of every parameter's bytes: equal digests on two ranks = equal weights."""
-        h = hashlib.sha256()
-        for t in self.model.state_dict().values():  # a sharded model: this rank's slices
-            h.update(local(t).detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
+        return self.kept.local_digest()
 
     def _publish_counters(self) -> None:
         s, c = self.state, self.c
