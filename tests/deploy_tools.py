@@ -103,13 +103,11 @@ def dashboard_targets(dashboard: Mapping[str, Any]) -> Iterator[tuple[str, str]]
 
 
 def fill_dashboard_variables(expr: str, *, instance: str, rate_interval: str = "1m") -> str:
-    """A panel query as Grafana would send it, with $instance and $__rate_interval filled in."""
-    out = expr.replace("$__rate_interval", rate_interval).replace("${__rate_interval}", rate_interval)
-    out = out.replace("${instance}", instance).replace("$instance", instance)
-    leftover = re.search(r"\$\{?\w+", out)
-    if leftover:
-        raise ValueError(f"unfilled variable {leftover.group(0)} in {expr!r}")
-    return out
+    """A panel query as Grafana would send it, with $instance and $__rate_interval filled in (the
+    GPU check fills them the same way)."""
+    from bench.gpu_check.prom import fill
+
+    return fill(expr, instance, rate_interval)
 
 
 # --- Prometheus ----------------------------------------------------------------------------------
