@@ -68,6 +68,7 @@ def config(**kw: object) -> MiningConfig:
         "fifo_max": 8,
         "index": "flat",
         "faiss_threads": 1,
+        "max_pos_ratio": 0.0,  # the false-negative filter has its own tests (TestFalseNegatives)
     }
     base.update(kw)
     return MiningConfig.model_validate(base)
@@ -408,3 +409,64 @@ class TestHealthAndMetrics:
         assert miner.stop(5)
         assert time.monotonic() - t0 < 5
         assert THREAD_NAME not in [t.name for t in threading.enumerate()]
+
+
+class TestFalseNegatives:
+    """Candidates that are the positive under another id, or score nearly as high as it, are
+    dropped before they become negatives, and counted."""
+
+    def _miner(self, content: np.ndarray | None, ratio: float) -> tuple[HardNegativeMiner, CollectorRegistry]:
+        registry = CollectorRegistry()
+        miner = HardNegativeMiner.from_config(config(max_pos_ratio=ratio), 6, 2, registry, seed=1, content=content)
+        return miner, registry
+
+    def test_a_planted_duplicate_and_a_candidate_above_the_ratio(self) -> None:
+        # Document 0 is the query's positive (score 1.0). 1 holds 0's very content; 2 scores 0.97
+        # (above 0.95 x 1.0); 3 scores 0.90 and 4 scores 0.50 (kept); 5 is a duplicate of 4 only.
+        angle = lambda c: [c, float(np.sqrt(1 - c * c))]  # noqa: E731
+        docs = np.array([angle(1.0), angle(1.0), angle(0.97), angle(0.90), angle(0.50), angle(0.50)], np.float32)
+        content = np.array([7, 7, 1, 2, 3, 3])
+        miner, registry = self._miner(content, 0.95)
+        miner.observe_docs(torch.arange(6), torch.from_numpy(docs))
+        query = np.array([angle(1.0)], np.float32)
+        cand = np.array([[1, 2, 3, 4, 5, -1]])
+        rows = miner.bank.gather(np.maximum(cand, 0))
+        kept = miner._drop_false_negatives(cand, rows, np.array([[0]]), query)
+        assert kept.tolist() == [[-1, -1, 3, 4, 5, -1]]
+        assert miner.status()["filtered"] == {"ratio": 1, "duplicate": 1}
+        for reason in ("ratio", "duplicate"):
+            assert registry.get_sample_value("minerd_mining_filtered_total", {"reason": reason}) == 1
+
+    def test_off_and_a_positive_scoring_below_zero(self) -> None:
+        docs = np.array([[0.0, 1.0], [0.6, 0.8], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]], np.float32)
+        for ratio, query in ((0.0, [[1.0, 0.0]]), (0.95, [[0.0, -1.0]])):
+            miner, _ = self._miner(None, ratio)
+            miner.observe_docs(torch.arange(6), torch.from_numpy(docs))
+            cand = np.array([[1, 2]])
+            kept = miner._drop_false_negatives(cand, miner.bank.gather(cand), np.array([[0]]),
+                                               np.array(query, np.float32))
+            assert kept.tolist() == [[1, 2]]  # nothing to compare with: nothing dropped
+
+    def test_mining_drops_near_duplicates_of_the_positive(self) -> None:
+        """End to end through FAISS: with the filter no mined negative scores above 0.95 times
+        the query's positive, and the counter says how many were dropped."""
+        cfg = config(max_pos_ratio=0.95)
+        registry = CollectorRegistry()
+        miner = HardNegativeMiner.from_config(cfg, len(CORPUS.docs), DIM, registry, seed=1)
+        miner.observe_docs(torch.arange(len(CORPUS.docs)), torch.from_numpy(CORPUS.docs))
+        miner.start()
+        wait_until(lambda: miner.status()["index_docs"] == len(CORPUS.docs))
+        try:
+            steps = train(miner, 8, step_seconds=0.01)
+        finally:
+            assert miner.stop(5)
+        mined = 0
+        for t, neg, _ in steps:
+            items = CORPUS.batch(t)
+            q = CORPUS.queries[items]
+            pos = np.einsum("be,be->b", CORPUS.docs[items], q)
+            cos = np.einsum("bne,be->bn", neg.vecs.numpy(), q)
+            assert (cos[neg.mined] <= (0.95 * pos[:, None].repeat(neg.mined.shape[1], 1))[neg.mined] + 1e-6).all()
+            mined += int(neg.mined.sum())
+        assert mined > 0
+        assert registry.get_sample_value("minerd_mining_filtered_total", {"reason": "ratio"}) > 0

@@ -48,6 +48,9 @@ class MiningConfig(Section):
     hardneg_frac: float = Field(0.5, ge=0, le=1)
     cos_min: float = Field(0.84, ge=-1, le=1)
     cos_max: float = Field(0.96, ge=-1, le=1)
+    max_pos_ratio: float = Field(
+        0.95, ge=0, le=10, description="a mined candidate scoring above this times the query's positive score is "
+        "dropped as a likely false negative (0 = off)")
     refresh_steps: int = Field(3000, gt=0)
     fifo_max: int = Field(8, gt=0)
     index: Literal["flat", "ivf", "hnsw"] = "flat"

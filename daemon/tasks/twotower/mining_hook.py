@@ -41,6 +41,7 @@ Under torchrun each rank runs its own miner over the documents of its own shares
 
 from __future__ import annotations
 
+import numpy as np
 import structlog
 import torch
 from prometheus_client import CollectorRegistry
@@ -179,5 +180,12 @@ def build_mining(
     """
     num_items = int(corpus.doc_feats.shape[0])
     miner = HardNegativeMiner.from_config(MiningConfig.of(cfg), num_items, TwoTowerConfig.of(cfg).embed_dim, registry,
-                                          cfg.train.seed)
+                                          cfg.train.seed, content=content_keys(corpus.doc_feats))
     return MiningHook(miner, corpus, model, sampler, device, cfg.telemetry.queue_health_every)
+
+
+def content_keys(docs: torch.Tensor) -> np.ndarray:
+    """A key of each document's content: equal keys, the very same features (exact, not hashed)."""
+    rows = docs.detach().cpu().numpy().reshape(len(docs), -1)
+    _, keys = np.unique(rows, axis=0, return_inverse=True)
+    return keys.reshape(-1).astype(np.int64)

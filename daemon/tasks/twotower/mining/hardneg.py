@@ -77,9 +77,14 @@ class HardNegativeMiner:
         seed: int,
         *,
         before_search: Callable[[], None] | None = None,
+        content: IdArray | None = None,
     ) -> None:
         self.cfg = cfg
         self.bank = bank
+        # Per document, a key of its content (equal keys: the same text): a candidate equal to a
+        # query's positive is that positive under another id, never a negative.
+        self.content = content
+        self._filtered = {"ratio": 0, "duplicate": 0}
         self.query_bank: MemoryBank | None = None  # created by the first observe_queries
         self.n_hard = int(cfg.num_negatives * cfg.hardneg_frac)  # floor: a fraction never adds a FAISS slot
         self._rng = np.random.default_rng(seed)
@@ -122,9 +127,10 @@ class HardNegativeMiner:
         seed: int,
         *,
         before_search: Callable[[], None] | None = None,
+        content: IdArray | None = None,
     ) -> HardNegativeMiner:
         """A miner with an empty memory bank of ``num_docs`` x ``dim``; not started."""
-        return cls(cfg, MemoryBank(num_docs, dim), registry, seed, before_search=before_search)
+        return cls(cfg, MemoryBank(num_docs, dim), registry, seed, before_search=before_search, content=content)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -292,6 +298,7 @@ class HardNegativeMiner:
         cand = task.ids
         rows = self.bank.gather(np.maximum(cand, 0), chunk=_GATHER_CHUNK)
         cand = np.where((cand[:, :, None] == positives[:, None, :]).any(axis=2), -1, cand)
+        cand = self._drop_false_negatives(cand, rows, positives, task.queries)
         hard, ok, hard_rows = self._select_hard(cand, rows, task.queries)
         ids = self.bank.sample(self._miner_rng, positives, num)
         ids[:, :n_hard][ok] = hard[ok]
@@ -303,6 +310,36 @@ class HardNegativeMiner:
         if not ok.all():
             vecs[:, :n_hard][~ok] = self.bank.gather(ids[:, :n_hard][~ok])
         task.prepared = _Prepared(ids, mined, vecs)
+
+    def _drop_false_negatives(self, cand: IdArray, rows: np.ndarray, positives: IdArray,
+                              queries: np.ndarray) -> IdArray:
+        """``cand`` with the likely false negatives set to -1: a candidate holding a positive's
+        very content (a duplicate under another id), and one the query scores above
+        ``mining.max_pos_ratio`` times its best positive. Near-duplicates of the positive come
+        back from FAISS as the "hardest" negatives; training to push them away teaches the
+        towers that the right answer is wrong. The ratio applies where the positive scores
+        above zero (early in training a ratio of a negative score would drop everything)."""
+        live = cand >= 0
+        if self.content is not None:
+            same = (self.content[np.maximum(cand, 0)][:, :, None] == self.content[positives][:, None, :]).any(axis=2)
+            same &= live
+            if same.any():
+                n = int(same.sum())
+                self._filtered["duplicate"] += n
+                self.metrics.filtered.labels(reason="duplicate").inc(n)
+                cand = np.where(same, -1, cand)
+                live &= ~same
+        ratio = self.cfg.max_pos_ratio
+        if ratio > 0:
+            pos = np.einsum("bpe,be->bp", self.bank.gather(positives), queries).max(axis=1)  # [B]
+            cos = np.matmul(rows, queries[:, :, None])[:, :, 0]
+            over = live & (pos[:, None] > 0) & (cos > ratio * pos[:, None])
+            if over.any():
+                n = int(over.sum())
+                self._filtered["ratio"] += n
+                self.metrics.filtered.labels(reason="ratio").inc(n)
+                cand = np.where(over, -1, cand)
+        return cand
 
     def _select_hard(
         self, cand: IdArray, cand_vecs: np.ndarray, queries: np.ndarray
@@ -390,6 +427,7 @@ class HardNegativeMiner:
             "stale": self._stale,
             "mismatches": self._mismatches,
             "rejected_submits": self._rejected,
+            "filtered": dict(self._filtered),
             "bank_docs": self.bank.filled_count,
             "lookahead": self.lookahead,
         }

@@ -11,6 +11,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 SOURCES = ("fresh", "reused", "fallback")
+FILTER_REASONS = ("ratio", "duplicate")
 
 # One FAISS call: ~5 ms (a few hundred queries, small index) to seconds (qbatch
 # 2048 on a 200k flat index on one thread is ~1-2 s); 30 s means it cannot keep up.
@@ -81,4 +82,13 @@ class MiningMetrics:
             "Errors inside the miner thread (failed searches or builds, or the thread dying)",
             registry=registry,
         )
+        self.filtered = Counter(
+            "minerd_mining_filtered",
+            "Mined candidates dropped as likely false negatives: scoring above mining.max_pos_ratio times the "
+            "query's positive (ratio), or holding the positive's very content (duplicate)",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in FILTER_REASONS:
+            self.filtered.labels(reason=reason)
         registry.register(_QueueCollector(depths))
