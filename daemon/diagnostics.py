@@ -70,6 +70,11 @@ def collect(cfg: Config, model_device: torch.device, world_size: int, model: nn.
         and expects_gpu
     ):
         warn.append("LOW GPU MEMORY: Model may be on CPU!")
+    per_step = cfg.train.batch_size * world_size
+    if cfg.train.effective_batch_size % per_step:
+        # Only when planning another world size than the launch's: the launch's own is a config error.
+        warn.append(f"train.effective_batch_size ({cfg.train.effective_batch_size}) is not a multiple of "
+                    f"train.batch_size x {world_size} ranks = {per_step}: a job of {world_size} ranks refuses it")
     if micro > MICRO_BATCH_WARNING:
         warn.append(
             f"{accum} accumulation steps x {world_size} GPUs = {micro} micro-batches per inner step: "

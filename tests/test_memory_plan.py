@@ -288,3 +288,15 @@ class TestRefusal:
         unknown = memory_plan.plan(tiny_cfg("train.device=cuda"), 1, meta_model, torch.device("cuda"))
         if not torch.cuda.is_available():
             assert unknown.capacity is None and memory_plan.refusal(unknown) is None
+
+
+class TestPlanModel:
+    def test_a_model_to_continue_from_is_planned_from_its_config_alone(self, tmp_path: Path) -> None:
+        """lm.init_from's weights are never read to plan it: its config.json gives the shapes."""
+        cfg = tiny_cfg()
+        src = tiny_model(cfg)
+        src.save_pretrained(str(tmp_path / "m"))
+        (tmp_path / "m" / "model.safetensors").write_bytes(b"not read")  # would fail if it were
+        planned = memory_plan.plan_model(tiny_cfg(f"lm.init_from={tmp_path / 'm'}"))
+        assert {p.device.type for p in planned.parameters()} == {"meta"}
+        assert sum(p.numel() for p in planned.parameters()) == sum(p.numel() for p in src.parameters())

@@ -9,7 +9,7 @@ held-out loss, perplexity and bits per byte, and uploads in the Hugging Face lay
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import daemon.data.text.vocab as vocab
 from daemon.config import Config, problem
@@ -99,6 +99,15 @@ def diagnose_model(cfg: Config, device: torch.device) -> nn.Module:
         vocab = len(load_or_train(text_spec(lm), [], cfg.state_dir / "lm"))
     elif lm.init_from:
         vocab = 0  # the model's own vocabulary
+        if device.type == "meta":  # shapes only: from its config.json, its weights never read
+            from pathlib import Path
+
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            config = AutoConfig.from_pretrained(str(Path(lm.init_from).expanduser()), local_files_only=True,
+                                                trust_remote_code=False)
+            with device:
+                return cast("nn.Module", AutoModelForCausalLM.from_config(config, trust_remote_code=False))
     return build_model(lm, vocab, None, device)
 
 
