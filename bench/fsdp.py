@@ -28,7 +28,8 @@ from bench._common import minerd_events, result
 
 CORPUS = [str(Path(sysconfig.get_paths()["stdlib"]) / name) for name in ("email", "http", "json")]
 SHARED = [
-    "train.task=causal_lm", f"lm.corpus=[{', '.join(CORPUS)}]", "lm.vocab_size=1024", "lm.seq_len=64", "lm.eval_fraction=0.1",
+    "train.task=causal_lm", f"lm.corpus=[{', '.join(CORPUS)}]", "lm.vocab_size=1024", "lm.seq_len=64",
+    "lm.eval_fraction=0.1",
     "train.batch_size=8", "train.effective_batch_size=16", "train.inner_steps_per_outer=7", "train.warmup_steps=2",
     "train.torch_threads=1", "api.enabled=false", "upload.enabled=false", "telemetry.log_format=json",
     "checkpoint.every_inner_steps=100000", "lm.eval_every_steps=100000",
