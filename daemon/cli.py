@@ -117,7 +117,7 @@ def diagnose(
             if not planning:
                 raise
             device = torch.device("cuda")  # a GPU machine planned from one without: its size unknown
-        model = memory_plan.plan_model(cfg) if planning else CATALOG.task_for(cfg).diagnose_model(cfg, device)
+        model = CATALOG.meta_model(cfg) if planning else CATALOG.task_for(cfg).diagnose_model(cfg, device)
     except ConfigError as exc:
         for problem in exc.problems:
             _err(problem)

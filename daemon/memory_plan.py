@@ -3,7 +3,7 @@
 ``minerd diagnose`` prints the plan; the runner asks ``refusal(plan)`` before it puts the
 model on a CUDA device, so that a run that cannot fit says so in one line at the start
 instead of dying out of memory minutes in. The model is built on the ``meta`` device
-(``plan_model``): shapes without storage, so an 8B model is planned on a laptop.
+(``Catalog.meta_model``): shapes without storage, so an 8B model is planned on a laptop.
 
 Counted per rank, in bytes (N ranks):
 
@@ -202,13 +202,6 @@ def device_memory(device: torch.device) -> int | None:
     if device.type == "cuda" and torch.cuda.is_available():
         return int(torch.cuda.get_device_properties(device.index or 0).total_memory)
     return None
-
-
-def plan_model(cfg: Config) -> nn.Module:
-    """The configured task's model on the ``meta`` device: its shapes, no storage."""
-    from daemon.run.catalog import CATALOG  # the composition root: imported by who plans, not at import
-
-    return CATALOG.task_for(cfg).diagnose_model(cfg, torch.device("meta"))
 
 
 def plan(cfg: Config, world_size: int, model: nn.Module, device: torch.device,

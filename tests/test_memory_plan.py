@@ -213,7 +213,7 @@ class TestFsdpTwoRanks:
 
     def test_shards_match_the_plan(self) -> None:
         cfg = tiny_cfg("train.sharding=fsdp")
-        plan = memory_plan.plan(cfg, 2, memory_plan.plan_model(cfg), CPU)
+        plan = memory_plan.plan(cfg, 2, CATALOG.meta_model(cfg), CPU)
         lm = LmConfig.of(cfg)
         args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 str(ROOT / "tests" / "scripts" / "fsdp_bytes.py"), str(VOCAB), str(cfg.train.batch_size),
@@ -270,7 +270,7 @@ class TestRefusal:
 
     @pytest.fixture
     def meta_model(self) -> Iterator[nn.Module]:
-        yield memory_plan.plan_model(tiny_cfg())
+        yield CATALOG.meta_model(tiny_cfg())
 
     def test_over_and_under(self, meta_model: nn.Module) -> None:
         cfg = tiny_cfg("train.device=cuda")
@@ -297,6 +297,6 @@ class TestPlanModel:
         src = tiny_model(cfg)
         src.save_pretrained(str(tmp_path / "m"))
         (tmp_path / "m" / "model.safetensors").write_bytes(b"not read")  # would fail if it were
-        planned = memory_plan.plan_model(tiny_cfg(f"lm.init_from={tmp_path / 'm'}"))
+        planned = CATALOG.meta_model(tiny_cfg(f"lm.init_from={tmp_path / 'm'}"))
         assert {p.device.type for p in planned.parameters()} == {"meta"}
         assert sum(p.numel() for p in planned.parameters()) == sum(p.numel() for p in src.parameters())

@@ -109,6 +109,13 @@ class Catalog:
     def sync_for(self, cfg: Config, world_size: int) -> SyncEntry:
         return next(entry for entry in self.syncs if entry.selects(cfg, world_size))
 
+    def meta_model(self, cfg: Config) -> Any:
+        """The configured task's model on PyTorch's ``meta`` device: its shapes, no storage (what
+        the memory plan counts, for a model of any size on any machine)."""
+        import torch
+
+        return self.task_for(cfg).diagnose_model(cfg, torch.device("meta"))
+
     def task_for(self, cfg: Config) -> TaskEntry:
         return self.tasks[cfg.train.task]
 

@@ -24,6 +24,7 @@ from daemon.logsetup import bind_process_fields, configure_logging
 from daemon.metrics import build_core_metrics
 from daemon.plugin.parts import Component
 from daemon.run.build import Run, build_run
+from daemon.run.catalog import CATALOG
 from daemon.run.lifecycle import Lifecycle
 from daemon.run.machine import configure_threads, resolve_device
 from daemon.sdnotify import SdNotifier
@@ -73,7 +74,7 @@ def run(cfg: Config) -> int:
             # an out-of-memory traceback minutes into the start (and again at every restart).
             from daemon import memory_plan
 
-            why = memory_plan.refusal(memory_plan.plan(cfg, launch.world_size, memory_plan.plan_model(cfg), device))
+            why = memory_plan.refusal(memory_plan.plan(cfg, launch.world_size, CATALOG.meta_model(cfg), device))
             if why is not None:
                 raise ConfigError([f"config error: {why}"])
         if launch.world_size > 1:

@@ -243,10 +243,10 @@ def _check_file(source: Source, entry: object, origin: str) -> None:
         raise corpus_error(_too_big(source.path, st.st_size), entry, origin)
 
 
-def _supported(path: Path, entry: str, origin: str) -> None:
-    if path.suffix not in SUFFIXES:
+def _supported(path: Path, entry: str, origin: str, suffixes: tuple[str, ...] = SUFFIXES) -> None:
+    if path.suffix not in suffixes:
         raise corpus_error(f"unsupported file type {path.suffix or '(none)'} of {path}; use one of "
-                           f"{' '.join(SUFFIXES)}", entry, origin)
+                           f"{' '.join(suffixes)}", entry, origin)
 
 
 def discover(entries: list[str], origin: str = "lm.corpus") -> list[Source]:
@@ -263,6 +263,18 @@ def discover(entries: list[str], origin: str = "lm.corpus") -> list[Source]:
         for s in stdlib:
             _check_file(s, str(root), origin)
         return [replace(s, origin=origin) for s in stdlib]
+    sources = find(entries, origin, SUFFIXES, budget)
+    if not sources:
+        raise corpus_error(f"empty: no {' '.join(SUFFIXES)} file found", entries, origin)
+    return sources
+
+
+def find(entries: list[str], origin: str, suffixes: tuple[str, ...], budget: _Budget | None = None) -> list[Source]:
+    """The files of ``suffixes`` that ``entries`` name (files, directories walked, globs), in
+    reading order and each once; ConfigError for a missing path, a file of another suffix, one
+    that is not a regular file (or a text file over MAX_DOCUMENT_BYTES), or too many. Stats the
+    files; opens none."""
+    budget = budget or _Budget(origin)
     sources: list[Source] = []
     seen: set[Path] = set()
     for entry in entries:
@@ -273,17 +285,18 @@ def discover(entries: list[str], origin: str = "lm.corpus") -> list[Source]:
                 raise corpus_error("the pattern matches no file", entry, origin)
             for match in matches:
                 if match.is_dir():
-                    found += [Source(s.path, f"{match.name}/{s.key}") for s in _walk(match, budget, entry)]
+                    found += [Source(s.path, f"{match.name}/{s.key}")
+                              for s in _walk(match, budget, entry, suffixes=suffixes)]
                 else:
-                    _supported(match, entry, origin)
+                    _supported(match, entry, origin, suffixes)
                     budget.keep(entry)
                     found.append(Source(match, match.name))
         else:
             path = Path(entry).expanduser()
             if path.is_dir():
-                found = _walk(path, budget, entry)
+                found = _walk(path, budget, entry, suffixes=suffixes)
             elif os.path.lexists(path):
-                _supported(path, entry, origin)
+                _supported(path, entry, origin, suffixes)
                 budget.keep(entry)
                 found = [Source(path, path.name)]
             else:
@@ -294,8 +307,6 @@ def discover(entries: list[str], origin: str = "lm.corpus") -> list[Source]:
             if real not in seen:
                 seen.add(real)
                 sources.append(replace(source, origin=origin))
-    if not sources:
-        raise corpus_error(f"empty: no {' '.join(SUFFIXES)} file found", entries, origin)
     return sources
 
 
@@ -363,7 +374,10 @@ def _utf8(text: str) -> str:
     return text
 
 
-def _jsonl(source: Source) -> Iterator[Document]:
+def json_rows(source: Source) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON value) of each non-blank line of a ``.jsonl`` file, every line
+    read only up to MAX_DOCUMENT_BYTES; one ConfigError line naming the file and line for a
+    line that cannot be read, is too long, nests too deep or is not JSON."""
     path, origin = source.path, source.origin
 
     def error(lineno: int, what: str, value: object) -> ConfigError:
@@ -386,16 +400,35 @@ def _jsonl(source: Source) -> Iterator[Document]:
                 continue
             shown = raw[:60].decode(errors="replace")
             try:
-                row = json.loads(raw)
+                yield lineno, json.loads(raw)
             except RecursionError:
                 raise error(lineno, "nests deeper than the JSON reader follows", shown) from None
             except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
                 raise error(lineno, f"is not JSON ({exc})", shown) from None
-            text = row.get("text") if isinstance(row, dict) else None
-            if not isinstance(text, str):
-                keys = sorted(row)[:5] if isinstance(row, dict) else type(row).__name__
-                raise error(lineno, 'has no "text" string field', keys)
-            yield Document(f"{source.key}#{lineno}", _utf8(text))
+
+
+def _jsonl(source: Source) -> Iterator[Document]:
+    for lineno, row in json_rows(source):
+        text = row.get("text") if isinstance(row, dict) else None
+        if not isinstance(text, str):
+            keys = sorted(row)[:5] if isinstance(row, dict) else type(row).__name__
+            raise corpus_error(f"line {lineno} of {source.path} has no \"text\" string field", keys, source.origin)
+        yield Document(f"{source.key}#{lineno}", _utf8(text))
+
+
+def parquet_modules(source: Source) -> tuple[Any, Any, Any]:
+    """pyarrow, pyarrow.compute and pyarrow.parquet, once ``source`` passed the checks every
+    file does (pyarrow then opens it itself)."""
+    try:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise corpus_error("reading .parquet needs pyarrow (pip install pyarrow)", str(source.path),
+                           source.origin) from None
+    with _open_regular(source):
+        pass
+    return pa, pc, pq
 
 
 def _parquet(source: Source) -> Iterator[Document]:
@@ -408,16 +441,8 @@ def _parquet(source: Source) -> Iterator[Document]:
     index per row), the size each row's text will have, which a value repeated through
     a dictionary makes far larger than the metadata says.
     """
-    try:
-        import pyarrow as pa
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-    except ImportError:  # pragma: no cover - a declared dependency
-        raise corpus_error("reading .parquet needs pyarrow (pip install pyarrow)", str(source.path),
-                           source.origin) from None
+    pa, pc, pq = parquet_modules(source)
     path, origin = source.path, source.origin
-    with _open_regular(source):  # the same checks as every file; pyarrow opens it itself
-        pass
     try:
         names = pq.ParquetFile(path).schema_arrow.names
         if "text" not in names:
