@@ -295,7 +295,8 @@ def trainer_workload(state: MinerState, registry: CollectorRegistry) -> TrainSte
 
     tmp = tempfile.mkdtemp(prefix="bench-api-")
     run = cpu_run(
-        ["train.task=twotower", f"paths.state_dir={tmp}", "twotower.num_docs=50000", "twotower.eval_queries=100",
+        ["train.task=twotower", "twotower.corpus=synthetic", f"paths.state_dir={tmp}",
+         "twotower.num_docs=50000", "twotower.eval_queries=100",
          "twotower.hidden_dim=512", "mining.enabled=false", "upload.enabled=false", "telemetry.log_every=1"],
         state=state, registry=registry,
     ).run

@@ -19,7 +19,8 @@ from bench._common import minerd_events, result
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMON = [
-    "train.task=twotower", "twotower.num_docs=16384", "twotower.eval_queries=64", "twotower.dim=64",
+    "train.task=twotower", "twotower.corpus=synthetic", "twotower.num_docs=16384", "twotower.eval_queries=64",
+    "twotower.dim=64",
     "twotower.hidden_dim=256",
     "twotower.embed_dim=64", "train.batch_size=128", "train.inner_steps_per_outer=10", "train.warmup_steps=5",
     "api.enabled=false", "upload.enabled=false", "mining.enabled=false", "telemetry.log_format=json",

@@ -53,7 +53,7 @@ NUM_DOCS = 20_000  # 78 micro-batches of 256 an epoch
 BATCH = 256
 START_EPOCH = 2
 SETS = [
-    "train.task=twotower",
+    "train.task=twotower", "twotower.corpus=synthetic",
     f"twotower.num_docs={NUM_DOCS}",
     "twotower.eval_queries=2000",
     "twotower.cluster_size=32",

@@ -99,7 +99,8 @@ def training_epochs(quick: bool) -> tuple[float, float]:
     """
     tmp = Path(tempfile.mkdtemp(prefix="bench-sampler-"))
     configure_logging("json", "warning")  # step lines would drown the table
-    built = cpu_run(["train.task=twotower", f"paths.state_dir={tmp}", f"twotower.num_docs={N_ITEMS}",
+    built = cpu_run(["train.task=twotower", "twotower.corpus=synthetic", f"paths.state_dir={tmp}",
+                     f"twotower.num_docs={N_ITEMS}",
                      "twotower.eval_queries=100", "mining.enabled=false", "upload.enabled=false",
                      "embeddings.enabled=false"]).run
     trainer, sampler = built.trainer, built.sampler

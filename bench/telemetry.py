@@ -36,7 +36,8 @@ def main(quick: bool) -> None:
     log_file = (tmp / "steps.log").open("w")
     configure_logging("json", "info", stream=log_file)
     trainer = cpu_run([
-        "train.task=twotower", f"paths.state_dir={tmp}", "twotower.num_docs=400000", "twotower.eval_queries=100",
+        "train.task=twotower", "twotower.corpus=synthetic", f"paths.state_dir={tmp}", "twotower.num_docs=400000",
+        "twotower.eval_queries=100",
         "twotower.hidden_dim=512", "train.batch_size=256", "mining.enabled=false", "upload.enabled=false",
         "telemetry.log_every=1",
     ])[0].trainer

@@ -29,6 +29,7 @@ torch.set_num_threads(1)
 # Small enough to train a few dozen steps in seconds on a busy 2-core machine.
 SMALL = [
     "train.task=twotower",
+    "twotower.corpus=synthetic",
     "twotower.num_docs=2048",
     "twotower.eval_queries=128",
     "twotower.dim=32",

@@ -273,8 +273,10 @@ class TestDaemonsOwnChoices:
     def test_the_tasks_name_their_data_sources(self) -> None:
         lm = CATALOG.load(environ={})
         two = CATALOG.load(sets=["train.task=twotower"], environ={})
+        synthetic = CATALOG.load(sets=["train.task=twotower", "twotower.corpus=synthetic"], environ={})
         assert CATALOG.task_for(lm).data(lm).source == "text"
-        assert CATALOG.task_for(two).data(two).source == "generated"
+        assert CATALOG.task_for(two).data(two).source == "pairs"
+        assert CATALOG.task_for(synthetic).data(synthetic).source == "generated"
 
 
 class TestRegistriesRefuse:

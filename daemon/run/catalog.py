@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import Field, create_model
 
 from daemon.config import Config, ConfigError, Section, TrainConfig, problem, resolve_config
-from daemon.data import generated, text
+from daemon.data import generated, pairs, text
 from daemon.plugin.entries import DataEntry, Entry, Registry, SyncEntry, TaskEntry
 from daemon.sync import diloco, exchange, none, torchft
 from daemon.tasks import causal_lm, twotower
@@ -142,7 +142,7 @@ def _switched_on(cfg: Config, owner: TaskEntry) -> list[str]:
 CATALOG = Catalog(
     tasks=[causal_lm.ENTRY, twotower.ENTRY],
     syncs=[torchft.ENTRY, exchange.ENTRY, diloco.ENTRY, none.ENTRY],
-    data=[text.ENTRY, generated.ENTRY],
+    data=[text.ENTRY, generated.ENTRY, pairs.ENTRY],
 )
 
 

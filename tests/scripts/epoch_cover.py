@@ -23,8 +23,8 @@ from daemon.run.local import NeverStop
 from daemon.state import MinerState
 from tests.conftest import task_sets
 
-TWOTOWER = ["twotower.num_docs=2048", "twotower.eval_queries=16", "twotower.dim=16", "twotower.hidden_dim=32",
-            "twotower.embed_dim=16", "train.batch_size=32", "train.effective_batch_size=128"]
+TWOTOWER = ["twotower.corpus=synthetic", "twotower.num_docs=2048", "twotower.eval_queries=16", "twotower.dim=16",
+            "twotower.hidden_dim=32", "twotower.embed_dim=16", "train.batch_size=32", "train.effective_batch_size=128"]
 # An epoch of the language model covers the whole training split: a small corpus (100 KB) keeps it short.
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 LM = [f"lm.corpus=[{STDLIB / 'json'}, {STDLIB / 'collections'}]", "train.batch_size=8",

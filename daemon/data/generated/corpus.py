@@ -35,13 +35,33 @@ DOC_NOISE = 0.02
 FORMAT_VERSION = 1
 
 
+@dataclass(frozen=True)
+class TextInfo:
+    """What a corpus of real text adds: its features are token ids (0 = padding), from a BPE of
+    ``vocab_size`` ids (shifted by one), and each id's inverse document frequency over the
+    training documents (the towers' lexical start)."""
+
+    vocab_size: int  # ids 1..vocab_size-1 are tokens, 0 is padding
+    idf: torch.Tensor  # [vocab_size] float32
+
+
 @dataclass
 class Corpus:
-    doc_feats: torch.Tensor  # [N, D] float32
-    query_feats: torch.Tensor  # [N, D] training query i belongs to document i
+    """The two-tower task's data: document features and the training query of each document
+    (float vectors of the generated corpus, or token ids of a text corpus)."""
+
+    doc_feats: torch.Tensor  # [N, D] float32 (or [N, L] int64 token ids)
+    query_feats: torch.Tensor  # [N_train, D] training query i belongs to document i
     eval_feats: torch.Tensor  # [Q, D] held-out queries
     eval_targets: torch.Tensor  # [Q] int64 document ids
-    cluster_of: torch.Tensor  # [N] int64
+    cluster_of: torch.Tensor  # [N] int64 (the generated corpus's clusters; one per document otherwise)
+    text: TextInfo | None = None  # a text corpus's tokens
+
+    @property
+    def num_train(self) -> int:
+        """Documents trained on (the first ones; held-out queries' documents may follow them,
+        searched at evaluation but never trained)."""
+        return int(self.query_feats.shape[0])
 
 
 def _params(d: GeneratedSpec) -> dict[str, float | int]:

@@ -34,7 +34,7 @@ from importlib.util import decode_source
 from pathlib import Path
 
 from daemon.data.pairs.split import Pair
-from daemon.data.text.corpus import _STDLIB_SKIP, _Budget, _walk, stdlib_root
+from daemon.data.text.corpus import _STDLIB_SKIP, Source, _Budget, _walk, stdlib_root
 
 # The largest source file read. The standard library's largest is under 1 MB; generated
 # modules (tables, vendored parsers) above this hold few documented functions.
@@ -145,12 +145,18 @@ def code_pairs(roots: Sequence[Path] | None = None) -> list[Pair]:
     of daemon/data/text/corpus.py."""
     pairs: list[Pair] = []
     seen: set[str] = set()
-    for root in code_roots() if roots is None else roots:
-        budget = _Budget("twotower.corpus")
-        for source in _walk(root, budget, str(root), suffixes=(".py",), skip=frozenset(_SKIP)):
-            group = hashlib.sha256(source.key.encode("utf-8", "surrogatepass")).hexdigest()
-            for query, document in _file_pairs(source.path):
-                if document not in seen:
-                    seen.add(document)
-                    pairs.append(Pair(query, document, group=group))
+    for source in code_sources(roots):
+        group = hashlib.sha256(source.key.encode("utf-8", "surrogatepass")).hexdigest()
+        for query, document in _file_pairs(source.path):
+            if document not in seen:
+                seen.add(document)
+                pairs.append(Pair(query, document, group=group))
     return pairs
+
+
+def code_sources(roots: Sequence[Path] | None = None) -> list[Source]:
+    """The Python files the code corpus reads, in its order (stats nothing beyond the walk)."""
+    found: list[Source] = []
+    for root in code_roots() if roots is None else roots:
+        found += _walk(root, _Budget("twotower.corpus"), str(root), suffixes=(".py",), skip=frozenset(_SKIP))
+    return found

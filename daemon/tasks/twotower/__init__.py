@@ -1,4 +1,4 @@
-"""Two-tower retrieval on a generated corpus, with asynchronous FAISS hard-negative
+"""Two-tower retrieval on real (query, document) pairs or a generated corpus, with asynchronous FAISS hard-negative
 mining (``mining/``) and trainable per-document ID embeddings in a tiered store
 (``embeddings/``)."""
 
@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from daemon.config import Config, problem
 from daemon.data.generated.spec import GeneratedSpec
+from daemon.data.pairs.spec import PairsSpec
 from daemon.plugin.entries import DataRequest, TaskEntry
 from daemon.tasks.twotower.config import RENAMED, EmbeddingsConfig, MiningConfig, TwoTowerConfig
 
@@ -20,13 +21,18 @@ if TYPE_CHECKING:
 
 def data(cfg: Config) -> DataRequest:
     t = TwoTowerConfig.of(cfg)
-    return DataRequest("generated", GeneratedSpec(t.num_docs, t.eval_queries, t.dim, t.cluster_size, t.seed))
+    if t.corpus == "synthetic":
+        return DataRequest("generated", GeneratedSpec(t.num_docs, t.eval_queries, t.dim, t.cluster_size, t.seed))
+    return DataRequest("pairs", PairsSpec(t.corpus, tuple(t.pairs), t.vocab_size, t.eval_fraction, t.eval_queries))
 
 
 def validate(cfg: Config, world_size: int) -> list[str]:
     problems = []
-    docs = TwoTowerConfig.of(cfg).num_docs
-    if cfg.train.batch_size > docs:
+    t = TwoTowerConfig.of(cfg)
+    if t.pairs and t.corpus != "pairs":
+        problems.append(problem("twotower.pairs", f"is read with twotower.corpus=pairs (got '{t.corpus}')", t.pairs))
+    docs = t.num_docs
+    if t.corpus == "synthetic" and cfg.train.batch_size > docs:
         problems.append(problem("train.batch_size", f"is larger than twotower.num_docs ({docs})", cfg.train.batch_size))
     emb = EmbeddingsConfig.of(cfg)
     if world_size > 1 and emb.enabled and emb.storage_mode == "disk":
@@ -52,12 +58,14 @@ def build(ctx: BuildContext, corpus: Any) -> TaskParts:
 def diagnose_model(cfg: Config, device: torch.device) -> nn.Module:
     from daemon.tasks.twotower.task import build_model
 
-    return build_model(cfg).to(device)
+    with device:  # the meta device too: shapes only
+        return build_model(cfg)
 
 
 ENTRY = TaskEntry(
     name="twotower",
-    summary="two-tower retrieval on a generated corpus, with FAISS hard-negative mining",
+    summary="two-tower retrieval (code search, your own pairs, or a generated corpus), with FAISS hard-negative "
+            "mining",
     sections=(TwoTowerConfig, MiningConfig, EmbeddingsConfig),
     # The retrieval features are this task's reason to exist: on unless turned off.
     defaults={"mining.enabled": True, "embeddings.enabled": True},

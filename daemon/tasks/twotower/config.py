@@ -1,20 +1,30 @@
-"""The retrieval task's config sections: ``twotower`` (the towers and the generated
-corpus), ``mining`` and ``embeddings`` (the operators' names for its two features)."""
+"""The retrieval task's config sections: ``twotower`` (the towers and the corpus),
+``mining`` and ``embeddings`` (the operators' names for its two features)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from daemon.config import SEED_MAX, CrossFieldError, Section
 
 
 class TwoTowerConfig(Section):
-    """The two-tower model and the generated corpus it trains on (``train.task=twotower``)."""
+    """The two-tower model and the corpus it trains on (``train.task=twotower``)."""
 
     key = "twotower"
     agreed = "all"
+
+    corpus: Literal["code", "pairs", "synthetic"] = Field(
+        "code", description="code: (docstring, function) pairs of this machine's Python sources; pairs: "
+        "twotower.pairs; synthetic: the generated corpus (num_docs, dim, cluster_size, seed)")
+    pairs: list[str] = Field(default_factory=list, description="files, directories or globs of .jsonl or .parquet "
+                             "with query, document, optional negatives and group (twotower.corpus=pairs)")
+    vocab_size: int = Field(8192, ge=256, le=1_048_576, description="size of the BPE trained on a text corpus's "
+                            "training pairs")
+    eval_fraction: float = Field(0.05, gt=0, lt=1, description="share of a text corpus's pairs held out (by their "
+                                 "group, else their document)")
 
     hidden_dim: int = Field(1024, gt=0, description="width of each tower's hidden layers")
     embed_dim: int = Field(128, gt=0, description="width of the embeddings both towers end in")
@@ -24,6 +34,14 @@ class TwoTowerConfig(Section):
     dim: int = Field(128, gt=0, description="input feature width of the generated corpus")
     cluster_size: int = Field(16, ge=1, description="near-duplicate documents per cluster")
     seed: int = Field(7, ge=0, le=SEED_MAX, description="the generated corpus's seed")
+
+    @field_validator("pairs", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        # `--set twotower.pairs=data/` and MINERD_TWOTOWER__PAIRS=data/ name one entry.
+        if isinstance(value, str):
+            return [value] if value else []
+        return [] if value is None else value
 
 
 # Where the keys of the two-tower section lived before it existed; read for one release.

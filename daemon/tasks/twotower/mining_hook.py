@@ -178,9 +178,9 @@ def build_mining(
     one miner per node fed by all its ranks), and the per-rank miner threads must fit the
     cores (configure_threads already subtracts ``faiss_threads`` per process).
     """
-    num_items = int(corpus.doc_feats.shape[0])
+    num_items = corpus.num_train  # the documents trained on: only they are ever in the bank
     miner = HardNegativeMiner.from_config(MiningConfig.of(cfg), num_items, TwoTowerConfig.of(cfg).embed_dim, registry,
-                                          cfg.train.seed, content=content_keys(corpus.doc_feats))
+                                          cfg.train.seed, content=content_keys(corpus.doc_feats[:num_items]))
     return MiningHook(miner, corpus, model, sampler, device, cfg.telemetry.queue_health_every)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,8 +20,10 @@ from daemon.config import Config
 from daemon.data.generated.corpus import Corpus
 from daemon.engine.protocols import BatchPos, EvalPoint, EvalResult
 from daemon.tasks.twotower.config import TwoTowerConfig
+from daemon.tasks.twotower.ranking import BM25Ranker, retrieval_metrics, rrf_fuse, topk_rows
 
 EVAL_CHUNK = 256
+RANKED = 100  # documents each ranker lists per held-out query (what the fusion sees)
 ENCODE_CHUNK = 8192
 
 
@@ -35,11 +38,50 @@ class Tower(nn.Module):
         return self.net(x)
 
 
-class TwoTowerModel(nn.Module):
-    def __init__(self, in_dim: int, hidden: int, out_dim: int) -> None:
+class TextTower(nn.Module):
+    """Token ids (0 = padding) to a vector: the sum of the tokens' vectors, then a linear map.
+
+    It starts lexical: each token's vector is a random direction scaled by the token's
+    inverse document frequency, and the map is the identity, so that a query's and a
+    document's vectors are a random projection of their TF-IDF vectors and their cosine is
+    close to the TF-IDF cosine before any training. Both towers start from the same
+    directions (the same ``seed``). Towers trained from random tokens vectors start from
+    nothing and, on a few tens of thousands of pairs, stay far below a lexical baseline.
+    """
+
+    def __init__(self, vocab: int, dim: int, idf: torch.Tensor | None, seed: int) -> None:
         super().__init__()
-        self.query = Tower(in_dim, hidden, out_dim)
-        self.doc = Tower(in_dim, hidden, out_dim)
+        self.tokens = nn.EmbeddingBag(vocab, dim, mode="sum", padding_idx=0)
+        self.proj = nn.Linear(dim, dim)
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(seed)
+            weight = torch.randn(vocab, dim, generator=gen) / dim**0.5
+            if idf is not None:
+                weight *= idf[:, None]
+            weight[0] = 0.0
+            self.tokens.weight.copy_(weight)
+            self.proj.weight.copy_(torch.eye(dim))
+            self.proj.bias.zero_()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.tokens(ids))
+
+
+class TwoTowerModel(nn.Module):
+    def __init__(self, query: nn.Module, doc: nn.Module) -> None:
+        super().__init__()
+        self.query = query
+        self.doc = doc
+
+    @classmethod
+    def mlp(cls, in_dim: int, hidden: int, out_dim: int) -> TwoTowerModel:
+        """Towers of feature vectors (the generated corpus)."""
+        return cls(Tower(in_dim, hidden, out_dim), Tower(in_dim, hidden, out_dim))
+
+    @classmethod
+    def text(cls, vocab: int, dim: int, idf: torch.Tensor | None, seed: int) -> TwoTowerModel:
+        """Towers of token ids (a text corpus), both starting lexical."""
+        return cls(TextTower(vocab, dim, idf, seed), TextTower(vocab, dim, idf, seed))
 
     def encode_queries(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.query(x).float(), dim=-1)
@@ -87,9 +129,14 @@ def info_nce(
     return F.cross_entropy(logits / temperature, labels)
 
 
-def build_model(cfg: Config) -> TwoTowerModel:
+def build_model(cfg: Config, corpus: Corpus | None = None) -> TwoTowerModel:
+    """The towers for ``corpus`` (without one, as the configured corpus would give them)."""
     t = TwoTowerConfig.of(cfg)
-    return TwoTowerModel(t.dim, t.hidden_dim, t.embed_dim)
+    if t.corpus == "synthetic":
+        return TwoTowerModel.mlp(t.dim, t.hidden_dim, t.embed_dim)
+    text = corpus.text if corpus is not None else None
+    vocab = text.vocab_size if text is not None else t.vocab_size + 1
+    return TwoTowerModel.text(vocab, t.embed_dim, text.idf if text is not None else None, cfg.train.seed)
 
 
 class TwoTowerTask:
@@ -100,13 +147,20 @@ class TwoTowerTask:
         self, cfg: Config, corpus: Corpus, negatives: Negatives | None = None, doc_extra: DocExtra | None = None
     ) -> None:
         self.temperature = TwoTowerConfig.of(cfg).temperature
+        self.embed_dim = TwoTowerConfig.of(cfg).embed_dim
         self.corpus = corpus
         # Mined negatives per micro-batch and trainable ID-embedding rows (None = off).
         self.negatives = negatives
         self.doc_extra = doc_extra
+        self._bm25: np.ndarray | None = None
 
     @property
     def num_items(self) -> int:
+        return self.corpus.num_train
+
+    @property
+    def num_docs(self) -> int:
+        """Documents searched at evaluation: the trained ones and those only held-out queries seek."""
         return int(self.corpus.doc_feats.shape[0])
 
     def get_batch(self, idx: torch.Tensor, device: torch.device, pos: BatchPos) -> TwoTowerBatch:
@@ -129,13 +183,19 @@ class TwoTowerTask:
     def encode_corpus(self, model: nn.Module, device: torch.device, beat: Callable[[], None]) -> torch.Tensor:
         m = unwrap(model)
         parts = []
-        for start in range(0, self.num_items, ENCODE_CHUNK):
-            ids = torch.arange(start, min(start + ENCODE_CHUNK, self.num_items))
+        for start in range(0, self.num_docs, ENCODE_CHUNK):
+            ids = torch.arange(start, min(start + ENCODE_CHUNK, self.num_docs))
             feats = self.corpus.doc_feats[ids].to(device)
-            extra = self.doc_extra(ids.to(device)) if self.doc_extra is not None else None
+            extra = None
+            if self.doc_extra is not None:  # documents never trained have no ID embedding: none added
+                trained = ids[ids < self.num_items]
+                extra = torch.zeros(len(ids), self.embed_dim, device=device)
+                if len(trained):
+                    extra[: len(trained)] = self.doc_extra(trained.to(device))
             parts.append(m.encode_docs(feats, extra))
             beat()
         return torch.cat(parts)
+
 
     @torch.no_grad()
     def evaluate(
@@ -145,16 +205,14 @@ class TwoTowerTask:
         model.eval()
         m = unwrap(model)
         docs = self.encode_corpus(model, device, beat)
-        hits1 = hits10 = 0
         pos_sum = hard_sum = 0.0
         targets_all = self.corpus.eval_targets
+        ranked = []
         for start in range(0, len(targets_all), EVAL_CHUNK):
             targets = targets_all[start : start + EVAL_CHUNK].to(device)
             q = m.encode_queries(self.corpus.eval_feats[start : start + EVAL_CHUNK].to(device))
             scores = q @ docs.T
-            top = scores.topk(11, dim=1).indices
-            hits1 += int((top[:, 0] == targets).sum())
-            hits10 += int((top[:, :10] == targets[:, None]).any(dim=1).sum())
+            ranked.append(topk_rows(scores, RANKED).cpu())
             rows = torch.arange(len(targets), device=device)
             pos = scores[rows, targets]
             scores[rows, targets] = -2.0  # cosines live in [-1, 1]
@@ -162,16 +220,42 @@ class TwoTowerTask:
             hard_sum += float(scores.max(dim=1).values.sum())
             beat()
         n = len(targets_all)
-        r1, r10 = hits1 / n, hits10 / n
         margin = (pos_sum - hard_sum) / n
         if was_training:
             model.train()
-        line = f"Epoch {at.epoch} eval: recall@1={r1:.3f} recall@10={r10:.3f} | Separation Δ: {margin:.3f}"
-        return EvalResult({"recall_at_1": r1, "recall_at_10": r10, "separation_margin": margin}, line)
+        relevant = [{int(t)} for t in targets_all]
+        towers = torch.cat(ranked).numpy()
+        found = retrieval_metrics(towers, relevant)
+        metrics = {"recall_at_1": found.recall_at_1, "recall_at_10": found.recall_at_10,
+                   "separation_margin": margin, "mrr_at_10": found.mrr_at_10}
+        line = (f"Epoch {at.epoch} eval: recall@1={found.recall_at_1:.3f} recall@10={found.recall_at_10:.3f} | "
+                f"Separation Δ: {margin:.3f} | mrr@10={found.mrr_at_10:.3f}")
+        if self.corpus.text is not None:  # a lexical baseline and the fusion of both, on the same tokens
+            bm25 = self._bm25_ranked(beat)
+            for name, ranking in (("bm25", bm25), ("hybrid", rrf_fuse([towers, bm25], RANKED))):
+                got = retrieval_metrics(ranking, relevant)
+                metrics.update({f"{name}_recall_at_1": got.recall_at_1, f"{name}_recall_at_10": got.recall_at_10,
+                                f"{name}_mrr_at_10": got.mrr_at_10})
+                line += f" | {name} recall@10={got.recall_at_10:.3f}"
+        return EvalResult(metrics, line)
+
+    def _bm25_ranked(self, beat: Callable[[], None]) -> np.ndarray:
+        """BM25's ranking of the held-out queries over every document: the same at every
+        evaluation (it learns nothing), so made once."""
+        if self._bm25 is None:
+            def bags(rows: torch.Tensor) -> list[list[int]]:
+                return [row[row > 0].tolist() for row in rows]
+
+            ranker = BM25Ranker(bags(self.corpus.doc_feats))
+            beat()
+            self._bm25 = ranker.topk(bags(self.corpus.eval_feats), RANKED)
+            beat()
+        return self._bm25
 
 
 EVAL_GAUGES = {
     "separation_margin": ("minerd_separation_margin", "Separation margin of the last evaluation"),
+    "mrr_at_10": ("minerd_eval_mrr_at_10", "Held-out MRR@10 of the towers at the last evaluation"),
     "recall_at_1": ("minerd_eval_recall_at_1", "Held-out recall@1 of the last evaluation"),
     "recall_at_10": ("minerd_eval_recall_at_10", "Held-out recall@10 of the last evaluation"),
 }
