@@ -237,7 +237,7 @@ class CheckpointStore:
         kept.update([p.name for p in found if not deps[p.name]][:KEEP_SELF_CONTAINED])
         for old in found:
             if old.name not in kept:
-                shutil.rmtree(old, ignore_errors=True)
+                remove(old)
 
     def verify(self, path: Path) -> dict[str, Any]:
         """The manifest of a complete, uncorrupted checkpoint, or CheckpointCorrupt."""
@@ -323,6 +323,19 @@ class CheckpointStore:
             except CheckpointCorrupt as exc:
                 log.error(f"checkpoint corrupt, using the previous one: {exc}", path=str(path))
         return None
+
+
+def remove(path: Path) -> None:
+    """Delete a checkpoint so that no reader sees it half deleted: renamed out of the checkpoints'
+    names first (one atomic step), then removed. A kill during the removal leaves a temporary
+    folder, which the next start clears, never a ``step-*`` missing some of its files."""
+    doomed = path.with_name(f"{TMP_PREFIX}removed-{path.name}-{os.getpid()}")
+    try:
+        os.replace(path, doomed)
+        atomic.fsync_dir(path.parent)  # the rename reaches the disk before any file goes
+    except OSError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _sharded_files(files: Any) -> bool:

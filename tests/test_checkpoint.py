@@ -69,6 +69,35 @@ class TestStore:
         assert ck is not None and ck.state["counters"]["global_step"] == 1
 
 
+class TestPruning:
+    def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(self, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+        """The oldest checkpoint is removed as the newest is saved; a kill halfway through the
+        removal (here: after its first file) leaves every step-* folder complete."""
+        store = CheckpointStore(tmp_path, keep=1)
+        store.prepare()
+        for step in (1, 2):
+            save(store, step)
+
+        real = shutil.rmtree
+
+        def killed_halfway(path: object, ignore_errors: bool = False) -> None:
+            folder = Path(str(path))
+            if not folder.exists():
+                return real(folder, ignore_errors=ignore_errors)
+            sorted(folder.iterdir())[0].unlink()
+            raise KeyboardInterrupt  # the process dies here
+
+        monkeypatch.setattr("daemon.checkpoint.shutil.rmtree", killed_halfway)
+        with pytest.raises(KeyboardInterrupt):
+            save(store, 3)
+        monkeypatch.undo()
+        for path in store.checkpoints():
+            store.verify(path)  # complete, or not a step-* at all
+        store.prepare()  # the next start clears what the removal left
+        assert not list(tmp_path.glob(".tmp-*"))
+
+
 def rewrite(path: Path, name: str, data: bytes) -> None:
     """Replace one file of a checkpoint and keep its manifest consistent: corruption the
     checksums cannot see."""
