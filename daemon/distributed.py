@@ -149,11 +149,16 @@ def wrap_ddp(model: nn.Module, device: torch.device, counter: CommCounter) -> nn
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if it is true on any: ranks agree when to stop, so
     none waits in a collective for a peer that already left."""
+    return any_ranks([flag], device)[0]
+
+
+def any_ranks(flags: list[bool], device: torch.device) -> list[bool]:
+    """``any_rank`` of several flags in one collective."""
     if not dist.is_initialized():
-        return flag
-    t = torch.tensor([1 if flag else 0], device=device)
+        return list(flags)
+    t = torch.tensor([1 if f else 0 for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
 
 
 def broadcast_params(model: nn.Module) -> None:

@@ -450,12 +450,7 @@ class TestFalseNegatives:
     def test_mining_drops_near_duplicates_of_the_positive(self) -> None:
         """End to end through FAISS: with the filter no mined negative scores above 0.95 times
         the query's positive, and the counter says how many were dropped."""
-        cfg = config(max_pos_ratio=0.95)
-        registry = CollectorRegistry()
-        miner = HardNegativeMiner.from_config(cfg, len(CORPUS.docs), DIM, registry, seed=1)
-        miner.observe_docs(torch.arange(len(CORPUS.docs)), torch.from_numpy(CORPUS.docs))
-        miner.start()
-        wait_until(lambda: miner.status()["index_docs"] == len(CORPUS.docs))
+        miner, registry = started(config(max_pos_ratio=0.95))
         try:
             steps = train(miner, 8, step_seconds=0.01)
         finally:

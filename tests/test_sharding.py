@@ -99,16 +99,18 @@ class TestOneProcess:
         run = cpu_run(small_lm_sets(tmp_path / "a", "train.inner_steps_per_outer=2")).run
         for _ in range(3):
             run.trainer.inner_step()
-        src = ShardedState(run.trainer.model, run.trainer.p.optimizer, run.outer)
+        assert run.optimizer is not None
+        src = ShardedState(run.trainer.model, run.optimizer, run.outer)
         src.save(tmp_path / "shards")
         other = cpu_run(small_lm_sets(tmp_path / "b", "train.seed=99", "train.inner_steps_per_outer=2")).run
-        dst = ShardedState(other.trainer.model, other.trainer.p.optimizer, other.outer)
+        assert other.optimizer is not None
+        dst = ShardedState(other.trainer.model, other.optimizer, other.outer)
         assert weights_digest(whole_weights(other.trainer.model)) != weights_digest(whole_weights(run.trainer.model))
         dst.load(tmp_path / "shards")
         assert weights_digest(whole_weights(other.trainer.model)) == weights_digest(whole_weights(run.trainer.model))
         for a, b in zip(run.outer.state_dict()["anchor"], other.outer.state_dict()["anchor"], strict=True):
             assert torch.equal(a, b)
-        mine, theirs = run.trainer.p.optimizer.state_dict(), other.trainer.p.optimizer.state_dict()
+        mine, theirs = run.optimizer.state_dict(), other.optimizer.state_dict()
         for i, entry in mine["state"].items():
             for key, value in entry.items():
                 assert torch.equal(torch.as_tensor(value), torch.as_tensor(theirs["state"][i][key])), (i, key)

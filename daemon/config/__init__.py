@@ -11,7 +11,7 @@ resolves them against the tree the composition root assembles into a validated
 from daemon.config.errors import ConfigError, problem
 from daemon.config.load import Schema, resolve_config, semantic_problems, to_yaml, world_size_from_env
 from daemon.config.secrets import SECRET_KEYS, is_secret_key
-from daemon.config.section import DAY, SEED_MAX, CrossFieldError, Section
+from daemon.config.section import DAY, SEED_MAX, CrossFieldError, Entries, Section
 from daemon.config.sections import (
     ApiConfig,
     CheckpointConfig,
@@ -39,6 +39,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "CrossFieldError",
+    "Entries",
     "PathsConfig",
     "Schema",
     "Section",

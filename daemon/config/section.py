@@ -10,9 +10,9 @@ root adds them to the tree. Code that owns a section reads it typed with
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict
 
 if TYPE_CHECKING:
     from typing import Self
@@ -20,6 +20,17 @@ if TYPE_CHECKING:
 # Fits every random generator the miner seeds (numpy's takes 32 bits).
 SEED_MAX = 2**32 - 1
 DAY = 86_400.0
+
+
+def _one_or_many(value: Any) -> Any:
+    # `--set lm.corpus=docs/` and MINERD_LM__CORPUS=docs/ name one entry; empty names none.
+    if isinstance(value, str):
+        return [value] if value else []
+    return [] if value is None else value
+
+
+# A list of files, directories or globs that a single string may also name (one entry).
+Entries = Annotated[list[str], BeforeValidator(_one_or_many)]
 
 
 class Section(BaseModel):

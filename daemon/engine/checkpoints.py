@@ -111,8 +111,8 @@ class Checkpoints:
 
     def agreed_due(self, global_step: int, device: torch.device) -> bool:
         """``due`` as every rank of a sharded model sees it (their clocks differ a little, and all of
-        them must write together)."""
-        return any_rank(self.due(global_step), device)
+        them must write together). Off the step schedule no rank is due: no collective then."""
+        return global_step % self.cfg.every_inner_steps == 0 and any_rank(self.due(global_step), device)
 
     def room(self, weights: dict[str, torch.Tensor]) -> int:
         """Room one checkpoint may take: the largest one kept (a whole one, when later ones hold

@@ -32,7 +32,7 @@ from torch import nn
 from daemon import disk
 from daemon.checkpoint import Checkpoint, CheckpointStore
 from daemon.config import Config
-from daemon.distributed import CommCounter, any_rank
+from daemon.distributed import CommCounter, any_rank, any_ranks
 from daemon.engine.checkpoints import Checkpoints
 from daemon.engine.progress import Counters, Progress, Summary
 from daemon.engine.protocols import (
@@ -244,13 +244,15 @@ class Trainer:
 
     def _handle_controls(self) -> bool:
         ctl = self.state.controls
-        asked = ctl.checkpoint.is_set()
-        if self.p.sharded:  # asked of one rank's API, written by all of them
-            asked = any_rank(asked, self.p.device)
+        asked, paused = ctl.checkpoint.is_set(), ctl.paused.is_set()
+        if self.p.sharded:  # asked of one rank's API, written by all of them: one collective for both
+            asked, paused = any_ranks([asked, paused], self.p.device)
+        else:
+            paused = any_rank(paused, self.p.device)
         if asked:
             ctl.checkpoint.clear()
             self.checkpoint("requested")
-        if any_rank(ctl.paused.is_set(), self.p.device):
+        if paused:
             # A deliberate pause is not a stall: keep the heartbeat while waiting.
             self.state.beat()
             time.sleep(PAUSE_POLL_SECONDS)

@@ -54,6 +54,7 @@ class Run:
     outer_sync: str  # the registered outer sync's name
     data_source: str
     outer: OuterStep  # what the outer sync made (the trainer steps it; tests and benchmarks read it)
+    optimizer: torch.optim.Optimizer | None = None  # the inner optimizer (tests and benchmarks read its state)
     sharding: str | None = None  # the "Sharding: fsdp over N ranks: ..." line of a sharded model
 
 
@@ -170,5 +171,5 @@ def build_run(
     # This rank's share of the training state, read at request time.
     state.sections["memory"] = trainer.state_bytes
     return Run(trainer, parts.task, components, parts.sampler, device, accumulation, stateful, store,
-               sync_entry.name, request.source, sync.outer,
+               sync_entry.name, request.source, sync.outer, optimizer=optimizer,
                sharding=describe(model, launch.world_size) if sharded else None)

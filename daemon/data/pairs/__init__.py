@@ -45,7 +45,7 @@ def build(ctx: BuildContext, spec: PairsSpec) -> Any:
             return load_or_make(spec, [s.path for s in sources], lambda: list(read_pairs(sources)),
                                 ctx.cfg.state_dir / "data")
         files = code_sources()
-        return load_or_make(spec, [s.path for s in files], lambda: code_pairs(), ctx.cfg.state_dir / "data")
+        return load_or_make(spec, [s.path for s in files], code_pairs, ctx.cfg.state_dir / "data")
 
 
 ENTRY = DataEntry(

@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ import structlog
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load
+from tokenizers import Tokenizer
 
 from daemon import atomic
 from daemon.data.generated.corpus import Corpus, TextInfo
@@ -87,11 +88,11 @@ def _numbered(pairs: Sequence[Pair], eval_fraction: float, eval_queries: int
     return docs, train_queries, eval_q, eval_t
 
 
-def _ids(tokenizer: object, texts: list[str], width: int) -> torch.Tensor:
+def _ids(tokenizer: Tokenizer, texts: list[str], width: int) -> torch.Tensor:
     """Token ids + 1, cut to ``width`` and padded with 0."""
     out = np.zeros((len(texts), width), dtype=np.int64)
     for start in range(0, len(texts), 4096):
-        for i, enc in enumerate(tokenizer.encode_batch(texts[start:start + 4096])):  # type: ignore[attr-defined]
+        for i, enc in enumerate(tokenizer.encode_batch(texts[start:start + 4096])):
             ids = enc.ids[:width]
             out[start + i, :len(ids)] = np.asarray(ids, dtype=np.int64) + 1
     return torch.from_numpy(out)
@@ -112,7 +113,7 @@ def idf_of(docs: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return idf
 
 
-def make(pairs: Sequence[Pair], spec: PairsSpec) -> tuple[Corpus, object]:
+def make(pairs: Sequence[Pair], spec: PairsSpec) -> tuple[Corpus, Tokenizer]:
     """The corpus of token ids, and the tokenizer it was made with."""
     from daemon.data.text.tokenizer import train_bpe
 
@@ -133,12 +134,12 @@ def make(pairs: Sequence[Pair], spec: PairsSpec) -> tuple[Corpus, object]:
     return corpus, tok
 
 
-def save(corpus: Corpus, tok: object, folder: Path, meta: dict[str, object]) -> None:
+def save(corpus: Corpus, tok: Tokenizer, folder: Path, meta: dict[str, object]) -> None:
     assert corpus.text is not None
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {"doc_feats": corpus.doc_feats, "query_feats": corpus.query_feats, "eval_feats": corpus.eval_feats,
                "eval_targets": corpus.eval_targets, "idf": corpus.text.idf}
-    atomic.write_bytes(folder / "tokenizer.json", tok.to_str().encode())  # type: ignore[attr-defined]
+    atomic.write_bytes(folder / "tokenizer.json", tok.to_str().encode())
     # The tensors last: their presence says the folder is whole.
     atomic.write_with(folder / "corpus.safetensors",
                       lambda tmp: save_safetensors(tensors, tmp, metadata={"meta": json.dumps(meta)}))
@@ -158,14 +159,14 @@ def load_saved(folder: Path) -> Corpus | None:
         return None
 
 
-def load_or_make(spec: PairsSpec, files: Sequence[Path], read: object, data_dir: Path) -> Corpus:
+def load_or_make(spec: PairsSpec, files: Sequence[Path], read: Callable[[], Sequence[Pair]], data_dir: Path) -> Corpus:
     """The cached corpus for ``spec`` and these ``files``, or made from ``read()``'s pairs."""
     folder = data_dir / f"pairs-{digest(spec, files)}"
     found = load_saved(folder)
     if found is not None:
         return found
     t0 = time.perf_counter()
-    pairs = read()  # type: ignore[operator]
+    pairs = read()
     corpus, tok = make(pairs, spec)
     if corpus.num_train == 0 or len(corpus.eval_targets) == 0:
         from daemon.config import ConfigError, problem

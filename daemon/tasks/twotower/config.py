@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from daemon.config import SEED_MAX, CrossFieldError, Section
+from daemon.config import SEED_MAX, CrossFieldError, Entries, Section
 
 
 class TwoTowerConfig(Section):
@@ -19,7 +19,7 @@ class TwoTowerConfig(Section):
     corpus: Literal["code", "pairs", "synthetic"] = Field(
         "code", description="code: (docstring, function) pairs of this machine's Python sources; pairs: "
         "twotower.pairs; synthetic: the generated corpus (num_docs, dim, cluster_size, seed)")
-    pairs: list[str] = Field(default_factory=list, description="files, directories or globs of .jsonl or .parquet "
+    pairs: Entries = Field(default_factory=list, description="files, directories or globs of .jsonl or .parquet "
                              "with query, document, optional negatives and group (twotower.corpus=pairs)")
     vocab_size: int = Field(8192, ge=256, le=1_048_576, description="size of the BPE trained on a text corpus's "
                             "training pairs")
@@ -34,14 +34,6 @@ class TwoTowerConfig(Section):
     dim: int = Field(128, gt=0, description="input feature width of the generated corpus")
     cluster_size: int = Field(16, ge=1, description="near-duplicate documents per cluster")
     seed: int = Field(7, ge=0, le=SEED_MAX, description="the generated corpus's seed")
-
-    @field_validator("pairs", mode="before")
-    @classmethod
-    def _one_or_many(cls, value: Any) -> Any:
-        # `--set twotower.pairs=data/` and MINERD_TWOTOWER__PAIRS=data/ name one entry.
-        if isinstance(value, str):
-            return [value] if value else []
-        return [] if value is None else value
 
 
 # Where the keys of the two-tower section lived before it existed; read for one release.
