@@ -118,6 +118,95 @@ class TestPairsCorpus:
                 == weights_digest(whole_weights(straight.trainer.model)))
 
 
+class TestWhatEachPairTrains:
+    def test_a_document_with_several_queries_takes_them_in_turn(self, tmp_path: Path) -> None:
+        data = rows()
+        doc = data[0]["document"]
+        extra = [{"query": f"alternate wording {k}", "document": doc, "group": data[0]["group"]} for k in range(2)]
+        run = cpu_run(sets(tmp_path / "s", write_jsonl(tmp_path / "p.jsonl", data + extra))).run
+        corpus = run.task.corpus
+        (i,) = [i for i in range(corpus.num_train)
+                if torch.equal(corpus.doc_feats[i], run.task.corpus.doc_feats[0])] or [None]
+        assert i == 0, "the first training document is the first pair's"
+        assert corpus.text.queries.counts(torch.tensor([0])).item() == 2
+        seen = [run.task.queries_of(torch.tensor([0, 1]), epoch)[0] for epoch in (1, 2, 3, 4)]
+        assert torch.equal(seen[0], corpus.query_feats[0]) and torch.equal(seen[3], seen[0])
+        assert not torch.equal(seen[1], seen[0]) and not torch.equal(seen[2], seen[1])
+        # A document with one query keeps it every epoch.
+        assert all(torch.equal(run.task.queries_of(torch.tensor([1]), e)[0], corpus.query_feats[1]) for e in (1, 2))
+
+    def test_named_negatives_train_beside_in_batch_ones(self, tmp_path: Path) -> None:
+        data = rows()
+        for k, row in enumerate(data):
+            if k % 2 == 0:  # every other pair names a negative: another pair's document, and a new text
+                row["negatives"] = [str(data[k + 1]["document"]), f"unrelated text number {k}"]
+        run = cpu_run(sets(tmp_path / "s", write_jsonl(tmp_path / "p.jsonl", data))).run
+        named = run.task.corpus.text.negatives
+        assert len(named) > 0 and int(named.counts(torch.arange(run.task.num_items)).max()) == 2
+        from daemon.engine.protocols import BatchPos
+        from daemon.tasks.twotower.task import info_nce
+
+        idx = torch.arange(32)
+        batches = [run.task.get_batch(idx, run.device, BatchPos(epoch, 0)) for epoch in (1, 2)]
+        assert batches[0].named is not None and 0 < int(batches[0].named.sum()) < 32
+        assert not torch.equal(batches[0].negatives, batches[1].negatives)  # the two named ones take turns
+        b = batches[0]
+        model = run.trainer.model
+        loss = run.task.loss(model, b, 1)
+        extra = run.task.doc_extra(b.ids) if run.task.doc_extra is not None else None  # the ID embeddings
+        q, d, negs = model(b.queries, b.docs, extra, b.negatives)
+        full = info_nce(q, d, 0.05, negs.unsqueeze(1), b.named.unsqueeze(1))
+        assert loss.item() == pytest.approx(full.item(), rel=1e-6)
+        assert full.item() > info_nce(q, d, 0.05).item()  # the named negatives add to the loss
+        # A masked negative counts for nothing: the loss of only the queries that have one.
+        has = b.named
+        by_hand = torch.nn.functional.cross_entropy(
+            torch.cat([q @ d.T, torch.where(has, (q * negs).sum(-1), torch.tensor(float("-inf")))[:, None]], 1) / 0.05,
+            torch.arange(32))
+        assert full.item() == pytest.approx(by_hand.item(), rel=1e-6)
+        for _ in range(4):
+            run.trainer.inner_step()  # trains with them
+
+
+def code_sets(state: Path, *extra: str) -> list[str]:
+    """The code corpus of this repository's own sources: the default corpus's path, in seconds."""
+    return ["train.task=twotower", f"twotower.code_paths={ROOT / 'daemon'}", "twotower.vocab_size=512",
+            "twotower.embed_dim=32", "twotower.eval_queries=50", "train.batch_size=32",
+            "train.effective_batch_size=32", "train.torch_threads=1", "upload.enabled=false",
+            "telemetry.log_format=json", f"paths.state_dir={state}", *extra]
+
+
+class TestCodePaths:
+    def test_exact_resume_on_the_code_corpus(self, tmp_path: Path) -> None:
+        """Stopped after 3 steps and resumed for 3 more, the weights equal 6 steps straight,
+        with the ID embeddings (mining is asynchronous, so never bit-exact: off here)."""
+        on = ("mining.enabled=false", "embeddings.enabled=true")
+        straight = cpu_run(code_sets(tmp_path / "a", *on)).run
+        assert straight.task.num_items > 200 and len(straight.task.corpus.eval_targets) > 0
+        for _ in range(6):
+            straight.trainer.inner_step()
+        first = cpu_run(code_sets(tmp_path / "b", *on)).run
+        for _ in range(3):
+            first.trainer.inner_step()
+        first.trainer.checkpoint("test")
+        for component in reversed(first.components):
+            component.stop(10)
+        again = cpu_run(code_sets(tmp_path / "b", *on)).run
+        assert again.trainer.resume()
+        for _ in range(3):
+            again.trainer.inner_step()
+        assert (weights_digest(whole_weights(again.trainer.model))
+                == weights_digest(whole_weights(straight.trainer.model)))
+        for component in reversed([*straight.components, *again.components]):
+            component.stop(10)
+
+    def test_a_code_path_that_is_not_a_directory(self, tmp_path: Path) -> None:
+        code, out, err = cli("config", "validate", "--set", "train.task=twotower",
+                             "--set", f"twotower.code_paths={tmp_path / 'nope'}")
+        assert (code, err.strip()) == (2, f"config error: twotower.code_paths: not a directory "
+                                          f"(got {str(tmp_path / 'nope')!r})"), out + err
+
+
 class TestBadInput:
     def test_no_pairs_named(self) -> None:
         code, out, err = cli("config", "validate", "--set", "train.task=twotower", "--set", "twotower.corpus=pairs")

@@ -36,13 +36,49 @@ FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
+class Alternates:
+    """Zero or more rows of token ids per training document: document ``i``'s are the rows
+    ``rows[start[i]:start[i + 1]]`` of ``feats`` (its further queries, or the negatives its
+    pairs name). ``rows`` lets documents share a row: a negative many pairs name is held once."""
+
+    feats: torch.Tensor  # [M, L] int64 token ids
+    start: torch.Tensor  # [N_train + 1] int64, non-decreasing, start[0] = 0
+    rows: torch.Tensor  # [start[-1]] int64 row numbers of feats
+
+    @classmethod
+    def empty(cls, num_train: int, width: int) -> Alternates:
+        none = torch.zeros(0, dtype=torch.int64)
+        return cls(torch.zeros(0, width, dtype=torch.int64), torch.zeros(num_train + 1, dtype=torch.int64), none)
+
+    def __len__(self) -> int:
+        return int(self.rows.shape[0])
+
+    def counts(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.start[ids + 1] - self.start[ids]
+
+    def turn(self, ids: torch.Tensor, turn: int) -> torch.Tensor:
+        """The row of ``feats`` each of ``ids`` takes at ``turn``, its rows taking turns (one per
+        epoch, say); -1 where it has none."""
+        n = self.counts(ids)
+        at = self.start[ids] + turn % n.clamp(min=1)
+        return torch.where(n > 0, self.rows[at.clamp(max=max(len(self) - 1, 0))] if len(self) else at, -1)
+
+
+@dataclass(frozen=True)
 class TextInfo:
     """What a corpus of real text adds: its features are token ids (0 = padding), from a BPE of
     ``vocab_size`` ids (shifted by one), and each id's inverse document frequency over the
-    training documents (the towers' lexical start)."""
+    training documents (the towers' lexical start).
+
+    A document that several training pairs answer keeps every query: ``Corpus.query_feats``
+    holds its first, ``queries`` the others, and the epochs take turns among them. The
+    negatives a pair names (``negatives``) are per document, never searched at evaluation.
+    """
 
     vocab_size: int  # ids 1..vocab_size-1 are tokens, 0 is padding
     idf: torch.Tensor  # [vocab_size] float32
+    queries: Alternates | None = None
+    negatives: Alternates | None = None
 
 
 @dataclass

@@ -8,6 +8,7 @@ Nothing here imports a model library, so ``minerd config validate`` can check th
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from daemon.config import ConfigError
@@ -42,10 +43,11 @@ def build(ctx: BuildContext, spec: PairsSpec) -> Any:
     with main_rank_first(ctx.launch):
         if spec.corpus == "pairs":
             sources = discover_pairs(list(spec.entries))
-            return load_or_make(spec, [s.path for s in sources], lambda: list(read_pairs(sources)),
+            return load_or_make(spec, [s.path for s in sources], lambda: read_pairs(sources),
                                 ctx.cfg.state_dir / "data")
-        files = code_sources()
-        return load_or_make(spec, [s.path for s in files], code_pairs, ctx.cfg.state_dir / "data")
+        roots = [Path(p).expanduser() for p in spec.code_paths] or None
+        files = code_sources(roots)
+        return load_or_make(spec, [s.path for s in files], lambda: code_pairs(roots), ctx.cfg.state_dir / "data")
 
 
 ENTRY = DataEntry(

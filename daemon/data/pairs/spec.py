@@ -13,3 +13,5 @@ class PairsSpec:
     vocab_size: int
     eval_fraction: float
     eval_queries: int  # at most this many held-out queries are evaluated
+    init_from: str = ""  # a model directory whose tokenizer numbers the tokens ("" = a BPE of vocab_size)
+    code_paths: tuple[str, ...] = ()  # the code corpus's directories ("" = this interpreter's sources)

@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any, cast
 import daemon.data.text.vocab as vocab
 from daemon.config import Config, problem
 from daemon.data.text.spec import TextSpec
+from daemon.model_dir import model_dir_problem
 from daemon.plugin.entries import DataRequest, TaskEntry
 from daemon.tasks.causal_lm.config import LmConfig
-from daemon.tasks.causal_lm.presets import max_positions, model_dir_problem
+from daemon.tasks.causal_lm.presets import max_positions
 
 if TYPE_CHECKING:
     import torch

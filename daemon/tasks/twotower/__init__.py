@@ -4,6 +4,7 @@ mining (``mining/``) and trainable per-document ID embeddings in a tiered store
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from daemon.config import Config, problem
@@ -11,6 +12,7 @@ from daemon.data.generated.spec import GeneratedSpec
 from daemon.data.pairs.spec import PairsSpec
 from daemon.plugin.entries import DataRequest, TaskEntry
 from daemon.tasks.twotower.config import RENAMED, EmbeddingsConfig, MiningConfig, TwoTowerConfig
+from daemon.tasks.twotower.pretrained_check import init_from_problems
 
 if TYPE_CHECKING:
     import torch
@@ -23,7 +25,8 @@ def data(cfg: Config) -> DataRequest:
     t = TwoTowerConfig.of(cfg)
     if t.corpus == "synthetic":
         return DataRequest("generated", GeneratedSpec(t.num_docs, t.eval_queries, t.dim, t.cluster_size, t.seed))
-    return DataRequest("pairs", PairsSpec(t.corpus, tuple(t.pairs), t.vocab_size, t.eval_fraction, t.eval_queries))
+    return DataRequest("pairs", PairsSpec(t.corpus, tuple(t.pairs), t.vocab_size, t.eval_fraction, t.eval_queries,
+                                          t.init_from, tuple(t.code_paths)))
 
 
 def validate(cfg: Config, world_size: int) -> list[str]:
@@ -31,6 +34,18 @@ def validate(cfg: Config, world_size: int) -> list[str]:
     t = TwoTowerConfig.of(cfg)
     if t.pairs and t.corpus != "pairs":
         problems.append(problem("twotower.pairs", f"is read with twotower.corpus=pairs (got '{t.corpus}')", t.pairs))
+    if t.code_paths and t.corpus != "code":
+        problems.append(problem("twotower.code_paths", f"is read with twotower.corpus=code (got '{t.corpus}')",
+                                t.code_paths))
+    for path in t.code_paths:
+        if not Path(path).expanduser().is_dir():
+            problems.append(problem("twotower.code_paths", "not a directory", path))
+    if t.init_from:
+        if t.corpus == "synthetic":
+            problems.append(problem("twotower.init_from", "needs a text corpus (twotower.corpus=code or pairs), "
+                                    "not the generated one", t.init_from))
+        else:
+            problems += init_from_problems(t.init_from)
     docs = t.num_docs
     if t.corpus == "synthetic" and cfg.train.batch_size > docs:
         problems.append(problem("train.batch_size", f"is larger than twotower.num_docs ({docs})", cfg.train.batch_size))

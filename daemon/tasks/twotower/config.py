@@ -21,6 +21,10 @@ class TwoTowerConfig(Section):
         "twotower.pairs; synthetic: the generated corpus (num_docs, dim, cluster_size, seed)")
     pairs: Entries = Field(default_factory=list, description="files, directories or globs of .jsonl or .parquet "
                              "with query, document, optional negatives and group (twotower.corpus=pairs)")
+    code_paths: Entries = Field(default_factory=list, description="directories of Python sources for "
+                                "twotower.corpus=code (empty = this interpreter's standard library and packages)")
+    init_from: str = Field("", description="a local Hugging Face encoder or causal-LM directory whose mean-pooled "
+                           "hidden states start both towers (its tokenizer replaces the BPE)")
     vocab_size: int = Field(8192, ge=256, le=1_048_576, description="size of the BPE trained on a text corpus's "
                             "training pairs")
     eval_fraction: float = Field(0.05, gt=0, lt=1, description="share of a text corpus's pairs held out (by their "

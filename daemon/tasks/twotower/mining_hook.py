@@ -41,6 +41,8 @@ Under torchrun each rank runs its own miner over the documents of its own shares
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import structlog
 import torch
@@ -185,7 +187,17 @@ def build_mining(
 
 
 def content_keys(docs: torch.Tensor) -> np.ndarray:
-    """A key of each document's content: equal keys, the very same features (exact, not hashed)."""
-    rows = docs.detach().cpu().numpy().reshape(len(docs), -1)
-    _, keys = np.unique(rows, axis=0, return_inverse=True)
+    """A key of each document's content: equal keys, the same features.
+
+    Rows are hashed (BLAKE2b, 16 bytes) chunk by chunk rather than compared whole: a
+    sort of the rows themselves would copy the corpus (2 GB of token ids for a million
+    documents). Two different documents sharing a key would take a 2^-64 chance per
+    pair, and would only drop one candidate negative.
+    """
+    digests = np.empty(len(docs), dtype="S16")
+    for start in range(0, len(docs), 65536):
+        chunk = docs[start:start + 65536].detach().cpu()
+        rows = np.ascontiguousarray(chunk.reshape(len(chunk), -1).numpy())
+        digests[start:start + len(rows)] = [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in rows]
+    _, keys = np.unique(digests, return_inverse=True)
     return keys.reshape(-1).astype(np.int64)

@@ -93,10 +93,12 @@ class TwoTowerModel(nn.Module):
         return F.normalize(out, dim=-1)
 
     def forward(
-        self, queries: torch.Tensor, docs: torch.Tensor, doc_extra: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # Training goes through forward() so that a DDP wrapper sees the call.
-        return self.encode_queries(queries), self.encode_docs(docs, doc_extra)
+        self, queries: torch.Tensor, docs: torch.Tensor, doc_extra: torch.Tensor | None = None,
+        negatives: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        # Training goes through forward() so that a DDP wrapper sees every use of the towers.
+        negs = self.encode_docs(negatives) if negatives is not None else None
+        return self.encode_queries(queries), self.encode_docs(docs, doc_extra), negs
 
 
 def unwrap(model: nn.Module) -> TwoTowerModel:
@@ -112,6 +114,9 @@ class TwoTowerBatch:
     queries: torch.Tensor
     docs: torch.Tensor
     pos: BatchPos  # the mining hook names batches by their place in training
+    # A negative the data names for each query ([B, L]), where ``named`` is True.
+    negatives: torch.Tensor | None = None
+    named: torch.Tensor | None = None
 
 
 Negatives = Callable[[int, TwoTowerBatch, torch.Tensor, torch.Tensor], torch.Tensor | None]
@@ -119,12 +124,17 @@ DocExtra = Callable[[torch.Tensor], torch.Tensor]
 
 
 def info_nce(
-    q: torch.Tensor, d: torch.Tensor, temperature: float, extra_negs: torch.Tensor | None = None
+    q: torch.Tensor, d: torch.Tensor, temperature: float, extra_negs: torch.Tensor | None = None,
+    extra_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """InfoNCE with in-batch negatives; ``extra_negs`` [B, n, E] are per-query negatives."""
+    """InfoNCE with in-batch negatives; ``extra_negs`` [B, n, E] are per-query negatives, of
+    which only those where ``extra_mask`` [B, n] is True count (all of them without one)."""
     logits = q @ d.T
     if extra_negs is not None and extra_negs.numel():
-        logits = torch.cat([logits, torch.einsum("be,bne->bn", q, extra_negs)], dim=1)
+        extra = torch.einsum("be,bne->bn", q, extra_negs)
+        if extra_mask is not None:
+            extra = extra.masked_fill(~extra_mask, float("-inf"))
+        logits = torch.cat([logits, extra], dim=1)
     labels = torch.arange(q.shape[0], device=q.device)
     return F.cross_entropy(logits / temperature, labels)
 
@@ -134,6 +144,10 @@ def build_model(cfg: Config, corpus: Corpus | None = None) -> TwoTowerModel:
     t = TwoTowerConfig.of(cfg)
     if t.corpus == "synthetic":
         return TwoTowerModel.mlp(t.dim, t.hidden_dim, t.embed_dim)
+    if t.init_from:
+        from daemon.tasks.twotower.pretrained import pretrained_towers
+
+        return TwoTowerModel(*pretrained_towers(t.init_from, t.embed_dim, cfg.train.seed, torch.get_default_device()))
     text = corpus.text if corpus is not None else None
     vocab = text.vocab_size if text is not None else t.vocab_size + 1
     return TwoTowerModel.text(vocab, t.embed_dim, text.idf if text is not None else None, cfg.train.seed)
@@ -163,21 +177,54 @@ class TwoTowerTask:
         """Documents searched at evaluation: the trained ones and those only held-out queries seek."""
         return int(self.corpus.doc_feats.shape[0])
 
+    def queries_of(self, idx: torch.Tensor, epoch: int) -> torch.Tensor:
+        """Each document's training query for ``epoch``: a document several pairs answer
+        cycles through its queries, one per epoch (the first at epoch 1)."""
+        # index_select, not fancy indexing: 3-4x faster for row gathers on CPU.
+        first = self.corpus.query_feats.index_select(0, idx)
+        more = self.corpus.text.queries if self.corpus.text is not None else None
+        if more is None or len(more) == 0:
+            return first
+        turn = epoch - 1
+        count = more.counts(idx) + 1
+        which = turn % count  # 0: the first query
+        others = which > 0
+        if bool(others.any()):
+            rows = more.start[idx[others]] + which[others] - 1
+            first[others] = more.feats.index_select(0, more.rows[rows])
+        return first
+
     def get_batch(self, idx: torch.Tensor, device: torch.device, pos: BatchPos) -> TwoTowerBatch:
         non_blocking = device.type == "cuda"
-        return TwoTowerBatch(
+        batch = TwoTowerBatch(
             ids=idx.to(device, non_blocking=non_blocking),
-            # index_select, not fancy indexing: 3-4x faster for row gathers on CPU.
-            queries=self.corpus.query_feats.index_select(0, idx).to(device, non_blocking=non_blocking),
+            queries=self.queries_of(idx, pos.epoch).to(device, non_blocking=non_blocking),
             docs=self.corpus.doc_feats.index_select(0, idx).to(device, non_blocking=non_blocking),
             pos=pos,
         )
+        named = self.corpus.text.negatives if self.corpus.text is not None else None
+        if named is not None and len(named):
+            rows = named.turn(idx, pos.epoch - 1)
+            has = rows >= 0
+            if bool(has.any()):
+                feats = named.feats.index_select(0, rows.clamp(min=0))
+                batch.negatives = feats.to(device, non_blocking=non_blocking)
+                batch.named = has.to(device, non_blocking=non_blocking)
+        return batch
 
     def loss(self, model: nn.Module, batch: TwoTowerBatch, step: int) -> torch.Tensor:
         extra = self.doc_extra(batch.ids) if self.doc_extra is not None else None
-        q, d = model(batch.queries, batch.docs, extra)
+        q, d, named = model(batch.queries, batch.docs, extra, batch.negatives)
         negs = self.negatives(step, batch, q, d) if self.negatives is not None else None
-        return info_nce(q, d, self.temperature, negs)
+        if named is None or batch.named is None:
+            return info_nce(q, d, self.temperature, negs)
+        # The data's own negative for each query that has one, beside any mined ones.
+        mask = batch.named.unsqueeze(1)
+        named = named.unsqueeze(1)
+        if negs is not None and negs.numel():
+            mask = torch.cat([torch.ones(negs.shape[:2], dtype=torch.bool, device=mask.device), mask], dim=1)
+            named = torch.cat([negs.to(named.dtype), named], dim=1)
+        return info_nce(q, d, self.temperature, named, mask)
 
     @torch.no_grad()
     def encode_corpus(self, model: nn.Module, device: torch.device, beat: Callable[[], None]) -> torch.Tensor:
