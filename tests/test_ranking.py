@@ -90,6 +90,16 @@ def test_bm25_scores_match_lucene_formula(query: list[int]) -> None:
     np.testing.assert_allclose(got, lucene_bm25(query, DOCS), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("query", [[10], [20, 40], [10, 10, 50], [1000, 30, 60]])
+def test_bm25_of_padded_rows_equals_lists(query: list[int]) -> None:
+    """The corpus's form (rows padded with 0, read one at a time) scores as the lists do."""
+    width = max(len(d) for d in DOCS)
+    padded = np.zeros((len(DOCS), width), dtype=np.int64)
+    for i, doc in enumerate(DOCS):
+        padded[i, :len(doc)] = doc
+    np.testing.assert_allclose(BM25Ranker(padded, pad=0).scores(query), lucene_bm25(query, DOCS), rtol=1e-6, atol=1e-7)
+
+
 def test_rrf_hand_computed() -> None:
     a = [[0, 1, 2, 3]]
     b = [[2, 0, 3, 1]]

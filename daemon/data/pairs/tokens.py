@@ -101,9 +101,10 @@ def idf_of(docs: torch.Tensor, vocab_size: int) -> torch.Tensor:
     present = torch.zeros(vocab_size, dtype=torch.float64)
     for start in range(0, n, 8192):
         rows = docs[start:start + 8192]
-        seen = torch.zeros(rows.shape[0], vocab_size, dtype=torch.bool)
-        seen.scatter_(1, rows, True)
-        present += seen.sum(0)
+        # Each (document, token) once: a key per cell, made unique, counted by token. A
+        # [documents x vocabulary] table of flags would cost 64 MiB per chunk, and its sum 8 times that.
+        keys = torch.unique(torch.arange(len(rows))[:, None] * vocab_size + rows)
+        present += torch.bincount(keys % vocab_size, minlength=vocab_size).double()
     idf = torch.log1p((n - present + 0.5) / (present + 0.5)).float()
     idf[0] = 0.0
     return idf

@@ -69,6 +69,10 @@ def load_encoder(path: str, device: torch.device | None = None) -> tuple[nn.Modu
     except (OSError, ValueError) as exc:
         why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # one config line, not a page
         raise ConfigError([problem(KEY, f"cannot load the model: {why}", path)]) from None
+    if getattr(model, "pooler", None) is not None:
+        # An encoder's pooler (BERT's [CLS] layer) is not part of a mean-pooled tower: left in,
+        # its weights would get no gradient, which DDP refuses.
+        model.pooler = None
     hidden = getattr(model.config, "hidden_size", None)
     if not isinstance(hidden, int) or hidden <= 0:
         raise ConfigError([problem(KEY, "its config.json gives no hidden_size to pool", path)])

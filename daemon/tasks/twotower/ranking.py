@@ -18,7 +18,7 @@ not change the order.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeAlias
 
@@ -143,6 +143,30 @@ def dense_topk(
     return out.numpy()
 
 
+class _Columns(Sequence[list[int]]):
+    """Each document's tokens as dense columns, made one document at a time when bm25s
+    walks the corpus: a million documents never become a million Python lists at once."""
+
+    def __init__(self, docs: Sequence[Sequence[int]] | np.ndarray, column: np.ndarray, pad: int | None) -> None:
+        self._docs, self._column, self._pad = docs, column, pad
+
+    def __len__(self) -> int:
+        return len(self._docs)
+
+    def _one(self, doc: Sequence[int] | np.ndarray) -> list[int]:
+        ids = np.asarray(doc, dtype=np.int64).reshape(-1)
+        if self._pad is not None:
+            ids = ids[ids != self._pad]
+        return self._column[ids].tolist()
+
+    def __getitem__(self, i: int) -> list[int]:  # type: ignore[override]
+        return self._one(self._docs[i])
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for doc in self._docs:
+            yield self._one(doc)
+
+
 class BM25Ranker:
     """BM25 index over documents given as token ids (the task's BPE ids, any ints >= 0).
 
@@ -152,28 +176,42 @@ class BM25Ranker:
     ``bm25s.tokenization.Tokenized``; queries go through the same map, ids never seen in a
     document are dropped (they would score 0 anyway), and scoring uses
     ``BM25.get_scores_from_ids``, so the ranking and its tie order stay ours.
+
+    ``docs`` is one sequence of ids per document, or a 2-D array of rows padded with
+    ``pad`` (dropped): read row by row, so the index is the only copy of a large corpus.
     """
 
-    def __init__(self, docs: Sequence[Sequence[int]], k1: float = 1.5, b: float = 0.75) -> None:
+    def __init__(self, docs: Sequence[Sequence[int]] | np.ndarray, k1: float = 1.5, b: float = 0.75,
+                 pad: int | None = None) -> None:
         import bm25s  # 0.15 s of imports (tqdm and friends): only when BM25 is used
 
         if len(docs) == 0:
             raise ValueError("BM25 needs at least one document")
-        flat = np.fromiter((t for doc in docs for t in doc), dtype=np.int64)
-        if flat.size == 0:
+        present = np.zeros(0, dtype=bool)
+        for start in range(0, len(docs), 8192):
+            part = docs[start:start + 8192]
+            flat = (np.asarray(part, dtype=np.int64).reshape(-1) if isinstance(docs, np.ndarray)
+                    else np.fromiter((t for doc in part for t in doc), dtype=np.int64))
+            if pad is not None:
+                flat = flat[flat != pad]
+            if flat.size == 0:
+                continue
+            if int(flat.min()) < 0:
+                raise ValueError("token ids must be >= 0")
+            top = int(flat.max())
+            if top >= present.size:
+                present = np.concatenate([present, np.zeros(top + 1 - present.size, dtype=bool)])
+            present[flat] = True
+        seen = np.flatnonzero(present)
+        if seen.size == 0:
             raise ValueError("BM25 needs at least one token in the documents")
-        if int(flat.min()) < 0:
-            raise ValueError("token ids must be >= 0")
-        seen = np.unique(flat)
         # Dense lookup table token id -> column (-1: not in any document).
         self._column = np.full(int(seen[-1]) + 1, -1, dtype=np.int64)
         self._column[seen] = np.arange(seen.size)
-        lengths = np.fromiter((len(doc) for doc in docs), dtype=np.int64, count=len(docs))
-        cols = np.split(self._column[flat], np.cumsum(lengths)[:-1])
         vocab = {str(int(t)): i for i, t in enumerate(seen)}
         self._bm25 = bm25s.BM25(k1=k1, b=b, method="lucene")
         self._bm25.index(
-            bm25s.tokenization.Tokenized(ids=[c.tolist() for c in cols], vocab=vocab),
+            bm25s.tokenization.Tokenized(ids=_Columns(docs, self._column, pad), vocab=vocab),
             create_empty_token=False,
             show_progress=False,
         )

@@ -255,9 +255,12 @@ class TwoTowerTask:
         pos_sum = hard_sum = 0.0
         targets_all = self.corpus.eval_targets
         ranked = []
-        for start in range(0, len(targets_all), EVAL_CHUNK):
-            targets = targets_all[start : start + EVAL_CHUNK].to(device)
-            q = m.encode_queries(self.corpus.eval_feats[start : start + EVAL_CHUNK].to(device))
+        # Queries x documents scores at a time: at most 2^26 floats (256 MiB), 64 queries of a
+        # million documents.
+        chunk = max(1, min(EVAL_CHUNK, (1 << 26) // max(1, self.num_docs)))
+        for start in range(0, len(targets_all), chunk):
+            targets = targets_all[start : start + chunk].to(device)
+            q = m.encode_queries(self.corpus.eval_feats[start : start + chunk].to(device))
             scores = q @ docs.T
             ranked.append(topk_rows(scores, RANKED).cpu())
             rows = torch.arange(len(targets), device=device)
@@ -290,12 +293,11 @@ class TwoTowerTask:
         """BM25's ranking of the held-out queries over every document: the same at every
         evaluation (it learns nothing), so made once."""
         if self._bm25 is None:
-            def bags(rows: torch.Tensor) -> list[list[int]]:
-                return [row[row > 0].tolist() for row in rows]
-
-            ranker = BM25Ranker(bags(self.corpus.doc_feats))
+            # Rows padded with 0, read one at a time: a large corpus is not copied into lists.
+            ranker = BM25Ranker(self.corpus.doc_feats.numpy(), pad=0)
             beat()
-            self._bm25 = ranker.topk(bags(self.corpus.eval_feats), RANKED)
+            queries = [row[row > 0].tolist() for row in self.corpus.eval_feats]
+            self._bm25 = ranker.topk(queries, RANKED)
             beat()
         return self._bm25
 
