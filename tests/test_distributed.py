@@ -136,6 +136,51 @@ class TestRankZeroOwnsState:
         assert sorted(by_rank[0]) == sorted(by_rank[1]) == [9, 10, 11, 12]
 
 
+class TestTextCorpus:
+    """The two-tower task on a text corpus (the code corpus of this repository's sources) under
+    DDP: rank 0 tokenizes, rank 1 reads the cache; the ranks agree every step; rank 0 uploads a
+    revision that verify-upload passes; DiLoCo agrees after its outer steps."""
+
+    def test_ddp_upload_and_diloco(self, tmp_path: Path) -> None:
+        from daemon.upload import verify_target
+
+        text = ("twotower.corpus=code", f"twotower.code_paths={ROOT / 'daemon'}", "twotower.vocab_size=512",
+                "twotower.eval_queries=50", "train.batch_size=32", "train.effective_batch_size=64")
+        up = ("upload.enabled=true", "upload.min_inner_step=4", "upload.every_inner_steps=4")
+        state = tmp_path / "s"
+        evs = run_to_end("twotower", state, *text, *up, "train.sync=ddp", "train.max_steps=8", tmp=tmp_path)
+        made = [e for e in evs if e.get("event") == "retrieval pairs tokenized"]
+        assert len(made) == 1 and made[0]["rank"] == 0, made
+        by_rank = steps_by_rank(evs)
+        assert sorted(by_rank[0]) == sorted(by_rank[1]) == list(range(1, 9))
+        assert all(by_rank[0][s]["param_digest"] == by_rank[1][s]["param_digest"] for s in range(1, 9))
+        same_embedding_tables("twotower", evs)
+        assert {e["rank"] for e in evs if str(e.get("event", "")).startswith("UPLOAD OK")} == {0}
+        assert verify_target(str(state / "uploads")) == []
+        evs = run_to_end("twotower", tmp_path / "d", *text, "train.sync=diloco", "train.max_steps=6",
+                         "train.inner_steps_per_outer=3", tmp=tmp_path)
+        by_rank = steps_by_rank(evs)
+        for step in range(1, 7):
+            assert (by_rank[0][step]["param_digest"] == by_rank[1][step]["param_digest"]) == (step % 3 == 0), step
+
+
+    def test_ddp_from_a_pretrained_encoder(self, tmp_path: Path) -> None:
+        """Towers from a BERT-like encoder (twotower.init_from): every weight gets a gradient
+        (its pooler is left out), so DDP runs, and the ranks agree every step."""
+        from tests.test_retrieval_pretrained import model_dir
+        from tests.test_retrieval_text import rows, write_jsonl
+
+        folder = model_dir(tmp_path / "bert", kind="bert", hidden=48)
+        pairs = write_jsonl(tmp_path / "p.jsonl", rows())
+        evs = run_to_end("twotower", tmp_path / "s", "twotower.corpus=pairs", f"twotower.pairs={pairs}",
+                         f"twotower.init_from={folder}", "twotower.eval_fraction=0.1", "twotower.eval_queries=50",
+                         "train.batch_size=16", "train.effective_batch_size=32", "train.sync=ddp",
+                         "train.max_steps=4", tmp=tmp_path)
+        by_rank = steps_by_rank(evs)
+        assert sorted(by_rank[0]) == sorted(by_rank[1]) == [1, 2, 3, 4]
+        assert all(by_rank[0][s]["param_digest"] == by_rank[1][s]["param_digest"] for s in range(1, 5))
+
+
 class TestDeadRank:
     """A rank killed by SIGKILL ends the job promptly with a non-zero exit; a relaunch resumes."""
 

@@ -226,3 +226,41 @@ class TestPairFiles:
         os.mkfifo(folder / "b.jsonl")
         with pytest.raises(ConfigError, match="is a FIFO"):
             discover_pairs([str(folder)])
+
+
+class TestNumbering:
+    def test_queries_and_negatives_per_document(self) -> None:
+        from daemon.data.pairs.numbering import MAX_NEGATIVES_PER_DOCUMENT, number
+
+        pairs = [Pair("q1", "doc a", ("neg x",), "g"), Pair("q2", "doc a", ("neg x", "neg y", "doc a"), "g"),
+                 Pair("q1", "doc a", (), "g"),  # the same query again: kept once
+                 Pair("q3", "doc b", ("neg x",), "g"),
+                 Pair("q4", "doc c", tuple(f"n{k}" for k in range(40)), "g")]
+        got = number(pairs, 1e-9, 10)  # nothing held out
+        assert got.docs == ["doc a", "doc b", "doc c"] and got.pairs == 5
+        assert got.queries == [["q1", "q2"], ["q3"], ["q4"]]
+        # "neg x" is stored once for both documents naming it; a pair naming its own document is ignored.
+        assert got.negative_texts[:2] == ["neg x", "neg y"]
+        assert got.negatives[0] == [0, 1] and got.negatives[1] == [0]
+        assert len(got.negatives[2]) == MAX_NEGATIVES_PER_DOCUMENT
+
+    def test_idf_counts_documents_not_occurrences(self) -> None:
+        import torch
+
+        from daemon.data.pairs.tokens import idf_of
+
+        docs = torch.tensor([[1, 1, 2, 0], [2, 3, 0, 0], [3, 3, 3, 4]])
+        got = idf_of(docs, 6)
+        df = torch.tensor([0, 1, 2, 2, 1, 0], dtype=torch.float64)
+        want = torch.log1p((3 - df + 0.5) / (df + 0.5)).float()
+        want[0] = 0.0
+        assert torch.allclose(got, want)
+
+    def test_content_keys_equal_exactly_for_equal_rows(self) -> None:
+        import torch
+
+        from daemon.tasks.twotower.mining_hook import content_keys
+
+        rows = torch.tensor([[5, 6, 0], [5, 6, 0], [6, 5, 0], [5, 6, 1]])
+        keys = content_keys(rows)
+        assert keys[0] == keys[1] and len({int(keys[0]), int(keys[2]), int(keys[3])}) == 3
