@@ -175,9 +175,11 @@ class MinerProcess:
     """A real `python -m daemon run` subprocess, stopped by its own pid."""
 
     def __init__(self, state_dir: Path, sets: list[str], env: dict[str, str] | None = None,
-                 module: str = "daemon") -> None:
+                 module: str = "daemon", log_dir: Path | None = None) -> None:
         self.state_dir = state_dir
-        self.log_path = state_dir.parent / f"{state_dir.name}-{time.monotonic_ns()}.log"
+        # Beside the state directory unless told: a test that fills the state's disk keeps its
+        # log elsewhere, or the lines it waits for are lost to the full disk.
+        self.log_path = (log_dir or state_dir.parent) / f"{state_dir.name}-{time.monotonic_ns()}.log"
         args = [sys.executable, "-m", module, "run"]
         for s in sets:
             args += ["--set", s]
@@ -237,7 +239,7 @@ def miner_factory(tmp_path: Path) -> Iterator[object]:
 
     def start(state_dir: Path, sets: list[str], env: dict[str, str] | None = None,
               module: str = "daemon") -> MinerProcess:
-        m = MinerProcess(state_dir, sets, env, module)
+        m = MinerProcess(state_dir, sets, env, module, log_dir=tmp_path)
         started.append(m)
         return m
 
