@@ -17,7 +17,7 @@ from daemon.run.local import cpu_run
 from daemon.sharding import weights_digest, whole_weights
 from daemon.tasks.twotower.pretrained import PretrainedTower
 from tests.conftest import cli
-from tests.test_retrieval_text import LINE, rows, sets, write_jsonl
+from tests.test_retrieval_text import LINE, assert_exact_resume, rows, sets, write_jsonl
 
 
 def texts() -> list[str]:
@@ -76,29 +76,13 @@ class TestPretrainedTowers:
         folder = model_dir(tmp_path / "bert", kind="bert", hidden=48)
         path = write_jsonl(tmp_path / "p.jsonl", rows())
         extra = (f"twotower.init_from={folder}", "mining.enabled=false")
-        straight = cpu_run(sets(tmp_path / "a", path, *extra)).run
-        assert straight.trainer.model.doc.proj.weight.shape == (32, 48)
+        run = cpu_run(sets(tmp_path / "g", path, *extra)).run
+        model = run.trainer.model
+        assert model.doc.proj.weight.shape == (32, 48)
         # Every parameter trains (BERT's pooler is left out: DDP refuses weights without a gradient).
-        model = straight.trainer.model
-        straight.task.loss(model, straight.task.get_batch(torch.arange(32), straight.device, BatchPos(1, 0)),
-                           1).backward()
+        run.task.loss(model, run.task.get_batch(torch.arange(32), run.device, BatchPos(1, 0)), 1).backward()
         assert [n for n, p in model.named_parameters() if p.grad is None] == []
-        model.zero_grad(set_to_none=True)
-        straight.trainer.inner_step()
-        for _ in range(3):
-            straight.trainer.inner_step()
-        first = cpu_run(sets(tmp_path / "b", path, *extra)).run
-        for _ in range(2):
-            first.trainer.inner_step()
-        first.trainer.checkpoint("test")
-        for component in reversed(first.components):
-            component.stop(10)
-        again = cpu_run(sets(tmp_path / "b", path, *extra)).run
-        assert again.trainer.resume()
-        for _ in range(2):
-            again.trainer.inner_step()
-        assert (weights_digest(whole_weights(again.trainer.model))
-                == weights_digest(whole_weights(straight.trainer.model)))
+        assert_exact_resume(lambda state: sets(state, path, *extra), tmp_path, 2)
 
 
 class TestRefused:

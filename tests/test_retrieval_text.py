@@ -8,7 +8,9 @@ import random
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -37,6 +39,28 @@ def rows(n: int = 1200, seed: int = 0) -> list[dict[str, object]]:
         doc = " ".join(rng.choices(WORDS, k=30) + topic * 2 + [f"fn{i}"])
         out.append({"query": " ".join(topic) + f" fn{i}", "document": doc, "group": i % 200})
     return out
+
+
+def assert_exact_resume(sets_for: Callable[[Path], list[str]], tmp_path: Path, steps: int) -> Any:
+    """A run stopped after ``steps`` steps (a checkpoint) and resumed for ``steps`` more ends
+    with the weights of ``2 * steps`` straight; the straight run."""
+    straight = cpu_run(sets_for(tmp_path / "a")).run
+    for _ in range(2 * steps):
+        straight.trainer.inner_step()
+    first = cpu_run(sets_for(tmp_path / "b")).run
+    for _ in range(steps):
+        first.trainer.inner_step()
+    first.trainer.checkpoint("test")
+    for component in reversed(first.components):
+        component.stop(10)
+    again = cpu_run(sets_for(tmp_path / "b")).run
+    assert again.trainer.resume()
+    for _ in range(steps):
+        again.trainer.inner_step()
+    assert weights_digest(whole_weights(again.trainer.model)) == weights_digest(whole_weights(straight.trainer.model))
+    for component in reversed([*straight.components, *again.components]):
+        component.stop(10)
+    return straight
 
 
 def write_jsonl(path: Path, data: list[dict[str, object]]) -> Path:
@@ -101,21 +125,7 @@ class TestPairsCorpus:
 
     def test_exact_resume(self, tmp_path: Path) -> None:
         path = write_jsonl(tmp_path / "p.jsonl", rows())
-        straight = cpu_run(sets(tmp_path / "a", path, "embeddings.enabled=true")).run
-        for _ in range(6):
-            straight.trainer.inner_step()
-        first = cpu_run(sets(tmp_path / "b", path, "embeddings.enabled=true")).run
-        for _ in range(3):
-            first.trainer.inner_step()
-        first.trainer.checkpoint("test")
-        for component in reversed(first.components):
-            component.stop(10)
-        again = cpu_run(sets(tmp_path / "b", path, "embeddings.enabled=true")).run
-        assert again.trainer.resume()
-        for _ in range(3):
-            again.trainer.inner_step()
-        assert (weights_digest(whole_weights(again.trainer.model))
-                == weights_digest(whole_weights(straight.trainer.model)))
+        assert_exact_resume(lambda state: sets(state, path, "embeddings.enabled=true"), tmp_path, 3)
 
 
 class TestWhatEachPairTrains:
@@ -181,24 +191,8 @@ class TestCodePaths:
         """Stopped after 3 steps and resumed for 3 more, the weights equal 6 steps straight,
         with the ID embeddings (mining is asynchronous, so never bit-exact: off here)."""
         on = ("mining.enabled=false", "embeddings.enabled=true")
-        straight = cpu_run(code_sets(tmp_path / "a", *on)).run
+        straight = assert_exact_resume(lambda state: code_sets(state, *on), tmp_path, 3)
         assert straight.task.num_items > 200 and len(straight.task.corpus.eval_targets) > 0
-        for _ in range(6):
-            straight.trainer.inner_step()
-        first = cpu_run(code_sets(tmp_path / "b", *on)).run
-        for _ in range(3):
-            first.trainer.inner_step()
-        first.trainer.checkpoint("test")
-        for component in reversed(first.components):
-            component.stop(10)
-        again = cpu_run(code_sets(tmp_path / "b", *on)).run
-        assert again.trainer.resume()
-        for _ in range(3):
-            again.trainer.inner_step()
-        assert (weights_digest(whole_weights(again.trainer.model))
-                == weights_digest(whole_weights(straight.trainer.model)))
-        for component in reversed([*straight.components, *again.components]):
-            component.stop(10)
 
     def test_a_code_path_that_is_not_a_directory(self, tmp_path: Path) -> None:
         code, out, err = cli("config", "validate", "--set", "train.task=twotower",

@@ -45,11 +45,6 @@ class Alternates:
     start: torch.Tensor  # [N_train + 1] int64, non-decreasing, start[0] = 0
     rows: torch.Tensor  # [start[-1]] int64 row numbers of feats
 
-    @classmethod
-    def empty(cls, num_train: int, width: int) -> Alternates:
-        none = torch.zeros(0, dtype=torch.int64)
-        return cls(torch.zeros(0, width, dtype=torch.int64), torch.zeros(num_train + 1, dtype=torch.int64), none)
-
     def __len__(self) -> int:
         return int(self.rows.shape[0])
 
@@ -60,8 +55,10 @@ class Alternates:
         """The row of ``feats`` each of ``ids`` takes at ``turn``, its rows taking turns (one per
         epoch, say); -1 where it has none."""
         n = self.counts(ids)
-        at = self.start[ids] + turn % n.clamp(min=1)
-        return torch.where(n > 0, self.rows[at.clamp(max=max(len(self) - 1, 0))] if len(self) else at, -1)
+        has = n > 0
+        out = torch.full_like(ids, -1)
+        out[has] = self.rows[self.start[ids[has]] + turn % n[has]]
+        return out
 
 
 @dataclass(frozen=True)

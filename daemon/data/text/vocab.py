@@ -115,3 +115,19 @@ def ids_problem(largest: int, rows: int, rows_from: str) -> str | None:
         return None
     return (f"the tokenizer can produce token id {largest}, but the model has {rows} embedding rows "
             f"({rows_from}): every id must be below {rows}")
+
+
+def model_tokenizer_problem(model_dir: str, key: str) -> str | None:
+    """Why the tokenizer of the model directory ``model_dir`` (named by config key ``key``)
+    cannot feed its model: it does not load, or it can produce an id past the rows its
+    config.json gives. None when it can, or when either is not known without loading."""
+    if why := named_problem(model_dir):
+        return why
+    try:
+        ids = file_ids(model_dir)
+    except ValueError as exc:
+        return f"cannot load a tokenizer from it: {str(exc)[:200]}"
+    rows = model_rows(model_dir)
+    if ids is None or rows is None:
+        return None
+    return ids_problem(ids[0], rows, f"the vocab_size of {key}'s config.json")

@@ -61,11 +61,10 @@ def _token_id_problems(lm: LmConfig) -> list[str]:
     vocab_size of lm.init_from's config.json, or against the tokenizer's own length for a
     preset (sized from it). A preset fed a tokenizer directory is checked when it is
     loaded (transformers may add tokens from the directory's other files)."""
-    key, path = ("lm.tokenizer", lm.tokenizer) if lm.tokenizer else ("lm.init_from", lm.init_from)
-    if not path:
-        return []
-    if not lm.tokenizer and (why := vocab.named_problem(lm.init_from)):
-        return [problem("lm.init_from", why, lm.init_from)]  # the tokenizer of the model's directory
+    if not lm.tokenizer:  # the tokenizer of the model's directory, if any
+        why = vocab.model_tokenizer_problem(lm.init_from, "lm.init_from") if lm.init_from else None
+        return [problem("lm.init_from", why, lm.init_from)] if why else []
+    key, path = "lm.tokenizer", lm.tokenizer
     try:
         ids = vocab.file_ids(path)
     except ValueError as exc:

@@ -7,12 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import daemon.data.text.vocab as vocab
 from daemon.config import Config, problem
 from daemon.data.generated.spec import GeneratedSpec
 from daemon.data.pairs.spec import PairsSpec
+from daemon.model_dir import model_dir_problem
 from daemon.plugin.entries import DataRequest, TaskEntry
 from daemon.tasks.twotower.config import RENAMED, EmbeddingsConfig, MiningConfig, TwoTowerConfig
-from daemon.tasks.twotower.pretrained_check import init_from_problems
 
 if TYPE_CHECKING:
     import torch
@@ -44,8 +45,9 @@ def validate(cfg: Config, world_size: int) -> list[str]:
         if t.corpus == "synthetic":
             problems.append(problem("twotower.init_from", "needs a text corpus (twotower.corpus=code or pairs), "
                                     "not the generated one", t.init_from))
-        else:
-            problems += init_from_problems(t.init_from)
+        elif why := (model_dir_problem(t.init_from)
+                     or vocab.model_tokenizer_problem(t.init_from, "twotower.init_from")):
+            problems.append(problem("twotower.init_from", why, t.init_from))
     docs = t.num_docs
     if t.corpus == "synthetic" and cfg.train.batch_size > docs:
         problems.append(problem("train.batch_size", f"is larger than twotower.num_docs ({docs})", cfg.train.batch_size))

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from daemon.config import ConfigError, problem
-from daemon.tasks.twotower.pretrained_check import KEY
+
+KEY = "twotower.init_from"
 
 
 class PretrainedTower(nn.Module):
