@@ -21,10 +21,16 @@ copying them), with two additions:
   idle socket when it connects, only once its request is read; so past ``api.max_connections``
   open connections a newcomer is let in, and room is made by closing the connection that has
   waited longest for its request headers with nothing unread (an idle or stalled socket; one
-  whose request already sits in the kernel's buffer is skipped: it is about to be read). Only
-  at twice the bound (the limit on file descriptors) does the newcomer displace the oldest
-  request in flight other than a probe, or, with none, get a 503 and the door. A probe sends
-  its request as it connects, so idle and slow sockets can never lock it out.
+  whose request already sits in the kernel's buffer is skipped: it is about to be read). A
+  connection is never closed this way within its first half second of waiting (a quarter of
+  the header deadline when that is shorter): the server can accept a connection before the
+  client's first bytes arrive, and a busy client (one thread among many) can take tens of
+  milliseconds between its connect and its send; a probe closed in that gap looked like a dead
+  miner. When every waiting connection is that young, the newcomer is let in and room is made
+  as soon as the oldest has had its grace. Only at twice the bound (the limit on file
+  descriptors) is the grace set aside, and with no idle connection left the newcomer displaces
+  the oldest request in flight other than a probe, or, with none, gets a 503 and the door. A
+  probe sends its request as it connects, so idle and slow sockets can never lock it out.
 
 uvicorn's ``limit_concurrency`` is not used: it cannot tell a probe from a scrape. Requests in
 flight are bounded by the request budget (``api/limits.py``), which keeps a reserve for the
@@ -38,8 +44,10 @@ import array
 import asyncio
 import fcntl
 import termios
+import time
+from collections.abc import Callable
 from itertools import islice
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -50,34 +58,52 @@ _BUSY = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: c
 # Waiting connections looked at for one with nothing unread before giving up (a bound on the work
 # one connection can cause).
 _CANDIDATES = 64
+# How long a waiting connection is safe from being closed to make room (see above).
+_GRACE = 0.5
+
+
+class Scheduler(Protocol):
+    """The event loop's ``call_later``, as the guard uses it."""
+
+    def __call__(self, delay: float, callback: Callable[[], None], /) -> Any: ...
 
 
 class ConnectionGuard:
-    """What one server's connections share: who is open, who waits for headers and who has a
-    request other than a probe in flight (both oldest first), and counts for tests and status."""
+    """What one server's connections share: who is open, who waits for headers (since when) and
+    who has a request other than a probe in flight (both oldest first), and counts for tests and
+    status."""
 
-    def __init__(self, header_timeout: float, max_connections: int) -> None:
+    def __init__(self, header_timeout: float, max_connections: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.header_timeout = header_timeout
         self.max_connections = max_connections
         self.hard_limit = 2 * max_connections
+        self.grace = min(_GRACE, header_timeout / 4)
+        self.clock = clock
         self.open: set[GuardedHttpProtocol] = set()
-        # Insertion-ordered: the first key is the connection that has waited longest.
-        self.waiting: dict[GuardedHttpProtocol, None] = {}
+        # Insertion-ordered: the first key is the connection that has waited longest; the value is
+        # when it began to wait.
+        self.waiting: dict[GuardedHttpProtocol, float] = {}
         self.busy: dict[GuardedHttpProtocol, None] = {}
         self.timed_out = 0  # closed for not finishing their headers in time
         self.evicted = 0  # closed to make room under max_connections
         self.refused = 0  # answered 503 at once: no room at all
+        self._sweep_pending = False
 
-    def admit(self, conn: GuardedHttpProtocol) -> None:
+    def admit(self, conn: GuardedHttpProtocol, call_later: Scheduler) -> None:
         self.open.add(conn)
         if len(self.open) <= self.max_connections:
             return
-        for victim in islice(self.waiting, _CANDIDATES):
-            if victim is not conn and not victim.unread():
-                self.evicted += 1
-                victim.drop()
-                return
+        wait = self._make_room(conn)
+        if wait is None:
+            return
         if len(self.open) <= self.hard_limit:
+            if wait > 0:
+                self._sweep_later(wait, call_later)
+            return
+        # At the limit on descriptors the grace is a luxury: the youngest idle goes before a
+        # request in flight does.
+        if wait > 0 and self._make_room(conn, grace=0.0) is None:
             return
         displaced = next(iter(self.busy), None)
         if displaced is not None:
@@ -86,6 +112,39 @@ class ConnectionGuard:
             return
         self.refused += 1
         conn.refuse()
+
+    def _make_room(self, newcomer: GuardedHttpProtocol | None = None, grace: float | None = None) -> float | None:
+        """Close the longest-waiting connection past its grace with nothing unread: None when one
+        was closed, else the seconds until the oldest young one is past its grace (0: never)."""
+        now = self.clock()
+        grace = self.grace if grace is None else grace
+        for victim, since in islice(self.waiting.items(), _CANDIDATES):
+            if victim is newcomer:
+                continue
+            young = grace - (now - since)
+            if young > 0:
+                return young  # oldest first: the others are younger still
+            if not victim.unread():
+                self.evicted += 1
+                victim.drop()
+                return None
+        return 0.0
+
+    def _sweep_later(self, delay: float, call_later: Scheduler) -> None:
+        if self._sweep_pending:
+            return
+        self._sweep_pending = True
+
+        def sweep() -> None:
+            self._sweep_pending = False
+            while len(self.open) > self.max_connections:
+                wait = self._make_room()
+                if wait is not None:
+                    if wait > 0:
+                        self._sweep_later(wait, call_later)
+                    return
+
+        call_later(delay, sweep)
 
     def status(self) -> dict[str, int]:
         return {
@@ -123,7 +182,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         """Start the clock for a request's headers, unless it already runs (data never extends it)."""
         if self._deadline is None and not self.transport.is_closing():
             self._deadline = self.loop.call_later(self.guard.header_timeout, self._headers_late)
-            self.guard.waiting[self] = None
+            self.guard.waiting[self] = self.guard.clock()
 
     def _headers_arrived(self) -> None:
         if self._deadline is not None:
@@ -168,7 +227,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         sock = transport.get_extra_info("socket")
         self._fd = sock.fileno() if sock is not None else -1
         self._await_headers()
-        self.guard.admit(self)
+        self.guard.admit(self, self.loop.call_later)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._forget()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -181,38 +182,116 @@ class _Conn:
         self.drop()
 
 
+class _Clock:
+    """Time that moves only when a test says so, and the timers set on it."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.timers: list[tuple[float, Callable[[], None]]] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        self.timers.append((self.now + delay, callback))
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        due = sorted((t for t in self.timers if t[0] <= self.now), key=lambda t: t[0])
+        self.timers = [t for t in self.timers if t[0] > self.now]
+        for _, callback in due:
+            callback()
+
+
 class TestConnectionGuard:
-    """Past max_connections a newcomer gets in and the longest-waiting idle connection makes room."""
+    """Past max_connections a newcomer gets in and the longest-waiting idle connection makes room,
+    once it has waited past its grace."""
+
+    @pytest.fixture
+    def clock(self) -> _Clock:
+        return _Clock()
 
     @staticmethod
-    def _connect(guard: ConnectionGuard, unread: int = 0, busy: bool = False) -> _Conn:
+    def _guard(clock: _Clock) -> ConnectionGuard:
+        guard = ConnectionGuard(header_timeout=5, max_connections=4, clock=clock)
+        assert guard.grace == 0.5
+        return guard
+
+    @staticmethod
+    def _connect(guard: ConnectionGuard, clock: _Clock, unread: int = 0, busy: bool = False) -> _Conn:
         c = _Conn(guard, unread)
-        (guard.busy if busy else guard.waiting)[c] = None  # type: ignore[index]
-        guard.admit(c)  # type: ignore[arg-type]
+        if busy:
+            guard.busy[c] = None  # type: ignore[index]
+        else:
+            guard.waiting[c] = clock()  # type: ignore[index]
+        guard.admit(c, clock.call_later)  # type: ignore[arg-type]
         return c
 
-    def test_the_oldest_idle_makes_room(self) -> None:
-        guard = ConnectionGuard(header_timeout=5, max_connections=4)
-        idle = [self._connect(guard) for _ in range(4)]
-        newcomer = self._connect(guard)
+    def test_the_oldest_idle_makes_room(self, clock: _Clock) -> None:
+        guard = self._guard(clock)
+        idle = [self._connect(guard, clock) for _ in range(4)]
+        clock.advance(1.0)
+        newcomer = self._connect(guard, clock)
         assert [c.closed for c in idle] == [True, False, False, False] and not newcomer.closed
         assert len(guard.open) == 4 and guard.evicted == 1
 
-    def test_a_connection_with_its_request_unread_is_skipped(self) -> None:
-        guard = ConnectionGuard(header_timeout=5, max_connections=4)
-        pending = self._connect(guard, unread=40)
-        idle = [self._connect(guard) for _ in range(3)]
-        self._connect(guard)
+    def test_a_connection_with_its_request_unread_is_skipped(self, clock: _Clock) -> None:
+        guard = self._guard(clock)
+        pending = self._connect(guard, clock, unread=40)
+        idle = [self._connect(guard, clock) for _ in range(3)]
+        clock.advance(1.0)
+        self._connect(guard, clock)
         assert not pending.closed and idle[0].closed
 
-    def test_at_twice_the_bound_a_request_in_flight_makes_room_then_the_newcomer_is_refused(self) -> None:
-        guard = ConnectionGuard(header_timeout=5, max_connections=4)
-        busy = [self._connect(guard, busy=True) for _ in range(2)]
-        pending = [self._connect(guard, unread=40) for _ in range(6)]
+    def test_a_connection_within_its_grace_is_not_closed_and_room_is_made_after_it(self, clock: _Clock) -> None:
+        # A client's request can reach the server a little after its connection does: a probe
+        # accepted in that gap looks idle, and must not be closed for it.
+        guard = self._guard(clock)
+        old = [self._connect(guard, clock) for _ in range(2)]
+        clock.advance(0.3)
+        young = [self._connect(guard, clock) for _ in range(2)]
+        clock.advance(0.3)  # the old ones are 0.6 s into their wait, the young ones 0.3 s
+        self._connect(guard, clock)
+        self._connect(guard, clock)
+        assert [c.closed for c in old + young] == [True, True, False, False]
+        newcomers = [self._connect(guard, clock) for _ in range(2)]
+        assert not any(c.closed for c in young + newcomers) and len(guard.open) == 6
+        assert len(clock.timers) == 1  # one sweep, however many newcomers
+        clock.advance(0.25)  # the young ones' grace is over: they make room, nobody else does
+        assert [c.closed for c in young] == [True, True] and len(guard.open) == 4
+        assert not any(c.closed for c in newcomers) and guard.evicted == 4 and not clock.timers
+
+    def test_the_sweep_comes_back_for_connections_still_young(self, clock: _Clock) -> None:
+        guard = self._guard(clock)
+        first = self._connect(guard, clock)
+        clock.advance(0.3)
+        later = [self._connect(guard, clock) for _ in range(3)]
+        clock.advance(0.1)
+        extra = [self._connect(guard, clock) for _ in range(2)]
+        assert len(guard.open) == 6 and not any(c.closed for c in [first, *later, *extra])
+        clock.advance(0.15)  # the first is past its grace, the later ones are not
+        assert first.closed and not any(c.closed for c in later) and len(guard.open) == 5
+        assert len(clock.timers) == 1
+        clock.advance(0.3)
+        assert [c.closed for c in later] == [True, False, False] and len(guard.open) == 4
+        assert not any(c.closed for c in extra) and not clock.timers
+
+    def test_at_twice_the_bound_the_grace_is_set_aside(self, clock: _Clock) -> None:
+        guard = self._guard(clock)
+        idle = [self._connect(guard, clock) for _ in range(8)]
+        assert len(guard.open) == 8 and not any(c.closed for c in idle)
+        newcomer = self._connect(guard, clock, unread=40)
+        assert idle[0].closed and not newcomer.refused and guard.refused == 0 and len(guard.open) == 8
+
+    def test_at_twice_the_bound_a_request_in_flight_makes_room_then_the_newcomer_is_refused(
+            self, clock: _Clock) -> None:
+        guard = self._guard(clock)
+        busy = [self._connect(guard, clock, busy=True) for _ in range(2)]
+        pending = [self._connect(guard, clock, unread=40) for _ in range(6)]
         assert len(guard.open) == 8 and not any(c.closed for c in busy + pending)
-        self._connect(guard, unread=40)
+        self._connect(guard, clock, unread=40)
         assert busy[0].closed and not busy[1].closed
-        self._connect(guard, unread=40)
+        self._connect(guard, clock, unread=40)
         assert busy[1].closed
-        last = self._connect(guard, unread=40)
+        last = self._connect(guard, clock, unread=40)
         assert last.refused and guard.refused == 1 and len(guard.open) == 8

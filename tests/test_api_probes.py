@@ -110,13 +110,15 @@ class TestIdleSockets:
                   + f"; server: {guard}")
             assert all(x is not None for x in lived), f"{sum(x is None for x in lived)} idle sockets still open"
             times = sorted(x for x in lived if x is not None)
-            # Past api.max_connections (512) the longest-waiting ones made room at once; the rest
-            # lived out the header timeout, no longer.
+            # Past api.max_connections (512) the longest-waiting ones made room once they had waited
+            # out their grace (a quarter of the 2 s header timeout here); the rest lived out the
+            # header timeout, no longer.
             evicted = guard["evicted"]
             assert evicted >= n - 512
-            assert all(x < TIMEOUT for x in times[: n - 512]), times[: n - 512][-5:]
+            assert all(x < TIMEOUT / 4 + opened + 0.5 for x in times[: n - 512]), times[: n - 512][-5:]
             assert all(TIMEOUT - 0.1 <= x <= TIMEOUT + opened + 1.5 for x in times[evicted:]), times[-5:]
-            print(f"idle socket lifetimes (from the first connect): {evicted} evicted at once, the others "
+            print(f"idle socket lifetimes (from the first connect): {evicted} evicted at "
+                  f"{times[0]:.2f}-{times[evicted - 1]:.2f}s, the others "
                   f"{times[evicted]:.2f}-{times[-1]:.2f}s, median {statistics.median(times[evicted:]):.2f}s")
             assert guard["timed_out"] >= n - evicted
             assert get(srv.port, "/livez")[0] == 200
