@@ -19,7 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ORDER = ["sampler", "telemetry", "api", "mining", "embeddings", "upload", "distributed", "compression",
-         "faulttolerance", "lm", "writes", "data", "exchange", "fsdp", "retrieval", "retrieval_scale"]
+         "faulttolerance", "lm", "writes", "data", "exchange", "fsdp", "code_corpus", "retrieval", "retrieval_scale"]
 
 
 # Not a benchmark: the checks of a GPU machine (`make gpu-check`), which say nothing without one.

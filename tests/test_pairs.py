@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from daemon.config import ConfigError
-from daemon.data.pairs.code import code_pairs, pairs_from_source, query_of
+from daemon.data.pairs import code
+from daemon.data.pairs.code import code_pairs, code_sources, functions_in, pairs_from_source, query_of
 from daemon.data.pairs.files import discover_pairs, load_pairs
 from daemon.data.pairs.split import Pair, is_held_out, split
 from daemon.data.text.corpus import stdlib_root
@@ -99,6 +100,38 @@ class TestCodePairs:
         assert not any(f"x + {n}" in d for n in (3, 4, 5, 6) for d in documents)
         assert len({p.group for p in pairs}) == 2 and pairs[0].group != pairs[3].group
         assert code_pairs([root]) == pairs
+
+    def test_worker_processes_give_what_one_process_gives(self, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+        root = tmp_path / "lib"
+        for i in range(12):  # every third file repeats an earlier one's bodies: kept once, from the first
+            _write(root / f"m{i:02d}.py", SOURCE.replace("x + 1", f"x + {i - i % 3}"))
+        monkeypatch.setattr(code, "_workers", lambda groups: 1)
+        alone = code_pairs([root])
+        monkeypatch.undo()
+        monkeypatch.setattr(code, "_GROUP", 1)  # a file per task: as many tasks as files
+        assert code._workers(12) == min(len(os.sched_getaffinity(0)), 8)  # 2 on a CI machine: the pool runs
+        assert code_pairs([root]) == alone
+        assert len(alone) == 3 + 3  # the first file's three bodies, then one per new variant
+
+    def test_functions_in_finds_what_ast_walk_finds(self) -> None:
+        """The statement-only walk misses no function: checked on standard-library files with
+        functions in classes, conditionals, try blocks, with blocks and other functions."""
+        checked = 0
+        for source in code_sources([stdlib_root()])[::8]:
+            try:
+                tree = ast.parse(source.path.read_bytes())
+            except (SyntaxError, ValueError):
+                continue
+            every = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
+            assert sorted(map(id, functions_in(tree))) == sorted(map(id, every)), source.path
+            checked += len(every)
+        assert checked > 1_000
+        match = "match x:\n    case 1:\n        def f(): pass\n"
+        try_ = "try:\n    pass\nexcept E:\n    def g(): pass\nelse:\n    def h(): pass\nfinally:\n    def i(): pass\n"
+        nested = "class C:\n    if t:\n        with w:\n            async def j():\n                def k(): pass\n"
+        names = sorted(f.name for f in functions_in(ast.parse(match + try_ + nested)))
+        assert names == ["f", "g", "h", "i", "j", "k"]
 
     def test_standard_library(self) -> None:
         """The real standard library: thousands of pairs, each document once, the same every
