@@ -1,3 +1,6 @@
 from daemon.cli import main
 
-main()
+# Guarded: a worker process started with "spawn" imports the main module again, and must not
+# start a second miner.
+if __name__ == "__main__":
+    main()
