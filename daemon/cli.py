@@ -178,11 +178,10 @@ def data_prepare(
                                         help="share of documents held out"),
 ) -> None:
     """Tokenise sources into fixed-size token shards and an index (resumable, appendable)."""
-    import os
-
+    from daemon.cores import machine_cores
     from daemon.data.prepared.commands import run_prepare
 
-    count = workers or len(os.sched_getaffinity(0))
+    count = workers or machine_cores()
     raise typer.Exit(run_prepare(sources, out, tokenizer, vocab_size, shard_tokens, count, eval_fraction))
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from daemon.config import ConfigError
+from daemon.cores import machine_cores
 from daemon.data.pairs import code
 from daemon.data.pairs.code import code_pairs, code_sources, functions_in, pairs_from_source, query_of
 from daemon.data.pairs.files import discover_pairs, load_pairs
@@ -110,7 +111,7 @@ class TestCodePairs:
         alone = code_pairs([root])
         monkeypatch.undo()
         monkeypatch.setattr(code, "_GROUP", 1)  # a file per task: as many tasks as files
-        assert code._workers(12) == min(len(os.sched_getaffinity(0)), 8)  # 2 on a CI machine: the pool runs
+        assert code._workers(12) == min(machine_cores(), 8)  # 2 on a CI machine: the pool runs
         assert code_pairs([root]) == alone
         assert len(alone) == 3 + 3  # the first file's three bodies, then one per new variant
 

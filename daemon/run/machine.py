@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
 from daemon.config import Config, ConfigError
+from daemon.cores import machine_cores
 from daemon.distributed import Launch
 from daemon.run.catalog import CATALOG, Catalog
-
-
-def machine_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def configure_threads(cfg: Config, launch: Launch, catalog: Catalog = CATALOG) -> int:

@@ -43,6 +43,7 @@ from concurrent.futures import ProcessPoolExecutor
 from importlib.util import decode_source
 from pathlib import Path
 
+from daemon.cores import machine_cores
 from daemon.data.pairs.split import Pair
 from daemon.data.text.corpus import _STDLIB_SKIP, Source, _Budget, _walk, stdlib_root
 
@@ -183,11 +184,7 @@ def _worker_start() -> None:
 
 
 def _workers(groups: int) -> int:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return min(cores, _MAX_WORKERS, groups)
+    return min(machine_cores(), _MAX_WORKERS, groups)
 
 
 def _extracted(paths: list[Path]) -> Iterator[list[tuple[str, str]]]:
